@@ -1,0 +1,300 @@
+"""The run config: one YAML file, one typed and documented section per concern.
+
+    name        what the run is called (output directory name by default)
+    model       architecture preset and any transformers config field
+    data        the prepared token files (written by ``curriculum-pretrain prepare-data``)
+    curriculum  the stages (or a continuous pacing function), with per-stage batch, LR, warmup and clip
+    optimizer   AdamW hyperparameters
+    deepspeed   a template from ``ds_configs/`` plus overrides; the JSON the engine gets is derived in
+                ``pipeline/ds_config.py`` and nowhere else
+    run         budget, seed, precision, eval, checkpoints, logging
+
+Every model forbids unknown keys, so a typo is an error naming the key. Checks that need more than one field
+(stages in order, warmup shorter than its stage, batch divisible by world size x micro-batch) live in
+``curriculum.schedule.build_schedule``, which resolves the config into concrete per-step values.
+
+This module imports no torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, NonNegativeInt, model_validator
+
+SEQ_LEN_MULTIPLE = 8  # tensor cores want multiples of 8 for bf16/fp16 (DeepSpeed's curriculum tutorial)
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------------- model
+
+
+class ModelConfig(Section):
+    """Which ``transformers`` model to build from config (no weights are downloaded)."""
+
+    arch: Literal["llama", "gpt2"] = "llama"
+    """``llama``: RoPE, RMSNorm, SwiGLU (LlamaForCausalLM). ``gpt2``: learned positions, LayerNorm, GELU."""
+    preset: Literal["tiny", "124m", "350m", "1.3b"] = "tiny"
+    """Size preset; ``tiny`` trains on a CPU in minutes."""
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """Any field of the transformers config class (``LlamaConfig`` / ``GPT2Config``), e.g. ``num_hidden_layers``.
+    The position range (``max_position_embeddings`` / ``n_positions``) defaults to the longest stage and may not
+    be smaller than it."""
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+
+class DataConfig(Section):
+    """Where the packed token files are."""
+
+    dir: str = "data/python-stdlib"
+    """Directory written by ``curriculum-pretrain prepare-data`` (``train.bin``, ``val.bin``, ``manifest.json``,
+    ``tokenizer.json``). Relative paths are taken from the current working directory."""
+
+
+# --------------------------------------------------------------------------------------------------- curriculum
+
+
+class LRScalingConfig(Section):
+    """How ``lr: auto`` turns ``base_lr`` into a stage's peak LR (and the ``rule_lr`` shown next to hand-set LRs).
+
+    ``seed``:   ``base_lr * sqrt(batch / ref_batch) * min(ref_seq_len / seq_len, seq_cap)``
+    ``linear``: ``base_lr * batch / ref_batch``
+    ``sqrt``:   ``base_lr * sqrt(batch / ref_batch)``
+    ``none``:   ``base_lr``
+    ``batch`` is the stage's global batch in sequences.
+    """
+
+    rule: Literal["seed", "linear", "sqrt", "none"] = "seed"
+    ref_batch: PositiveInt = 32
+    """Global batch (sequences) at which ``base_lr`` was tuned."""
+    ref_seq_len: PositiveInt = 2048
+    """Sequence length at which ``base_lr`` was tuned (``seed`` rule only)."""
+    seq_cap: PositiveFloat = 4.0
+    """Largest LR boost the ``seed`` rule gives for short sequences."""
+
+
+class ClipRule(Section):
+    """``grad_clip: auto`` uses ``clip`` for stages with ``seq_len <= max_seq_len``."""
+
+    max_seq_len: PositiveInt
+    clip: PositiveFloat
+
+
+class GradClipAutoConfig(Section):
+    """The ``grad_clip: auto`` rule: the first rule whose ``max_seq_len`` covers the stage wins."""
+
+    rules: list[ClipRule] = Field(
+        default_factory=lambda: [ClipRule(max_seq_len=128, clip=5.0), ClipRule(max_seq_len=512, clip=1.0)]
+    )
+    otherwise: PositiveFloat = 0.5
+    """Clip for stages longer than every rule's ``max_seq_len``."""
+
+
+class LREvent(Section):
+    """A multiplicative LR change from ``at_step`` on (inclusive); a "two-stage LR" is one event."""
+
+    at_step: NonNegativeInt
+    multiply: PositiveFloat
+
+
+LRValue = Union[PositiveFloat, Literal["auto"]]
+ClipValue = Union[PositiveFloat, Literal["auto"]]
+
+
+class SegmentSettings(Section):
+    """What a stage (or the pacing segment) trains with: where it ends, batch, LR, warmup, clip, decay.
+
+    Where it ends: ``until_step`` (exclusive: the stage runs steps ``start .. until_step - 1``) or
+    ``until_tokens`` (the stage ends at the first step boundary where the run has trained at least that many
+    tokens). Only the last stage may give neither; then ``run.total_steps`` or ``run.total_tokens`` ends it.
+    """
+
+    until_step: Optional[PositiveInt] = None
+    until_tokens: Optional[PositiveInt] = None
+    global_batch: Optional[PositiveInt] = None
+    """Sequences per optimizer step, over all ranks (micro-batch x grad-accum x world size)."""
+    global_batch_tokens: Optional[PositiveInt] = None
+    """Alternative to ``global_batch``: tokens per optimizer step (must be a multiple of ``seq_len``)."""
+    micro_batch: Optional[PositiveInt] = None
+    """Sequences per rank per forward pass. Default: the largest divisor of the per-rank batch whose tokens fit
+    in ``curriculum.micro_batch_tokens``."""
+    lr: Optional[LRValue] = None
+    """Peak LR: an absolute value, or ``auto`` (the ``lr_scaling`` rule). Default: ``auto``."""
+    lr_mult: Optional[PositiveFloat] = None
+    """Peak LR as a multiple of ``curriculum.base_lr`` (instead of ``lr``)."""
+    warmup_steps: Optional[NonNegativeInt] = None
+    """Linear warmup length in optimizer steps."""
+    warmup_tokens: Optional[NonNegativeInt] = None
+    """Warmup length in tokens: ``ceil(warmup_tokens / tokens_per_step)`` steps, at most
+    ``curriculum.warmup_cap_steps``."""
+    grad_clip: ClipValue = "auto"
+    """Max global gradient norm, or ``auto`` (``curriculum.grad_clip_auto``)."""
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    """LR shape after warmup, within this stage, from the peak to ``min_lr_ratio * peak``."""
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> "SegmentSettings":
+        for a, b in (("until_step", "until_tokens"), ("global_batch", "global_batch_tokens"),
+                     ("lr", "lr_mult"), ("warmup_steps", "warmup_tokens")):
+            if getattr(self, a) is not None and getattr(self, b) is not None:
+                raise ValueError(f"give {a} or {b}, not both")
+        return self
+
+
+class StageConfig(SegmentSettings):
+    """One discrete curriculum stage at a fixed sequence length."""
+
+    seq_len: PositiveInt
+    """Tokens per training sequence in this stage (a multiple of 8)."""
+
+
+class PacingConfig(SegmentSettings):
+    """A continuous length schedule with DeepSpeed's names, as one LR segment over the whole run.
+
+    ``fixed_linear`` / ``fixed_root``: the length grows from ``min_seq_len`` to ``max_seq_len`` over
+    ``total_curriculum_steps`` as ``(step / total_curriculum_steps) ** (1 / root_degree)``, in increments of
+    ``step_size`` counted from ``min_seq_len`` (so it is never below ``min_seq_len``), and is ``max_seq_len`` from
+    ``total_curriculum_steps`` on. ``fixed_discrete``: ``difficulty[i]`` while ``step <= max_step[i]``.
+    """
+
+    type: Literal["fixed_linear", "fixed_root", "fixed_discrete"]
+    min_seq_len: Optional[PositiveInt] = None
+    max_seq_len: Optional[PositiveInt] = None
+    step_size: PositiveInt = 8
+    total_curriculum_steps: Optional[PositiveInt] = None
+    root_degree: PositiveInt = 2
+    """Only for ``fixed_root``; ``fixed_linear`` is root degree 1."""
+    difficulty: list[PositiveInt] = Field(default_factory=list)
+    """Only for ``fixed_discrete``: the lengths, in order."""
+    max_step: list[NonNegativeInt] = Field(default_factory=list)
+    """Only for ``fixed_discrete``: one fewer than ``difficulty``; ``difficulty[i]`` up to and including
+    ``max_step[i]``."""
+
+
+class CurriculumConfig(Section):
+    """The sequence-length curriculum: ``stages`` (discrete) or ``pacing`` (continuous), never both.
+
+    Steps count from 0: step ``s`` is the ``(s + 1)``-th optimizer update.
+    """
+
+    mode: Literal["truncate", "reshape"] = "truncate"
+    """``truncate``: each row is the first ``seq_len`` tokens of a full-length sample (the rest is skipped).
+    ``reshape``: full-length samples are cut into ``max_seq_len / seq_len`` rows, so no token is skipped; a
+    stage's batch defaults to the last stage's tokens per step."""
+    base_lr: PositiveFloat = 6e-4
+    """The LR that ``lr_mult`` multiplies and the ``lr_scaling`` rule starts from."""
+    lr_scaling: LRScalingConfig = Field(default_factory=LRScalingConfig)
+    grad_clip_auto: GradClipAutoConfig = Field(default_factory=GradClipAutoConfig)
+    warmup_cap_steps: Optional[PositiveInt] = None
+    """Upper bound on warmup steps computed from ``warmup_tokens``."""
+    warmup_start: Literal["previous", "zero"] = "previous"
+    """Where each stage's warmup starts: the LR the previous stage ended at (continuous LR), or zero.
+    The first stage always warms up from zero."""
+    micro_batch_tokens: PositiveInt = 16384
+    """Token budget of one micro-batch per rank when a stage does not set ``micro_batch``."""
+    stages: Optional[list[StageConfig]] = None
+    pacing: Optional[PacingConfig] = None
+    lr_events: list[LREvent] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _stages_or_pacing(self) -> "CurriculumConfig":
+        if (self.stages is None) == (self.pacing is None):
+            raise ValueError("give either stages (a list) or pacing, exactly one")
+        if self.stages is not None and not self.stages:
+            raise ValueError("stages must list at least one stage")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------- optimizer
+
+
+class OptimizerConfig(Section):
+    """AdamW. On CUDA, DeepSpeed's FusedAdam; on CPU, ``torch.optim.AdamW`` (no JIT build needed)."""
+
+    weight_decay: float = Field(default=0.1, ge=0.0)
+    """Applied to matrices only; biases, norms and embeddings of size 1-D are not decayed."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: PositiveFloat = 1e-8
+
+
+# --------------------------------------------------------------------------------------------------- deepspeed
+
+
+class DeepSpeedConfig(Section):
+    """The DeepSpeed JSON: a template plus overrides; batch, clip, precision and optimizer are filled in from
+    this config (see ``pipeline/ds_config.py``) and may not be set here."""
+
+    template: str = "default"
+    """A name from ``ds_configs/`` (``default``, ``zero2``, ``rtx3090``) or a path to a JSON file."""
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """Merged into the template, recursively (e.g. ``{zero_optimization: {stage: 1}}``)."""
+
+
+# --------------------------------------------------------------------------------------------------- run
+
+
+class WandbConfig(Section):
+    enabled: bool = False
+    project: str = "curriculum-pretrain"
+    mode: Literal["offline", "online"] = "offline"
+    """``offline`` writes to the run directory and needs no network (``wandb sync`` uploads later)."""
+
+
+class RunConfig(Section):
+    """Budget, seed, precision, evaluation, checkpoints and logging."""
+
+    total_steps: Optional[PositiveInt] = None
+    """End of the last stage when it gives no ``until_step``/``until_tokens``."""
+    total_tokens: Optional[PositiveInt] = None
+    """Same, as a token budget."""
+    seed: NonNegativeInt = 1234
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """``auto``: bf16 on a CUDA device that supports it, fp32 otherwise (CPU)."""
+    output_dir: Optional[str] = None
+    """Run directory; default ``runs/<name>``. ``train --output-dir`` overrides it."""
+    eval_every: NonNegativeInt = 100
+    """Evaluate every N steps (0: only at the end). Evaluation is always at the full sequence length."""
+    eval_batches: PositiveInt = 8
+    """Batches of ``eval_batch`` full-length sequences per rank in each evaluation."""
+    eval_batch: PositiveInt = 8
+    checkpoint_every: NonNegativeInt = 100
+    """Save every N steps (0: only at the end)."""
+    keep_checkpoints: PositiveInt = 2
+    """How many of the newest checkpoints to keep."""
+    log_every: PositiveInt = 1
+    """Write a metrics line every N steps."""
+    tensorboard: bool = True
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    peak_flops: Optional[PositiveFloat] = None
+    """Peak FLOP/s of one device for MFU. Default: looked up from the GPU name (H100: 989e12); none on CPU."""
+    export: bool = True
+    """Write the final model with ``save_pretrained`` (+ tokenizer) to ``<run dir>/final``."""
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "RunConfig":
+        if self.total_steps is not None and self.total_tokens is not None:
+            raise ValueError("give total_steps or total_tokens, not both")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------- all
+
+
+class Config(Section):
+    """A whole run, as written in a recipe YAML."""
+
+    name: str = "run"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    curriculum: CurriculumConfig
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    run: RunConfig = Field(default_factory=RunConfig)

@@ -1,0 +1,172 @@
+"""Read a run config: a recipe name or YAML path, then environment overrides, then ``--set`` overrides.
+
+Precedence, lowest first: the YAML file, ``CPT_*`` environment variables, ``--set`` arguments.
+
+Environment variables: ``CPT_`` + the field path in capitals with ``__`` between levels, for example
+``CPT_CURRICULUM__BASE_LR=1e-3`` or ``CPT_CURRICULUM__STAGES__0__GLOBAL_BATCH=64`` (the same idea as
+``LEARNING_RATE=1e-5 python train.py``, under one prefix so nothing else in the environment is taken for config).
+
+``--set``: ``curriculum.stages.0.lr=1e-3``; numbers in a path index lists. Values are read as YAML
+(``1e-3`` is a float, ``auto`` a string, ``[1, 2]`` a list).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from curriculum.config import Config
+from curriculum.errors import ConfigError
+
+ENV_PREFIX = "CPT_"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` as a string; read it as the float it means."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*(?:\.\d*)?|\.\d+)[eE][-+]?\d+$|^[-+]?(?:\d[\d_]*)?\.\d+$|^[-+]?\d[\d_]*\.$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml_value(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in resources.files("curriculum.recipes").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A shipped recipe by name (``gpt2-124m-curriculum``) or a YAML file by path."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    recipe = resources.files("curriculum.recipes") / f"{name_or_path}.yaml"
+    if recipe.is_file():
+        return Path(str(recipe))
+    raise ConfigError("--config", name_or_path,
+                      f"no such file, and no recipe of that name (recipes: {', '.join(recipe_names())})")
+
+
+def load_config(name_or_path: str, sets: Iterable[str] = (), environ: Optional[Mapping[str, str]] = None) -> Config:
+    """Read, override and validate a config; every problem is a ``ConfigError``."""
+    path = resolve_config_path(name_or_path)
+    try:
+        raw = yaml.load(path.read_text(), Loader=_Loader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise ConfigError(str(path), where, f"not valid YAML: {getattr(err, 'problem', err)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), type(raw).__name__, "a recipe must be a YAML mapping of sections")
+    raw = apply_env_overrides(raw, os.environ if environ is None else environ)
+    raw = apply_set_overrides(raw, sets)
+    return validate_config(raw)
+
+
+def validate_config(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise _to_config_error(err) from None
+
+
+def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    overrides = []
+    for key in sorted(environ):
+        if key.startswith(ENV_PREFIX) and len(key) > len(ENV_PREFIX):
+            path = ".".join(part.lower() for part in key[len(ENV_PREFIX):].split("__"))
+            overrides.append((key, path, environ[key]))
+    return _apply(raw, overrides)
+
+
+def apply_set_overrides(raw: dict[str, Any], sets: Iterable[str]) -> dict[str, Any]:
+    overrides = []
+    for item in sets:
+        path, sep, value = item.partition("=")
+        if not sep or not path.strip():
+            raise ConfigError("--set", item, "expected KEY.PATH=VALUE, e.g. curriculum.stages.0.lr=1e-3")
+        overrides.append(("--set", path.strip(), value))
+    return _apply(raw, overrides)
+
+
+def _apply(raw: dict[str, Any], overrides: list[tuple[str, str, str]]) -> dict[str, Any]:
+    if not overrides:
+        return raw
+    raw = copy.deepcopy(raw)
+    for source, dotted, text in overrides:
+        value = parse_yaml_value(text)
+        keys = dotted.split(".")
+        node: Any = raw
+        for depth, key in enumerate(keys):
+            last = depth == len(keys) - 1
+            here = ".".join(keys[: depth + 1])
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    raise ConfigError(f"{source} {dotted}", text,
+                                      f"{here}: list index must be 0 .. {len(node) - 1}")
+                if last:
+                    node[int(key)] = value
+                else:
+                    node = node[int(key)]
+            elif isinstance(node, dict):
+                if last:
+                    node[key] = value
+                else:
+                    node = node.setdefault(key, {})
+            else:
+                raise ConfigError(f"{source} {dotted}", text,
+                                  f"{'.'.join(keys[:depth])} is a value, not a section")
+    return raw
+
+
+def _to_config_error(err: ValidationError) -> ConfigError:
+    first = err.errors()[0]
+    loc = [str(part) for part in first["loc"] if not str(part).startswith("function-after")]
+    field = ".".join(loc) or "config"
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        message = f"unknown key; allowed here: {', '.join(allowed)}" if allowed else "unknown key"
+    else:
+        message = first["msg"].removeprefix("Value error, ")
+    more = len(err.errors()) - 1
+    if more:
+        message += f" (and {more} more problem{'s' if more > 1 else ''} after this one)"
+    value = first.get("input") if first["type"] != "missing" else None
+    return ConfigError(field, value, message)
+
+
+def _allowed_keys(loc: list[str]) -> list[str]:
+    """Field names of the config section at ``loc`` (list indices skipped)."""
+    model: type[BaseModel] = Config
+    for key in loc:
+        if key.isdigit():
+            continue
+        annotation = model.model_fields[key].annotation if key in model.model_fields else None
+        nested = _model_in(annotation)
+        if nested is None:
+            return []
+        model = nested
+    return list(model.model_fields)
+
+
+def _model_in(annotation: Any) -> Optional[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,485 @@
+"""The curriculum, resolved: pure functions of the optimizer step.
+
+Steps count from 0: step ``s`` is the ``(s + 1)``-th optimizer update, and a stage covers the half-open range
+``[start_step, end_step)``. ``tokens_before(s)`` is the number of tokens trained by steps ``0 .. s - 1``, so
+``tokens_before(0) == 0`` and ``tokens_before(total_steps) == total_tokens``.
+
+``build_schedule(config, world_size)`` checks everything that needs more than one field and returns an immutable
+``Schedule``; its methods (``stage_at``, ``seq_len_at``, ``global_batch_at``, ``lr_at``, ``grad_clip_at``,
+``tokens_before``) compute from the step alone. Nothing here counts its own calls, so a resumed run only needs the
+step. No torch.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
+
+from curriculum.config import (
+    SEQ_LEN_MULTIPLE,
+    Config,
+    CurriculumConfig,
+    GradClipAutoConfig,
+    LRScalingConfig,
+    PacingConfig,
+    SegmentSettings,
+)
+from curriculum.errors import ConfigError
+
+LRSource = Literal["absolute", "multiplier", "auto"]
+
+
+# --------------------------------------------------------------------------------------------------- pure rules
+
+
+def rule_lr(scaling: LRScalingConfig, base_lr: float, global_batch: int, seq_len: int) -> float:
+    """The LR the scaling rule gives a stage of ``global_batch`` sequences of ``seq_len`` tokens."""
+    batch_ratio = global_batch / scaling.ref_batch
+    if scaling.rule == "seed":
+        return base_lr * math.sqrt(batch_ratio) * min(scaling.ref_seq_len / seq_len, scaling.seq_cap)
+    if scaling.rule == "linear":
+        return base_lr * batch_ratio
+    if scaling.rule == "sqrt":
+        return base_lr * math.sqrt(batch_ratio)
+    return base_lr
+
+
+def auto_grad_clip(rule: GradClipAutoConfig, seq_len: int) -> float:
+    """``grad_clip: auto``: 5.0 up to 128 tokens, 1.0 up to 512, 0.5 above (with the default rules)."""
+    for clip_rule in rule.rules:
+        if seq_len <= clip_rule.max_seq_len:
+            return clip_rule.clip
+    return rule.otherwise
+
+
+def pacing_seq_len(pacing: PacingConfig, step: int) -> int:
+    """Sequence length of a continuous pacing function at ``step`` (DeepSpeed's formulas, corrected).
+
+    DeepSpeed rounds to an absolute multiple of ``step_size`` (min 100, step 8 gives 96) and clamps to max only
+    from above (max 1020, step 8 never reaches 1020). Here increments are counted from ``min_seq_len`` and the
+    length is ``max_seq_len`` from ``total_curriculum_steps`` on.
+    """
+    if pacing.type == "fixed_discrete":
+        for length, last_step in zip(pacing.difficulty, pacing.max_step):
+            if step <= last_step:
+                return length
+        return pacing.difficulty[-1]
+    assert pacing.min_seq_len and pacing.max_seq_len and pacing.total_curriculum_steps  # checked in _check_pacing
+    if step >= pacing.total_curriculum_steps:
+        return pacing.max_seq_len
+    degree = 1 if pacing.type == "fixed_linear" else pacing.root_degree
+    progress = (step / pacing.total_curriculum_steps) ** (1.0 / degree)
+    span = pacing.max_seq_len - pacing.min_seq_len
+    increments = math.floor(progress * span) // pacing.step_size
+    return min(pacing.min_seq_len + increments * pacing.step_size, pacing.max_seq_len)
+
+
+# --------------------------------------------------------------------------------------------------- resolved plan
+
+
+@dataclass(frozen=True)
+class LRWindow:
+    """One warmup-then-decay LR shape over ``[start_step, end_step)``; a stage, or the whole pacing run."""
+
+    start_step: int
+    end_step: int
+    warmup_steps: int
+    start_lr: float
+    """LR the warmup starts from (it reaches ``peak_lr`` at step ``start_step + warmup_steps - 1``)."""
+    peak_lr: float
+    min_lr: float
+    decay: Literal["cosine", "linear", "constant"]
+
+    def lr_at(self, step: int) -> float:
+        k = step - self.start_step
+        if k < self.warmup_steps:
+            return self.start_lr + (self.peak_lr - self.start_lr) * (k + 1) / self.warmup_steps
+        progress = (k - self.warmup_steps) / (self.end_step - self.start_step - self.warmup_steps)
+        if self.decay == "constant":
+            return self.peak_lr
+        if self.decay == "linear":
+            return self.peak_lr - (self.peak_lr - self.min_lr) * progress
+        return self.min_lr + (self.peak_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A step range of constant sequence length and batch, with everything the engine needs for it."""
+
+    index: int
+    start_step: int
+    end_step: int
+    start_tokens: int
+    end_tokens: int
+    seq_len: int
+    global_batch: int
+    """Sequences per optimizer step over all ranks = micro_batch x grad_accum x world_size."""
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+    tokens_per_step: int
+    samples_per_step: int
+    """Full-length samples drawn from the data per step: ``global_batch`` when truncating,
+    ``global_batch * seq_len / max_seq_len`` when reshaping."""
+    peak_lr: float
+    rule_lr: float
+    """What the ``lr_scaling`` rule would give this stage (equal to ``peak_lr`` when ``lr: auto``)."""
+    lr_source: LRSource
+    warmup_steps: int
+    """Warmup steps that fall inside this stage."""
+    grad_clip: float
+    decay: str
+    window: LRWindow
+
+    @property
+    def steps(self) -> int:
+        return self.end_step - self.start_step
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The resolved curriculum. Every method is a pure function of the step."""
+
+    stages: tuple[Stage, ...]
+    lr_events: tuple[tuple[int, float], ...]
+    mode: Literal["truncate", "reshape"]
+    max_seq_len: int
+    world_size: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.stages[-1].end_step
+
+    @property
+    def total_tokens(self) -> int:
+        return self.stages[-1].end_tokens
+
+    def stage_at(self, step: int) -> Stage:
+        if not 0 <= step < self.total_steps:
+            raise ValueError(f"step {step} is outside the run (steps 0 .. {self.total_steps - 1})")
+        starts = [stage.start_step for stage in self.stages]
+        return self.stages[bisect.bisect_right(starts, step) - 1]
+
+    def seq_len_at(self, step: int) -> int:
+        return self.stage_at(step).seq_len
+
+    def global_batch_at(self, step: int) -> int:
+        return self.stage_at(step).global_batch
+
+    def grad_clip_at(self, step: int) -> float:
+        return self.stage_at(step).grad_clip
+
+    def base_lr_at(self, step: int) -> float:
+        """The LR before ``lr_events``."""
+        return self.stage_at(step).window.lr_at(step)
+
+    def lr_at(self, step: int) -> float:
+        factor = math.prod(multiply for at_step, multiply in self.lr_events if step >= at_step)
+        return self.base_lr_at(step) * factor
+
+    def tokens_before(self, step: int) -> int:
+        """Tokens trained by steps ``0 .. step - 1``."""
+        if step == self.total_steps:
+            return self.total_tokens
+        stage = self.stage_at(step)
+        return stage.start_tokens + (step - stage.start_step) * stage.tokens_per_step
+
+    def distinct_shapes(self) -> list[tuple[int, int]]:
+        """The (micro_batch, seq_len) shapes the run trains with, in order of first use."""
+        return list(dict.fromkeys((stage.micro_batch, stage.seq_len) for stage in self.stages))
+
+
+# --------------------------------------------------------------------------------------------------- building
+
+
+def build_schedule(config: Config, world_size: int = 1) -> Schedule:
+    """Resolve the curriculum for ``world_size`` data-parallel ranks; raise ``ConfigError`` on any bad value."""
+    if world_size < 1:
+        raise ConfigError("--world-size", world_size, "must be a positive integer")
+    cur = config.curriculum
+    if cur.stages is not None:
+        stages = _resolve_stages(config, world_size)
+    else:
+        stages = _resolve_pacing(config, world_size)
+    schedule = Schedule(
+        stages=tuple(stages),
+        lr_events=tuple((event.at_step, event.multiply) for event in cur.lr_events),
+        mode=cur.mode,
+        max_seq_len=stages[-1].seq_len,
+        world_size=world_size,
+    )
+    for i, event in enumerate(cur.lr_events):
+        if event.at_step >= schedule.total_steps:
+            raise ConfigError(f"curriculum.lr_events.{i}.at_step", event.at_step,
+                              f"must be inside the run (steps 0 .. {schedule.total_steps - 1})")
+    return schedule
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """Batch layout of one constant-length step range."""
+
+    seq_len: int
+    global_batch: int
+    micro_batch: int
+    grad_accum: int
+    samples_per_step: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+
+def _resolve_stages(config: Config, world_size: int) -> list[Stage]:
+    cur = config.curriculum
+    specs = cur.stages or []
+    max_seq_len = max(spec.seq_len for spec in specs)
+    last_path = f"curriculum.stages.{len(specs) - 1}"
+    reshape_tokens = (_reshape_tokens_per_step(specs[-1], specs[-1].seq_len, last_path)
+                      if cur.mode == "reshape" else None)
+
+    stages: list[Stage] = []
+    start_step, start_tokens, previous_window = 0, 0, None
+    for i, spec in enumerate(specs):
+        path = f"curriculum.stages.{i}"
+        _check_seq_len(f"{path}.seq_len", spec.seq_len)
+        if stages and spec.seq_len < stages[-1].seq_len:
+            raise ConfigError(f"{path}.seq_len", spec.seq_len,
+                              f"must be >= the previous stage's seq_len {stages[-1].seq_len} (lengths only grow)")
+        shape = _shape(cur, spec, path, spec.seq_len, max_seq_len, world_size, reshape_tokens)
+        end_step = _end_step(config, spec, path, i == len(specs) - 1, start_step, start_tokens,
+                             [(shape, None)])
+        window = _window(cur, spec, path, start_step, end_step, shape, previous_window)
+        peak_lr, lr_source = _peak_lr(cur, spec, path, shape)
+        stages.append(_stage(i, start_step, end_step, start_tokens, shape, world_size, peak_lr, lr_source,
+                             _grad_clip(cur, spec, shape.seq_len), spec.decay,
+                             rule_lr(cur.lr_scaling, cur.base_lr, shape.global_batch, shape.seq_len),
+                             window))
+        start_step, start_tokens, previous_window = end_step, stages[-1].end_tokens, window
+    return stages
+
+
+def _resolve_pacing(config: Config, world_size: int) -> list[Stage]:
+    cur = config.curriculum
+    pacing = cur.pacing
+    assert pacing is not None
+    path = "curriculum.pacing"
+    _check_pacing(pacing, path)
+    if pacing.lr_mult is None and (pacing.lr is None or pacing.lr == "auto"):
+        raise ConfigError(f"{path}.lr", pacing.lr,
+                          "pacing has one LR for the whole run: give lr (a number) or lr_mult")
+    max_seq_len = pacing_seq_len(pacing, 10**12)
+    reshape_tokens = _reshape_tokens_per_step(pacing, max_seq_len, path) if cur.mode == "reshape" else None
+
+    # Plateaus of the length function: (first step, length) for each change, then max length forever.
+    plateaus: list[tuple[int, _Shape]] = []
+    curriculum_end = pacing.total_curriculum_steps if pacing.type != "fixed_discrete" else pacing.max_step[-1] + 1
+    for step in range(curriculum_end + 1):
+        seq_len = pacing_seq_len(pacing, step)
+        if not plateaus or plateaus[-1][1].seq_len != seq_len:
+            plateaus.append((step, _shape(cur, pacing, path, seq_len, max_seq_len, world_size, reshape_tokens)))
+    end_step = _end_step(config, pacing, path, True, 0, 0,
+                         [(shape, plateaus[j + 1][0] if j + 1 < len(plateaus) else None)
+                          for j, (_, shape) in enumerate(plateaus)])
+    first_shape = plateaus[0][1]
+    window = _window(cur, pacing, path, 0, end_step, first_shape, None)
+    peak_lr, lr_source = _peak_lr(cur, pacing, path, first_shape)
+
+    stages: list[Stage] = []
+    start_tokens = 0
+    for j, (start, shape) in enumerate(plateaus):
+        if start >= end_step:
+            break
+        end = min(plateaus[j + 1][0], end_step) if j + 1 < len(plateaus) else end_step
+        stages.append(_stage(j, start, end, start_tokens, shape, world_size, peak_lr, lr_source,
+                             _grad_clip(cur, pacing, shape.seq_len), pacing.decay,
+                             rule_lr(cur.lr_scaling, cur.base_lr, shape.global_batch, shape.seq_len), window))
+        start_tokens = stages[-1].end_tokens
+    return stages
+
+
+def _stage(index: int, start: int, end: int, start_tokens: int, shape: _Shape, world_size: int, peak_lr: float,
+           lr_source: LRSource, grad_clip: float, decay: str, rule: float, window: LRWindow) -> Stage:
+    warmup_end = window.start_step + window.warmup_steps
+    return Stage(
+        index=index, start_step=start, end_step=end, start_tokens=start_tokens,
+        end_tokens=start_tokens + (end - start) * shape.tokens_per_step, seq_len=shape.seq_len,
+        global_batch=shape.global_batch, micro_batch=shape.micro_batch, grad_accum=shape.grad_accum,
+        world_size=world_size, tokens_per_step=shape.tokens_per_step, samples_per_step=shape.samples_per_step,
+        peak_lr=peak_lr, rule_lr=rule, lr_source=lr_source, warmup_steps=max(0, min(end, warmup_end) - start),
+        grad_clip=grad_clip, decay=decay, window=window,
+    )
+
+
+def _check_seq_len(field: str, seq_len: int) -> None:
+    if seq_len % SEQ_LEN_MULTIPLE:
+        raise ConfigError(field, seq_len, f"must be a multiple of {SEQ_LEN_MULTIPLE}")
+
+
+def _check_pacing(pacing: PacingConfig, path: str) -> None:
+    if pacing.type == "fixed_discrete":
+        for name in ("min_seq_len", "max_seq_len", "total_curriculum_steps"):
+            if getattr(pacing, name) is not None:
+                raise ConfigError(f"{path}.{name}", getattr(pacing, name),
+                                  "not used by fixed_discrete (give difficulty and max_step)")
+        if not pacing.difficulty:
+            raise ConfigError(f"{path}.difficulty", pacing.difficulty, "fixed_discrete needs at least one length")
+        if len(pacing.max_step) != len(pacing.difficulty) - 1:
+            raise ConfigError(f"{path}.max_step", pacing.max_step,
+                              f"needs {len(pacing.difficulty) - 1} entries, one fewer than difficulty")
+        for k, length in enumerate(pacing.difficulty):
+            _check_seq_len(f"{path}.difficulty.{k}", length)
+            if k and length < pacing.difficulty[k - 1]:
+                raise ConfigError(f"{path}.difficulty.{k}", length,
+                                  f"must be >= the previous length {pacing.difficulty[k - 1]} (lengths only grow)")
+        for k in range(1, len(pacing.max_step)):
+            if pacing.max_step[k] <= pacing.max_step[k - 1]:
+                raise ConfigError(f"{path}.max_step.{k}", pacing.max_step[k],
+                                  f"must be greater than max_step.{k - 1} = {pacing.max_step[k - 1]}")
+        return
+    if pacing.difficulty or pacing.max_step:
+        raise ConfigError(f"{path}.difficulty", pacing.difficulty, f"only used by fixed_discrete, not {pacing.type}")
+    for name in ("min_seq_len", "max_seq_len", "total_curriculum_steps"):
+        if getattr(pacing, name) is None:
+            raise ConfigError(f"{path}.{name}", None, f"required for {pacing.type}")
+    assert pacing.min_seq_len is not None and pacing.max_seq_len is not None
+    _check_seq_len(f"{path}.min_seq_len", pacing.min_seq_len)
+    _check_seq_len(f"{path}.max_seq_len", pacing.max_seq_len)
+    _check_seq_len(f"{path}.step_size", pacing.step_size)
+    if pacing.max_seq_len < pacing.min_seq_len:
+        raise ConfigError(f"{path}.max_seq_len", pacing.max_seq_len,
+                          f"must be >= min_seq_len {pacing.min_seq_len}")
+
+
+def _reshape_tokens_per_step(last: SegmentSettings, last_seq_len: int, path: str) -> int:
+    """In reshape mode a stage's default batch keeps the last stage's tokens per step."""
+    if last.global_batch_tokens is not None:
+        return last.global_batch_tokens
+    if last.global_batch is None:
+        raise ConfigError(f"{path}.global_batch", None,
+                          "the last stage needs global_batch or global_batch_tokens (reshape mode keeps its "
+                          "tokens per step in every stage that sets no batch)")
+    return last.global_batch * last_seq_len
+
+
+def _shape(cur: CurriculumConfig, spec: SegmentSettings, path: str, seq_len: int, max_seq_len: int,
+           world_size: int, reshape_tokens: Optional[int]) -> _Shape:
+    if spec.global_batch is not None:
+        global_batch = spec.global_batch
+    elif spec.global_batch_tokens is not None:
+        if spec.global_batch_tokens % seq_len:
+            raise ConfigError(f"{path}.global_batch_tokens", spec.global_batch_tokens,
+                              f"must be a multiple of seq_len {seq_len}")
+        global_batch = spec.global_batch_tokens // seq_len
+    elif reshape_tokens is not None:
+        if reshape_tokens % seq_len:
+            raise ConfigError(f"{path}.global_batch", None,
+                              f"reshape mode keeps {reshape_tokens} tokens per step, not a multiple of seq_len "
+                              f"{seq_len}: set global_batch")
+        global_batch = reshape_tokens // seq_len
+    else:
+        raise ConfigError(f"{path}.global_batch", None, "required: give global_batch or global_batch_tokens")
+
+    if cur.mode == "reshape":
+        if max_seq_len % seq_len:
+            raise ConfigError(f"{path}.seq_len", seq_len,
+                              f"reshape mode cuts full-length samples into rows: must divide max seq_len "
+                              f"{max_seq_len}")
+        if (global_batch * seq_len) % max_seq_len:
+            raise ConfigError(f"{path}.global_batch", global_batch,
+                              f"reshape mode: tokens per step ({global_batch} x {seq_len}) must be a multiple of "
+                              f"the max seq_len {max_seq_len}")
+        samples_per_step = global_batch * seq_len // max_seq_len
+    else:
+        samples_per_step = global_batch
+
+    if global_batch % world_size:
+        raise ConfigError(f"{path}.global_batch", global_batch, f"must be divisible by the world size {world_size}")
+    per_rank = global_batch // world_size
+    if spec.micro_batch is not None:
+        if per_rank % spec.micro_batch:
+            raise ConfigError(f"{path}.micro_batch", spec.micro_batch,
+                              f"must divide the per-rank batch {per_rank} (global batch {global_batch} / world "
+                              f"size {world_size}) so that micro-batch x grad-accum x world = global batch")
+        micro_batch = spec.micro_batch
+    else:
+        fitting = [d for d in range(1, per_rank + 1) if per_rank % d == 0 and d * seq_len <= cur.micro_batch_tokens]
+        micro_batch = max(fitting, default=1)
+    return _Shape(seq_len, global_batch, micro_batch, per_rank // micro_batch, samples_per_step)
+
+
+def _end_step(config: Config, spec: SegmentSettings, path: str, is_last: bool, start_step: int, start_tokens: int,
+              shapes: Sequence[tuple[_Shape, Optional[int]]]) -> int:
+    """First step after the segment. ``shapes``: (shape, step where the next shape starts or None)."""
+    run = config.run
+    if spec.until_step is None and spec.until_tokens is None:
+        if not is_last:
+            raise ConfigError(f"{path}.until_step", None, "every stage but the last needs until_step or until_tokens")
+        if run.total_steps is None and run.total_tokens is None:
+            raise ConfigError(f"{path}.until_step", None,
+                              "the last stage needs until_step or until_tokens, or set run.total_steps / "
+                              "run.total_tokens")
+        until_step, until_tokens = run.total_steps, run.total_tokens
+        step_field, token_field = "run.total_steps", "run.total_tokens"
+    else:
+        if is_last and (run.total_steps is not None or run.total_tokens is not None):
+            field = "run.total_steps" if run.total_steps is not None else "run.total_tokens"
+            raise ConfigError(field, run.total_steps or run.total_tokens,
+                              f"conflicts with {path}'s until_step/until_tokens: give the end once")
+        until_step, until_tokens = spec.until_step, spec.until_tokens
+        step_field, token_field = f"{path}.until_step", f"{path}.until_tokens"
+
+    if until_step is not None:
+        if until_step <= start_step:
+            raise ConfigError(step_field, until_step,
+                              f"must be greater than the step this stage starts at ({start_step}); "
+                              "stages must be in order")
+        return until_step
+    assert until_tokens is not None
+    if until_tokens <= start_tokens:
+        raise ConfigError(token_field, until_tokens,
+                          f"must be greater than the tokens trained when this stage starts ({start_tokens}); "
+                          "stages must be in order")
+    step, tokens = start_step, start_tokens
+    for shape, next_start in shapes:
+        span = None if next_start is None else next_start - step
+        needed = math.ceil((until_tokens - tokens) / shape.tokens_per_step)
+        if span is None or needed <= span:
+            return step + needed
+        step, tokens = step + span, tokens + span * shape.tokens_per_step
+    raise AssertionError("the last shape has no end")
+
+
+def _window(cur: CurriculumConfig, spec: SegmentSettings, path: str, start: int, end: int, first_shape: _Shape,
+            previous: Optional[LRWindow]) -> LRWindow:
+    steps = end - start
+    if spec.warmup_tokens is not None:
+        warmup = math.ceil(spec.warmup_tokens / first_shape.tokens_per_step)
+        if cur.warmup_cap_steps is not None:
+            warmup = min(warmup, cur.warmup_cap_steps)
+        field, value = f"{path}.warmup_tokens", spec.warmup_tokens
+    else:
+        warmup = spec.warmup_steps or 0
+        field, value = f"{path}.warmup_steps", warmup
+    if warmup > steps:
+        raise ConfigError(field, value, f"warmup of {warmup} steps is longer than its stage ({steps} steps)")
+    peak, _ = _peak_lr(cur, spec, path, first_shape)
+    start_lr = 0.0
+    if previous is not None and cur.warmup_start == "previous":
+        start_lr = previous.lr_at(previous.end_step - 1)
+    return LRWindow(start_step=start, end_step=end, warmup_steps=warmup, start_lr=start_lr, peak_lr=peak,
+                    min_lr=peak * spec.min_lr_ratio, decay=spec.decay)
+
+
+def _peak_lr(cur: CurriculumConfig, spec: SegmentSettings, path: str, shape: _Shape) -> tuple[float, LRSource]:
+    if spec.lr_mult is not None:
+        return cur.base_lr * spec.lr_mult, "multiplier"
+    if spec.lr is None or spec.lr == "auto":
+        return rule_lr(cur.lr_scaling, cur.base_lr, shape.global_batch, shape.seq_len), "auto"
+    return float(spec.lr), "absolute"
+
+
+def _grad_clip(cur: CurriculumConfig, spec: SegmentSettings, seq_len: int) -> float:
+    return auto_grad_clip(cur.grad_clip_auto, seq_len) if spec.grad_clip == "auto" else float(spec.grad_clip)

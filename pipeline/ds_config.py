@@ -1,0 +1,92 @@
+"""The DeepSpeed JSON the engine gets, derived from the run config in this one place.
+
+A template from ``ds_configs/`` (or a JSON path) supplies ZeRO and communication settings; the run config owns
+batch sizes, gradient clipping, precision and the optimizer, so those keys may not come from the template or its
+overrides. Batch and clip are set for the first stage here and changed by the training loop at stage boundaries.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from curriculum.config import Config
+from curriculum.errors import ConfigError
+from curriculum.schedule import Schedule
+
+OWNED_KEYS = {
+    "train_batch_size": "curriculum stages (global_batch)",
+    "train_micro_batch_size_per_gpu": "curriculum stages (micro_batch)",
+    "gradient_accumulation_steps": "curriculum stages (global_batch / micro_batch / world size)",
+    "gradient_clipping": "curriculum stages (grad_clip)",
+    "bf16": "run.precision",
+    "fp16": "run.precision (bf16 or fp32)",
+    "optimizer": "the optimizer section (the training loop builds the optimizer)",
+    "scheduler": "the curriculum (the training loop writes the LR every step)",
+    "curriculum_learning": "the curriculum section (DeepSpeed's legacy curriculum is removed)",
+    "data_efficiency": "the curriculum section",
+}
+
+
+def template_names() -> list[str]:
+    return sorted(p.name[: -len(".json")] for p in resources.files("ds_configs").iterdir()
+                  if p.name.endswith(".json"))
+
+
+def load_template(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    source = path if path.is_file() else resources.files("ds_configs") / f"{name_or_path}.json"
+    if not source.is_file():
+        raise ConfigError("deepspeed.template", name_or_path,
+                          f"no such JSON file, and no template of that name (templates: {', '.join(template_names())})")
+    try:
+        template = json.loads(source.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError("deepspeed.template", name_or_path, f"not valid JSON: {err}") from None
+    if not isinstance(template, dict):
+        raise ConfigError("deepspeed.template", name_or_path, "must be a JSON object")
+    return template
+
+
+def derive_ds_config(config: Config, schedule: Schedule, bf16: bool) -> dict[str, Any]:
+    """Template + overrides + the values the run config owns, for the schedule's first stage."""
+    ds = load_template(config.deepspeed.template)
+    for key in ds:
+        if key in OWNED_KEYS:
+            raise ConfigError("deepspeed.template", config.deepspeed.template,
+                              f"sets {key}, which is derived from {OWNED_KEYS[key]}; remove it from the template")
+    for key, value in config.deepspeed.overrides.items():
+        if key in OWNED_KEYS:
+            raise ConfigError(f"deepspeed.overrides.{key}", value, f"derived from {OWNED_KEYS[key]}; set it there")
+    _merge(ds, copy.deepcopy(config.deepspeed.overrides))
+    zero_stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if zero_stage not in (0, 1, 2):
+        raise ConfigError("deepspeed.zero_optimization.stage", zero_stage,
+                          "must be 0, 1 or 2 (ZeRO-3 is not supported by this pipeline yet)")
+    first = schedule.stages[0]
+    ds.update({
+        # e.g. 32 micro x 1 accum x 1 rank = 32 sequences per step in the tiny recipe's first stage
+        "train_batch_size": first.global_batch,
+        "train_micro_batch_size_per_gpu": first.micro_batch,
+        "gradient_accumulation_steps": first.grad_accum,
+        "gradient_clipping": first.grad_clip,
+        "bf16": {"enabled": bf16},
+    })
+    return ds
+
+
+def cpu_offload(ds: dict[str, Any]) -> bool:
+    """Whether the optimizer state lives on the CPU (ZeRO-Offload), which needs DeepSpeed's CPUAdam."""
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") == "cpu"
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
