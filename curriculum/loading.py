@@ -64,7 +64,11 @@ def load_config(name_or_path: str, sets: Iterable[str] = (), environ: Optional[M
     """Read, override and validate a config; every problem is a ``ConfigError``."""
     path = resolve_config_path(name_or_path)
     try:
-        raw = yaml.load(path.read_text(), Loader=_Loader)
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError("--config", str(path), f"cannot read it as UTF-8 text: {err}") from None
+    try:
+        raw = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
@@ -107,7 +111,11 @@ def _apply(raw: dict[str, Any], overrides: list[tuple[str, str, str]]) -> dict[s
         return raw
     raw = copy.deepcopy(raw)
     for source, dotted, text in overrides:
-        value = parse_yaml_value(text)
+        try:
+            value = parse_yaml_value(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source} {dotted}", text,
+                              f"not a valid YAML value: {getattr(err, 'problem', None) or err}") from None
         keys = dotted.split(".")
         node: Any = raw
         for depth, key in enumerate(keys):
@@ -133,19 +141,41 @@ def _apply(raw: dict[str, Any], overrides: list[tuple[str, str, str]]) -> dict[s
 
 
 def _to_config_error(err: ValidationError) -> ConfigError:
-    first = err.errors()[0]
-    loc = [str(part) for part in first["loc"] if not str(part).startswith("function-after")]
+    errors = err.errors()
+    first = errors[0]
+    loc = _field_loc(first["loc"])
     field = ".".join(loc) or "config"
+    # A field with a union type (``lr: 1e-3`` or ``auto``) fails once per member: one problem, several messages.
+    same_field = [e for e in errors if _field_loc(e["loc"]) == loc]
     if first["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])
         message = f"unknown key; allowed here: {', '.join(allowed)}" if allowed else "unknown key"
     else:
-        message = first["msg"].removeprefix("Value error, ")
-    more = len(err.errors()) - 1
+        message = ", or ".join(dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in same_field))
+    more = len({tuple(_field_loc(e["loc"])) for e in errors}) - 1
     if more:
         message += f" (and {more} more problem{'s' if more > 1 else ''} after this one)"
     value = first.get("input") if first["type"] != "missing" else None
     return ConfigError(field, value, message)
+
+
+def _field_loc(loc: tuple[Any, ...]) -> list[str]:
+    """A pydantic error location as config keys: field names and list indices, without the tags pydantic adds
+    for union members (``lr.constrained-float``, ``lr.literal['auto']``) and validators (``function-after``)."""
+    keys: list[str] = []
+    model: Optional[type[BaseModel]] = Config
+    for part in loc:
+        if isinstance(part, int):
+            keys.append(str(part))
+            continue
+        if str(part).startswith("function-after"):
+            continue
+        if model is None:
+            continue  # inside a field that is not a section: a union member's tag
+        keys.append(str(part))
+        field = model.model_fields.get(str(part))
+        model = _model_in(field.annotation) if field is not None else None
+    return keys
 
 
 def _allowed_keys(loc: list[str]) -> list[str]:

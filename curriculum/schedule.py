@@ -29,6 +29,8 @@ from curriculum.config import (
 from curriculum.errors import ConfigError
 
 LRSource = Literal["absolute", "multiplier", "auto"]
+_FOREVER = 10**12
+"""A step past the end of any pacing function: ``pacing_seq_len(pacing, _FOREVER)`` is its full length."""
 
 
 # --------------------------------------------------------------------------------------------------- pure rules
@@ -203,11 +205,14 @@ def build_schedule(config: Config, world_size: int = 1) -> Schedule:
         stages = _resolve_stages(config, world_size)
     else:
         stages = _resolve_pacing(config, world_size)
+    # The configured full length, also when the run ends before a pacing function reaches it: evaluation runs at
+    # it and reshape mode cuts samples of this length into rows (samples_per_step is computed against it).
+    max_seq_len = stages[-1].seq_len if cur.pacing is None else pacing_seq_len(cur.pacing, _FOREVER)
     schedule = Schedule(
         stages=tuple(stages),
         lr_events=tuple((event.at_step, event.multiply) for event in cur.lr_events),
         mode=cur.mode,
-        max_seq_len=stages[-1].seq_len,
+        max_seq_len=max_seq_len,
         world_size=world_size,
     )
     for i, event in enumerate(cur.lr_events):
@@ -270,12 +275,17 @@ def _resolve_pacing(config: Config, world_size: int) -> list[Stage]:
     if pacing.lr_mult is None and (pacing.lr is None or pacing.lr == "auto"):
         raise ConfigError(f"{path}.lr", pacing.lr,
                           "pacing has one LR for the whole run: give lr (a number) or lr_mult")
-    max_seq_len = pacing_seq_len(pacing, 10**12)
+    max_seq_len = pacing_seq_len(pacing, _FOREVER)
     reshape_tokens = _reshape_tokens_per_step(pacing, max_seq_len, path) if cur.mode == "reshape" else None
 
     # Plateaus of the length function: (first step, length) for each change, then max length forever.
     plateaus: list[tuple[int, _Shape]] = []
-    curriculum_end = pacing.total_curriculum_steps if pacing.type != "fixed_discrete" else pacing.max_step[-1] + 1
+    if pacing.type == "fixed_discrete":
+        # one length and no max_step is a valid (constant) schedule
+        curriculum_end = pacing.max_step[-1] + 1 if pacing.max_step else 0
+    else:
+        assert pacing.total_curriculum_steps is not None  # checked in _check_pacing
+        curriculum_end = pacing.total_curriculum_steps
     for step in range(curriculum_end + 1):
         seq_len = pacing_seq_len(pacing, step)
         if not plateaus or plateaus[-1][1].seq_len != seq_len:
@@ -366,6 +376,11 @@ def _reshape_tokens_per_step(last: SegmentSettings, last_seq_len: int, path: str
 
 def _shape(cur: CurriculumConfig, spec: SegmentSettings, path: str, seq_len: int, max_seq_len: int,
            world_size: int, reshape_tokens: Optional[int]) -> _Shape:
+    # Checked first: no batch setting can fix a length that does not divide the full length.
+    if cur.mode == "reshape" and max_seq_len % seq_len:
+        raise ConfigError(f"{path}.seq_len", seq_len,
+                          f"reshape mode cuts full-length samples into rows: must divide max seq_len "
+                          f"{max_seq_len}")
     if spec.global_batch is not None:
         global_batch = spec.global_batch
     elif spec.global_batch_tokens is not None:
@@ -383,10 +398,6 @@ def _shape(cur: CurriculumConfig, spec: SegmentSettings, path: str, seq_len: int
         raise ConfigError(f"{path}.global_batch", None, "required: give global_batch or global_batch_tokens")
 
     if cur.mode == "reshape":
-        if max_seq_len % seq_len:
-            raise ConfigError(f"{path}.seq_len", seq_len,
-                              f"reshape mode cuts full-length samples into rows: must divide max seq_len "
-                              f"{max_seq_len}")
         if (global_batch * seq_len) % max_seq_len:
             raise ConfigError(f"{path}.global_batch", global_batch,
                               f"reshape mode: tokens per step ({global_batch} x {seq_len}) must be a multiple of "

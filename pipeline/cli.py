@@ -61,7 +61,8 @@ def _run_plan(args: argparse.Namespace) -> int:
 def _add_ds_config(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--world-size", type=str, default="1", help="data-parallel ranks (default 1)")
-    parser.add_argument("--bf16", action="store_true", help="as on a bf16-capable GPU (default: as on CPU)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="as on a bf16-capable GPU (default: as on CPU); decides only run.precision: auto")
 
 
 def _run_ds_config(args: argparse.Namespace) -> int:
@@ -71,7 +72,10 @@ def _run_ds_config(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.sets)
     schedule = build_schedule(config, world_size_argument(args.world_size))
-    print(json.dumps(derive_ds_config(config, schedule, bf16=args.bf16), indent=2))
+    # run.precision owns bf16; --bf16 only says what "auto" finds (bf16 on a capable GPU, fp32 on a CPU)
+    precision = config.run.precision
+    bf16 = precision == "bf16" or (precision == "auto" and args.bf16)
+    print(json.dumps(derive_ds_config(config, schedule, bf16=bf16), indent=2))
     return 0
 
 

@@ -62,10 +62,20 @@ def derive_ds_config(config: Config, schedule: Schedule, bf16: bool) -> dict[str
         if key in OWNED_KEYS:
             raise ConfigError(f"deepspeed.overrides.{key}", value, f"derived from {OWNED_KEYS[key]}; set it there")
     _merge(ds, copy.deepcopy(config.deepspeed.overrides))
-    zero_stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if zero_stage not in (0, 1, 2):
-        raise ConfigError("deepspeed.zero_optimization.stage", zero_stage,
-                          "must be 0, 1 or 2 (ZeRO-3 is not supported by this pipeline yet)")
+    # Say where a bad ZeRO setting came from: the overrides, or else the template.
+    template = config.deepspeed.template
+    zero_override = config.deepspeed.overrides.get("zero_optimization")
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        if zero_override is not None:
+            raise ConfigError("deepspeed.overrides.zero_optimization", zero, "must be a mapping, e.g. {stage: 1}")
+        raise ConfigError("deepspeed.template", template, f"sets zero_optimization = {zero!r}; it must be a mapping")
+    zero_stage = zero.get("stage", 0)
+    if isinstance(zero_stage, bool) or zero_stage not in (0, 1, 2):
+        allowed = "must be 0, 1 or 2 (ZeRO-3 is not supported by this pipeline yet)"
+        if isinstance(zero_override, dict) and "stage" in zero_override:
+            raise ConfigError("deepspeed.overrides.zero_optimization.stage", zero_stage, allowed)
+        raise ConfigError("deepspeed.template", template, f"sets zero_optimization.stage = {zero_stage!r}; {allowed}")
     first = schedule.stages[0]
     ds.update({
         # e.g. 32 micro x 1 accum x 1 rank = 32 sequences per step in the tiny recipe's first stage

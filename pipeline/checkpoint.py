@@ -1,0 +1,131 @@
+"""Atomic checkpoints through ``engine.save_checkpoint``, keep-last-N, and the state a resume needs.
+
+Layout of ``<run dir>/checkpoints``::
+
+    step00000100/          a complete checkpoint: the engine's files + rng_rank<r>.pt for every rank
+    step00000200/
+    latest                 the name of the newest complete checkpoint (replaced atomically)
+    step00000300.partial/  a save in progress; never read, removed at the next start
+
+A save writes into ``<tag>.partial``, waits for every rank, then rank 0 renames it to ``<tag>`` and replaces
+``latest``. A kill at any moment leaves ``latest`` pointing at a complete checkpoint. The checkpoint is named by
+the number of steps done, which is also the step the resumed run starts at.
+
+Client state (rank 0's, stored by DeepSpeed): ``step``, ``tokens``, ``cursor`` (samples drawn), the curriculum
+section it was saved with (to report changed hyperparameters on resume). Each rank's RNG states go to their own
+file, since DeepSpeed keeps only rank 0's client state.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from curriculum.errors import ConfigError
+
+LATEST = "latest"
+PARTIAL = ".partial"
+
+
+def tag_for(steps_done: int) -> str:
+    return f"step{steps_done:08d}"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Checkpointer:
+    """Saves and finds checkpoints of one run; every rank calls ``save`` and ``load``."""
+
+    def __init__(self, directory: Path, keep: int, rank: int) -> None:
+        self.directory = directory
+        self.keep = keep
+        self.rank = rank
+        if rank == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            for leftover in directory.glob(f"*{PARTIAL}"):
+                shutil.rmtree(leftover, ignore_errors=True)
+        _barrier()
+
+    def latest(self) -> Optional[Path]:
+        pointer = self.directory / LATEST
+        if not pointer.is_file():
+            return None
+        path = self.directory / pointer.read_text().strip()
+        return path if path.is_dir() else None
+
+    def save(self, engine: Any, steps_done: int, client_state: dict[str, Any]) -> Path:
+        tag = tag_for(steps_done)
+        partial = self.directory / f"{tag}{PARTIAL}"
+        engine.save_checkpoint(str(self.directory), tag=partial.name, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), partial / f"rng_rank{self.rank}.pt")
+        _barrier()
+        if self.rank == 0:
+            self._commit(partial, self.directory / tag)
+        _barrier()
+        return self.directory / tag
+
+    def _commit(self, partial: Path, final: Path) -> None:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        pointer_tmp = self.directory / f"{LATEST}.tmp"
+        with open(pointer_tmp, "w") as f:
+            f.write(final.name)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(pointer_tmp, self.directory / LATEST)
+        complete = sorted(p for p in self.directory.glob("step*") if p.is_dir() and not p.name.endswith(PARTIAL))
+        for old in complete[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, engine: Any, path: Path) -> dict[str, Any]:
+        """Restore engine, optimizer and this rank's RNG; return the client state."""
+        if not (path / f"rng_rank{self.rank}.pt").is_file():
+            raise ConfigError("--resume", str(path),
+                              f"not a complete checkpoint of this pipeline for rank {self.rank} (saved with a "
+                              "different world size?)")
+        load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
+                                                         load_optimizer_states=True, load_lr_scheduler_states=False)
+        if load_path is None:
+            raise ConfigError("--resume", str(path), "DeepSpeed could not load this checkpoint")
+        set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False))
+        return client_state
+
+
+def resolve_resume(arg: str, checkpointer: Checkpointer) -> Optional[Path]:
+    """``auto``: the run's latest checkpoint if any; ``none``: start fresh; else a checkpoint directory."""
+    if arg == "none":
+        return None
+    if arg == "auto":
+        return checkpointer.latest()
+    path = Path(arg)
+    if path.is_dir() and (path / LATEST).is_file():
+        path = path / (path / LATEST).read_text().strip()
+    if not path.is_dir():
+        raise ConfigError("--resume", arg, "must be auto, none, a checkpoint directory or a checkpoints directory")
+    return path
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

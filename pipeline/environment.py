@@ -1,0 +1,48 @@
+"""Process environment fixes applied before DeepSpeed is imported."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from typing import MutableMapping
+
+
+def single_process_defaults(environ: MutableMapping[str, str]) -> None:
+    """``curriculum-pretrain train`` without a launcher: DeepSpeed needs the rendezvous variables a launcher would
+    set (without them it tries mpi4py), so fill them in for one local process on a free port."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
+        environ.setdefault(key, value)
+
+
+def sanitize_cuda_arch_list(environ: MutableMapping[str, str]) -> str | None:
+    """DeepSpeed's op builder parses ``TORCH_CUDA_ARCH_LIST`` entries as ``major.minor`` integers and crashes on
+    arch-specific suffixes such as ``9.0a`` (``invalid literal for int() with base 10: '0a'``). Strip the
+    suffixes; return a note for the log when something changed."""
+    value = environ.get("TORCH_CUDA_ARCH_LIST")
+    if not value:
+        return None
+    cleaned = " ".join(dict.fromkeys(re.sub(r"(\d+\.\d+)[a-zA-Z]+", r"\1", part)
+                                     for part in re.split(r"[;\s]+", value.strip()) if part))
+    if cleaned == value:
+        return None
+    environ["TORCH_CUDA_ARCH_LIST"] = cleaned
+    return f"TORCH_CUDA_ARCH_LIST {value!r} -> {cleaned!r} (DeepSpeed's op builder cannot parse arch suffixes)"
+
+
+def prepare_environment(environ: MutableMapping[str, str], cuda_available: bool) -> list[str]:
+    """Everything above, plus the CPU accelerator choice; returns notes for the log."""
+    notes = []
+    single_process_defaults(environ)
+    if not cuda_available:
+        environ.setdefault("DS_ACCELERATOR", "cpu")
+    note = sanitize_cuda_arch_list(environ)
+    if note:
+        notes.append(note)
+    return notes

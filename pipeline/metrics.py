@@ -1,0 +1,162 @@
+"""Run outputs on rank 0: metrics.jsonl and its CSV twin, TensorBoard, wandb (offline), the plot and summary.json.
+
+One JSONL line per logged step (``kind: train``) and per evaluation (``kind: eval``). Fields of a train line:
+``step, tokens, stage, seq_len, global_batch, lr, grad_clip, loss, grad_norm, tok_per_s, mfu, elapsed_s``;
+``tokens`` counts tokens trained up to and including this step, from the batches actually trained.
+``tok_per_s`` is this step's tokens over its wall time; ``mfu`` is ``flops_per_token(seq_len) * tok_per_s /
+(world_size * peak_flops)`` (see ``pipeline.model.flops_per_token``), empty where the peak is unknown (CPU).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+CSV_FIELDS = ["kind", "step", "tokens", "stage", "seq_len", "global_batch", "lr", "grad_clip", "loss", "grad_norm",
+              "tok_per_s", "mfu", "elapsed_s", "eval_loss", "eval_ppl"]
+
+
+class RunLogger:
+    """Writes every metric sink; create it on rank 0 only."""
+
+    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool, wandb_settings: Optional[dict[str, Any]]
+                 ) -> None:
+        self.run_dir = run_dir
+        self.jsonl_path = run_dir / "metrics.jsonl"
+        self.csv_path = run_dir / "metrics.csv"
+        self._drop_lines_from(resume_step)
+        self._jsonl = open(self.jsonl_path, "a")
+        new_csv = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
+        self._csv_file = open(self.csv_path, "a", newline="")
+        self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        if new_csv:
+            self._csv.writeheader()
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
+        self._wandb = None
+        if wandb_settings is not None:
+            import wandb
+
+            self._wandb = wandb.init(dir=str(run_dir), resume="allow", id=wandb_settings.pop("id"),
+                                     **wandb_settings)
+
+    def _drop_lines_from(self, step: int) -> None:
+        """On resume, forget what was logged at or after the resumed step (it will be logged again)."""
+        if not self.jsonl_path.exists():
+            return
+        kept = [line for line in self.jsonl_path.read_text().splitlines() if json.loads(line)["step"] < step]
+        self.jsonl_path.write_text("".join(line + "\n" for line in kept))
+        with open(self.csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(json.loads(line) for line in kept)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        self._csv.writerow(record)
+        self._csv_file.flush()
+        scalars = {k: v for k, v in record.items()
+                   if isinstance(v, (int, float)) and k not in ("step", "kind") and math.isfinite(v)}
+        if self._tb is not None:
+            for key, value in scalars.items():
+                self._tb.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+        if self._wandb is not None:
+            self._wandb.log({f"{record['kind']}/{k}": v for k, v in scalars.items()}, step=record["step"])
+
+    def close(self) -> None:
+        self._jsonl.close()
+        self._csv_file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def write_summary(run_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    """summary.json: final losses, tokens, time, and per-stage throughput, from metrics.jsonl."""
+    records = read_metrics(run_dir)
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    stages: dict[int, list[dict[str, Any]]] = {}
+    for r in train:
+        stages.setdefault(r["stage"], []).append(r)
+    summary = {
+        **extra,
+        "steps": train[-1]["step"] + 1 if train else 0,
+        "tokens": train[-1]["tokens"] if train else 0,
+        "elapsed_s": train[-1]["elapsed_s"] if train else 0.0,
+        "first_loss": train[0]["loss"] if train else None,
+        "final_loss": train[-1]["loss"] if train else None,
+        "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "final_eval_ppl": evals[-1]["eval_ppl"] if evals else None,
+        "stages": [
+            {
+                "stage": index,
+                "seq_len": rows[0]["seq_len"],
+                "steps": len(rows),
+                "mean_loss_last_10": _mean([r["loss"] for r in rows[-10:]]),
+                # the first step of a stage pays for new shapes (allocation, kernel selection): leave it out
+                "median_tok_per_s": _median([r["tok_per_s"] for r in rows[1:]] or [r["tok_per_s"] for r in rows]),
+                "median_mfu": _median([r["mfu"] for r in rows[1:] if r["mfu"] is not None]),
+            }
+            for index, rows in sorted(stages.items())
+        ],
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def plot_run(run_dir: Path) -> Path:
+    """training.png: loss vs tokens coloured by stage (eval loss as black dots), LR vs step, seq_len vs step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    fig, (ax_loss, ax_lr, ax_len) = plt.subplots(3, 1, figsize=(9, 10))
+    for stage in sorted({r["stage"] for r in train}):
+        rows = [r for r in train if r["stage"] == stage]
+        ax_loss.plot([r["tokens"] for r in rows], [r["loss"] for r in rows], lw=1,
+                     label=f"stage {stage} (seq {rows[0]['seq_len']})")
+    if evals:
+        ax_loss.plot([r["tokens"] for r in evals], [r["eval_loss"] for r in evals], "ko", ms=4,
+                     label="eval (full length)")
+    ax_loss.set(xlabel="tokens", ylabel="loss", title="loss vs tokens, by stage")
+    ax_loss.legend(fontsize=8)
+    steps = [r["step"] for r in train]
+    ax_lr.plot(steps, [r["lr"] for r in train])
+    ax_lr.set(xlabel="step", ylabel="learning rate")
+    ax_len.step(steps, [r["seq_len"] for r in train], where="post")
+    ax_len.set(xlabel="step", ylabel="seq_len")
+    fig.tight_layout()
+    out = run_dir / "training.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _mean(values: list[float]) -> Optional[float]:
+    return sum(values) / len(values) if values else None
+
+
+def _median(values: list[float]) -> Optional[float]:
+    if not values:
+        return None
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])

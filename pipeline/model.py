@@ -1,0 +1,99 @@
+"""Models built from config with ``transformers`` (no weights are downloaded), and their FLOPs per token.
+
+Presets follow the usual shapes: GPT-2 124M/350M/1.3B (GPT-3 paper table 2.1 widths) and Llama-style models of
+the same width and depth (RoPE, RMSNorm, SwiGLU with ``intermediate_size ~ 8/3 d`` rounded to 64). ``tiny`` trains
+on a laptop CPU. Every field of the transformers config can be overridden from the YAML (``model.overrides``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from curriculum.config import ModelConfig
+from curriculum.errors import ConfigError
+
+# (hidden size, layers, heads, SwiGLU intermediate size)
+SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "tiny": (128, 4, 4, 384),
+    "124m": (768, 12, 12, 2048),
+    "350m": (1024, 24, 16, 2816),
+    "1.3b": (2048, 24, 16, 5504),
+}
+
+VOCAB_MULTIPLE = 64  # pad the embedding so its matmuls tile well (50257 -> 50304 for GPT-2's vocabulary)
+
+
+def padded_vocab_size(tokenizer_vocab_size: int) -> int:
+    return -(-tokenizer_vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def model_config_dict(model: ModelConfig, vocab_size: int, max_seq_len: int, eot_id: int) -> dict[str, Any]:
+    """The transformers config fields for a preset, the data's vocabulary and the longest stage, plus overrides.
+
+    The position range covers the longest stage: RoPE's cache and GPT-2's learned position table must reach it
+    (Megatron-DeepSpeed PR #285: RoPE with sequence warmup needs the rotary cache to cover the current length).
+    """
+    hidden, layers, heads, intermediate = SHAPES[model.preset]
+    if model.arch == "llama":
+        fields: dict[str, Any] = {
+            "model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": heads, "intermediate_size": intermediate,
+            "max_position_embeddings": max_seq_len, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": False,
+        }
+        position_field = "max_position_embeddings"
+    else:
+        fields = {
+            "model_type": "gpt2", "n_embd": hidden, "n_layer": layers, "n_head": heads, "n_positions": max_seq_len,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        }
+        position_field = "n_positions"
+    fields.update(vocab_size=padded_vocab_size(vocab_size), bos_token_id=eot_id, eos_token_id=eot_id)
+    fields.update(model.overrides)
+    if fields[position_field] < max_seq_len:
+        raise ConfigError(f"model.overrides.{position_field}", fields[position_field],
+                          f"must cover the longest stage ({max_seq_len} tokens)")
+    if fields["vocab_size"] < vocab_size:
+        raise ConfigError("model.overrides.vocab_size", fields["vocab_size"],
+                          f"must be at least the tokenizer's vocabulary ({vocab_size})")
+    return fields
+
+
+def build_model(model: ModelConfig, vocab_size: int, max_seq_len: int, eot_id: int) -> Any:
+    """A freshly initialised ``*ForCausalLM`` with SDPA attention."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = model_config_dict(model, vocab_size, max_seq_len, eot_id)
+    model_type = fields.pop("model_type")
+    try:
+        hf_config = AutoConfig.for_model(model_type, **fields)
+    except (TypeError, ValueError) as err:
+        raise ConfigError("model.overrides", model.overrides, f"rejected by transformers: {err}") from None
+    unknown = sorted(k for k in model.overrides if not hasattr(hf_config, k))
+    if unknown:
+        raise ConfigError(f"model.overrides.{unknown[0]}", model.overrides[unknown[0]],
+                          f"not a field of {type(hf_config).__name__}")
+    return AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
+
+
+def matmul_params(model: Any) -> int:
+    """Parameters that take part in a matmul per token: all of them except the input embedding tables
+    (a lookup, not a matmul); a tied output head still counts once."""
+    import torch
+
+    embeddings = {id(module.weight) for module in model.modules() if isinstance(module, torch.nn.Embedding)}
+    head = model.get_output_embeddings()
+    head_id = id(head.weight) if head is not None else None
+    return sum(p.numel() for p in model.parameters() if id(p) not in embeddings or id(p) == head_id)
+
+
+def flops_per_token(matmul_param_count: int, n_layer: int, d_model: int, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), PaLM appendix B:
+
+        6 * N + 12 * n_layer * d_model * seq_len
+
+    ``6 N``: a multiply-add per matmul weight (2 FLOPs) forward, twice that backward. ``12 L d T``: the attention
+    score and value matmuls (``2 * 2 * d * T`` forward per layer, x3 with backward), counted over the full
+    ``T x T`` square as in PaLM and nanoGPT. ``seq_len`` is the length trained at this step, never the maximum.
+    """
+    return 6.0 * matmul_param_count + 12.0 * n_layer * d_model * seq_len

@@ -1,0 +1,167 @@
+"""Every shipped recipe parses and plans; the ``plan`` CLI's JSON and table; ``curriculum`` stays torch-free."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from importlib import resources
+
+import pytest
+from conftest import REPO_ROOT, run_cli
+
+from curriculum.loading import load_config, recipe_names, resolve_config_path
+from curriculum.schedule import build_schedule
+
+RECIPES = recipe_names()
+
+STAGE_KEYS = {"index", "start_step", "end_step", "seq_len", "global_batch", "tokens_per_step", "peak_lr", "rule_lr",
+              "warmup_steps", "grad_clip"}
+STEP_KEYS = {"step", "seq_len", "global_batch", "lr", "grad_clip"}
+
+
+def test_the_shipped_recipes_are_listed() -> None:
+    """recipe_names() finds the YAML files that ship in curriculum/recipes."""
+    assert {"seed003", "tiny-cpu", "gpt2-124m-curriculum", "gpt2-124m-baseline"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_plans(name: str, world_size: int) -> None:
+    """Each recipe validates and resolves on 1 and 2 ranks (every shipped global batch is even)."""
+    config = load_config(name, environ={})
+    schedule = build_schedule(config, world_size)
+    assert schedule.total_steps > 0 and schedule.total_tokens > 0
+    assert schedule.stages[0].start_step == 0
+    for stage in schedule.stages:
+        assert stage.micro_batch * stage.grad_accum * world_size == stage.global_batch
+        assert stage.seq_len <= schedule.max_seq_len
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_resolves_by_name_and_by_path(name: str) -> None:
+    """A recipe loads by its name and by the path of its YAML file, to the same config."""
+    path = resources.files("curriculum.recipes") / f"{name}.yaml"
+    assert resolve_config_path(name) == resolve_config_path(str(path))
+    assert load_config(name, environ={}) == load_config(str(path), environ={})
+
+
+def test_seed003_lrs() -> None:
+    """seed003: peak LRs 11.3/7.0/3.5/1.5/0.7 x 6e-4; rule LRs 6e-4 * sqrt(b / 32) * min(2048 / L, 4)."""
+    schedule = build_schedule(load_config("seed003", environ={}))
+    assert [s.peak_lr for s in schedule.stages] == pytest.approx([m * 6e-4 for m in (11.3, 7.0, 3.5, 1.5, 0.7)],
+                                                                 rel=1e-12)
+    batches_and_lengths = [(256, 64), (128, 128), (64, 256), (32, 512), (16, 1024)]
+    assert [(s.global_batch, s.seq_len) for s in schedule.stages] == batches_and_lengths
+    assert [s.rule_lr for s in schedule.stages] == pytest.approx(
+        [6e-4 * math.sqrt(b / 32) * min(2048 / length, 4) for b, length in batches_and_lengths], rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------- plan CLI
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+@pytest.mark.parametrize("name", RECIPES)
+def test_plan_json_keys(name: str, world_size: str) -> None:
+    """`plan --json` prints stages with the documented keys, total_steps and total_tokens."""
+    result = run_cli(["plan", "--config", name, "--json", "--world-size", world_size])
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert {"stages", "total_steps", "total_tokens"} <= set(plan)
+    assert plan["stages"] and all(STAGE_KEYS <= set(stage) for stage in plan["stages"])
+    assert [stage["index"] for stage in plan["stages"]] == list(range(len(plan["stages"])))
+    assert plan["stages"][-1]["end_step"] == plan["total_steps"]
+    assert "steps" not in plan
+
+
+def test_plan_json_per_step() -> None:
+    """`--per-step` adds one entry per step 0 .. total - 1 with step, seq_len, global_batch, lr, grad_clip."""
+    result = run_cli(["plan", "--config", "tiny-cpu", "--json", "--per-step"])
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    steps = plan["steps"]
+    assert [entry["step"] for entry in steps] == list(range(plan["total_steps"]))
+    assert all(set(entry) == STEP_KEYS for entry in steps)
+    # tiny-cpu: 64 tokens for steps 0-59, 128 for 60-119, 256 for 120-199
+    assert (steps[0]["seq_len"], steps[59]["seq_len"], steps[60]["seq_len"], steps[199]["seq_len"]) == (64, 64, 128,
+                                                                                                        256)
+    # step 0: sqrt rule 2e-3 * sqrt(32 / 32) = 2e-3, warmup 20: 2e-3 / 20 = 1e-4
+    assert steps[0]["lr"] == pytest.approx(1e-4, rel=1e-12)
+
+
+def test_plan_table_shows_both_lr_columns() -> None:
+    """The seed003 table has a peak LR and a rule LR column, a row per stage and the totals line."""
+    result = run_cli(["plan", "--config", "seed003"])
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("stage"))
+    assert "peak LR" in header and "rule LR" in header
+    rows = [line for line in lines if line[:1].isdigit()]
+    assert len(rows) == 5
+    # stage 0: peak 6.78e-3 (set as a multiple of base_lr), rule 6e-4 * sqrt(8) * 4 = 6.79e-3
+    assert "6.78e-03 (x)" in rows[0] and "6.79e-03" in rows[0]
+    # stage 4: peak 0.7 x 6e-4 = 4.2e-4, rule 6e-4 * sqrt(0.5) * 2 = 8.49e-4
+    assert "4.20e-04 (x)" in rows[4] and "8.49e-04" in rows[4]
+    # * marks peak / rule outside [0.5, 2]: 6.78/6.79 = 1.0, 4.2/4.8 = 0.88, 2.1/3.39 = 0.62, 0.9/2.4 = 0.38,
+    # 0.42/0.849 = 0.495
+    assert ["e-04 *" in row or "e-03 *" in row for row in rows] == [False, False, False, True, True]
+    assert "total: 10,000 steps, 163,840,000 tokens" in result.stdout
+
+
+def test_plan_table_stars_a_hand_set_lr_far_from_the_rule() -> None:
+    """A hand-set LR more than 2x from the rule is starred: 1e-2 vs 6e-4 * sqrt(256/32) * 4 = 6.79e-3 is not,
+    1.5e-2 is (1.5e-2 / 6.79e-3 = 2.2)."""
+    within = run_cli(["plan", "--config", "seed003", "--set", "curriculum.stages.0.lr_mult=null",
+                      "--set", "curriculum.stages.0.lr=1e-2"])
+    beyond = run_cli(["plan", "--config", "seed003", "--set", "curriculum.stages.0.lr_mult=null",
+                      "--set", "curriculum.stages.0.lr=1.5e-2"])
+    row = [line for line in within.stdout.splitlines() if line.startswith("0 ")][0]
+    assert "6.79e-03 *" not in row
+    row = [line for line in beyond.stdout.splitlines() if line.startswith("0 ")][0]
+    assert "6.79e-03 *" in row
+
+
+# --------------------------------------------------------------------------------------------------- ds-config
+
+
+def test_ds_config_for_a_recipe() -> None:
+    """`ds-config` fills batch, micro-batch, accumulation and clip from the first stage; bf16 per run.precision."""
+    result = run_cli(["ds-config", "--config", "seed003", "--world-size", "2"])
+    assert result.returncode == 0, result.stderr
+    ds = json.loads(result.stdout)
+    # stage 0: 256 sequences = 128 micro x 1 accum x 2 ranks, clip 5.0
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"],
+            ds["gradient_clipping"]) == (256, 128, 1, 5.0)
+    assert ds["bf16"] == {"enabled": False}
+    assert ds["zero_optimization"]["stage"] == 0
+
+
+@pytest.mark.parametrize(("precision", "flag", "enabled"), [
+    ("auto", [], False), ("auto", ["--bf16"], True), ("fp32", ["--bf16"], False), ("bf16", [], True),
+])
+def test_ds_config_bf16_follows_run_precision(precision: str, flag: list[str], enabled: bool) -> None:
+    """--bf16 decides only run.precision auto; fp32 and bf16 are what the config says."""
+    result = run_cli(["ds-config", "--config", "tiny-cpu", "--set", f"run.precision={precision}", *flag])
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["bf16"] == {"enabled": enabled}
+
+
+# --------------------------------------------------------------------------------------------------- no torch
+
+
+@pytest.mark.parametrize("module", ["curriculum", "curriculum.schedule", "curriculum.loading", "curriculum.plan",
+                                    "curriculum.config"])
+def test_curriculum_does_not_import_torch(module: str) -> None:
+    """The curriculum package (and the plan command's imports) load without torch."""
+    code = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_plan_command_does_not_import_torch() -> None:
+    """`plan` runs without importing torch (subcommand modules load lazily)."""
+    code = ("import sys; from pipeline.cli import main; rc = main(['plan', '--config', 'tiny-cpu']); "
+            "assert rc == 0; assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
