@@ -2,7 +2,7 @@
 
 Layout of ``<run dir>/checkpoints``::
 
-    step00000100/          a complete checkpoint: the engine's files + rng_rank<r>.pt for every rank
+    step00000100/          a complete checkpoint: the engine's files + rank<r>.pt for every rank
     step00000200/
     latest                 the name of the newest complete checkpoint (replaced atomically)
     step00000300.partial/  a save in progress; never read, removed at the next start
@@ -12,8 +12,9 @@ A save writes into ``<tag>.partial``, waits for every rank, then rank 0 renames 
 the number of steps done, which is also the step the resumed run starts at.
 
 Client state (rank 0's, stored by DeepSpeed): ``step``, ``tokens``, ``cursor`` (samples drawn), the curriculum
-section it was saved with (to report changed hyperparameters on resume). Each rank's RNG states go to their own
-file, since DeepSpeed keeps only rank 0's client state.
+section it was saved with (to report changed hyperparameters on resume). What differs between ranks (RNG states,
+the fingerprint of the data the rank trained on) goes to ``rank<r>.pt``, since DeepSpeed keeps only rank 0's
+client state.
 """
 
 from __future__ import annotations
@@ -73,11 +74,12 @@ class Checkpointer:
         path = self.directory / pointer.read_text().strip()
         return path if path.is_dir() else None
 
-    def save(self, engine: Any, steps_done: int, client_state: dict[str, Any]) -> Path:
+    def save(self, engine: Any, steps_done: int, client_state: dict[str, Any], rank_state: dict[str, Any]
+             ) -> Path:
         tag = tag_for(steps_done)
         partial = self.directory / f"{tag}{PARTIAL}"
         engine.save_checkpoint(str(self.directory), tag=partial.name, client_state=client_state, save_latest=False)
-        torch.save(rng_state(), partial / f"rng_rank{self.rank}.pt")
+        torch.save({"rng": rng_state(), **rank_state}, partial / self._rank_file)
         _barrier()
         if self.rank == 0:
             self._commit(partial, self.directory / tag)
@@ -98,9 +100,13 @@ class Checkpointer:
         for old in complete[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, engine: Any, path: Path) -> dict[str, Any]:
-        """Restore engine, optimizer and this rank's RNG; return the client state."""
-        if not (path / f"rng_rank{self.rank}.pt").is_file():
+    @property
+    def _rank_file(self) -> str:
+        return f"rank{self.rank}.pt"
+
+    def load(self, engine: Any, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Restore engine, optimizer and this rank's RNG; return the client state and this rank's state."""
+        if not (path / self._rank_file).is_file():
             raise ConfigError("--resume", str(path),
                               f"not a complete checkpoint of this pipeline for rank {self.rank} (saved with a "
                               "different world size?)")
@@ -108,8 +114,9 @@ class Checkpointer:
                                                          load_optimizer_states=True, load_lr_scheduler_states=False)
         if load_path is None:
             raise ConfigError("--resume", str(path), "DeepSpeed could not load this checkpoint")
-        set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=False))
-        return client_state
+        rank_state = torch.load(path / self._rank_file, weights_only=False)
+        set_rng_state(rank_state.pop("rng"))
+        return client_state, rank_state
 
 
 def resolve_resume(arg: str, checkpointer: Checkpointer) -> Optional[Path]:

@@ -114,9 +114,12 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     # ---------------------------------------------------------------------------------------- resume
     checkpointer = Checkpointer(run_dir / "checkpoints", config.run.keep_checkpoints, rank)
     start_step, tokens, cursor, elapsed_before = 0, 0, 0, 0.0
+    # this rank's data fingerprint: a hash chained over every batch it trained on (carried across resumes)
+    data_fingerprint = hashlib.sha256()
     resume_path = resolve_resume(resume, checkpointer)
     if resume_path is not None:
-        state = checkpointer.load(engine, resume_path)
+        state, rank_state = checkpointer.load(engine, resume_path)
+        data_fingerprint.update(rank_state["data_sha256"].encode())
         start_step, tokens, cursor = state["step"], state["tokens"], state["cursor"]
         elapsed_before = state["elapsed_s"]
         if start_step > schedule.total_steps:
@@ -137,9 +140,11 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
 
     stop_requested = _install_stop_handler()
 
-    def client_state(steps_done: int) -> dict[str, Any]:
-        return {"step": steps_done, "tokens": tokens, "cursor": cursor, "elapsed_s": elapsed,
-                "curriculum": config.curriculum.model_dump(mode="json")}
+    def save(steps_done: int) -> None:
+        checkpointer.save(engine, steps_done,
+                          client_state={"step": steps_done, "tokens": tokens, "cursor": cursor, "elapsed_s": elapsed,
+                                        "curriculum": config.curriculum.model_dump(mode="json")},
+                          rank_state={"data_sha256": data_fingerprint.hexdigest()})
 
     def evaluate(step: int) -> None:
         engine.eval()
@@ -192,6 +197,7 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
             engine.step()  # DeepSpeed updates only at the accumulation boundary
             step_loss += loss.detach()
             step_tokens += inputs.numel()
+            data_fingerprint.update(inputs.numpy().tobytes())
 
         # one all-reduce per step: mean loss over ranks, tokens trained, and whether any rank must stop
         totals = torch.tensor([0.0, float(step_tokens), float(stop_requested())], dtype=torch.float64,
@@ -223,7 +229,7 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
             evaluate(step)
         stopping = totals[2].item() > 0
         if (config.run.checkpoint_every and steps_done % config.run.checkpoint_every == 0) or stopping:
-            checkpointer.save(engine, steps_done, client_state(steps_done))
+            save(steps_done)
             last_saved = steps_done
         if stopping:
             log(f"stop requested (signal): checkpoint saved at step {steps_done}; resume with --resume auto")
@@ -234,14 +240,17 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     steps_done = start_step if stage is None else step + 1
     if steps_done < schedule.total_steps:  # stopped early (--stop-at-step or a signal)
         if last_saved != steps_done:
-            checkpointer.save(engine, steps_done, client_state(steps_done))
+            save(steps_done)
         log(f"stopped before step {steps_done} of {schedule.total_steps}; checkpoint in {checkpointer.directory}")
         if logger is not None:
             logger.close()
         return 0
     evaluate(schedule.total_steps - 1)
     if last_saved != steps_done:
-        checkpointer.save(engine, steps_done, client_state(steps_done))
+        save(steps_done)
+    replicas = _replica_report(engine.module, data_fingerprint.hexdigest(), world_size)
+    if not replicas["params_identical"]:
+        log("WARNING: parameters differ between data-parallel ranks (see summary.json: replicas)")
     if rank == 0:
         assert logger is not None
         logger.close()
@@ -250,7 +259,7 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
                     manifest["tokenizer"]["eot_token"])
         summary = write_summary(run_dir, {"name": config.name, "world_size": world_size,
                                           "precision": "bf16" if bf16 else "fp32", "device": device.type,
-                                          "optimizer": optimizer_name})
+                                          "optimizer": optimizer_name, "replicas": replicas})
         plot = plot_run(run_dir)
         print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['elapsed_s']:.0f} s; "
               f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}, eval loss "
@@ -271,6 +280,22 @@ def _enter_stage(engine: Any, stage: Stage) -> None:
     engine._config.gradient_clipping = stage.grad_clip  # read by the fp32 path at each step
     if hasattr(engine.optimizer, "clip_grad"):  # ZeRO and bf16 optimizers keep their own copy
         engine.optimizer.clip_grad = stage.grad_clip
+
+
+def _replica_report(module: Any, data_sha256: str, world_size: int) -> dict[str, Any]:
+    """Every rank's parameter hash and data fingerprint: data-parallel replicas must hold identical parameters
+    after training on different data."""
+    import torch
+    import torch.distributed as dist
+
+    params = hashlib.sha256()
+    for tensor in module.state_dict().values():
+        params.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, {"params_sha256": params.hexdigest(), "data_sha256": data_sha256})
+    return {"params_sha256": [g["params_sha256"] for g in gathered],
+            "data_sha256": [g["data_sha256"] for g in gathered],
+            "params_identical": len({g["params_sha256"] for g in gathered}) == 1}
 
 
 def _grad_norm(module: Any) -> float:

@@ -8,7 +8,6 @@ input goes through the real CLI in a subprocess: exit status 2, ``error: <field>
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
