@@ -79,6 +79,7 @@ class Checkpointer:
         tag = tag_for(steps_done)
         partial = self.directory / f"{tag}{PARTIAL}"
         engine.save_checkpoint(str(self.directory), tag=partial.name, client_state=client_state, save_latest=False)
+        partial.mkdir(parents=True, exist_ok=True)  # DeepSpeed creates it only on ranks that write engine files
         torch.save({"rng": rng_state(), **rank_state}, partial / self._rank_file)
         _barrier()
         if self.rank == 0:
@@ -96,7 +97,10 @@ class Checkpointer:
             f.flush()
             os.fsync(f.fileno())
         os.replace(pointer_tmp, self.directory / LATEST)
-        complete = sorted(p for p in self.directory.glob("step*") if p.is_dir() and not p.name.endswith(PARTIAL))
+        # oldest first, but the one just committed last: after resuming from an older checkpoint a newer one of the
+        # abandoned run may still be here, and pruning must never take the checkpoint that latest names
+        complete = sorted((p for p in self.directory.glob("step*") if p.is_dir() and not p.name.endswith(PARTIAL)),
+                          key=lambda p: (p == final, p.name))
         for old in complete[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 

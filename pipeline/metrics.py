@@ -92,6 +92,9 @@ def write_summary(run_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
     stages: dict[int, list[dict[str, Any]]] = {}
     for r in train:
         stages.setdefault(r["stage"], []).append(r)
+    # the first step of a stage pays for new shapes (allocation, kernel selection): leave it out of the medians,
+    # unless it is the stage's only step
+    timed = {index: rows[1:] or rows for index, rows in stages.items()}
     summary = {
         **extra,
         "steps": train[-1]["step"] + 1 if train else 0,
@@ -107,9 +110,8 @@ def write_summary(run_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
                 "seq_len": rows[0]["seq_len"],
                 "steps": len(rows),
                 "mean_loss_last_10": _mean([r["loss"] for r in rows[-10:]]),
-                # the first step of a stage pays for new shapes (allocation, kernel selection): leave it out
-                "median_tok_per_s": _median([r["tok_per_s"] for r in rows[1:]] or [r["tok_per_s"] for r in rows]),
-                "median_mfu": _median([r["mfu"] for r in rows[1:] if r["mfu"] is not None]),
+                "median_tok_per_s": _median([r["tok_per_s"] for r in timed[index]]),
+                "median_mfu": _median([r["mfu"] for r in timed[index] if r["mfu"] is not None]),
             }
             for index, rows in sorted(stages.items())
         ],

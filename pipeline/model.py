@@ -22,6 +22,10 @@ SHAPES: dict[str, tuple[int, int, int, int]] = {
 
 VOCAB_MULTIPLE = 64  # pad the embedding so its matmuls tile well (50257 -> 50304 for GPT-2's vocabulary)
 
+# GPT2Config's attribute_map: common names it also accepts for its own fields (and lets win over them)
+GPT2_ALIASES: dict[str, str] = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer",
+                                "num_attention_heads": "n_head", "max_position_embeddings": "n_positions"}
+
 
 def padded_vocab_size(tokenizer_vocab_size: int) -> int:
     return -(-tokenizer_vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
@@ -49,9 +53,18 @@ def model_config_dict(model: ModelConfig, vocab_size: int, max_seq_len: int, eot
         }
         position_field = "n_positions"
     fields.update(vocab_size=padded_vocab_size(vocab_size), bos_token_id=eot_id, eos_token_id=eot_id)
-    fields.update(model.overrides)
+    # an alias is stored under the field it sets, so the checks below see the value the model will get
+    aliases = GPT2_ALIASES if model.arch == "gpt2" else {}
+    given: dict[str, str] = {}  # field -> the override key that set it, for error messages
+    for key, value in model.overrides.items():
+        field = aliases.get(key, key)
+        if field in given:
+            raise ConfigError(f"model.overrides.{key}", value,
+                              f"sets the same field as model.overrides.{given[field]}: give one of them")
+        given[field] = key
+        fields[field] = value
     if fields[position_field] < max_seq_len:
-        raise ConfigError(f"model.overrides.{position_field}", fields[position_field],
+        raise ConfigError(f"model.overrides.{given.get(position_field, position_field)}", fields[position_field],
                           f"must cover the longest stage ({max_seq_len} tokens)")
     if fields["vocab_size"] < vocab_size:
         raise ConfigError("model.overrides.vocab_size", fields["vocab_size"],
@@ -69,7 +82,11 @@ def build_model(model: ModelConfig, vocab_size: int, max_seq_len: int, eot_id: i
         hf_config = AutoConfig.for_model(model_type, **fields)
     except (TypeError, ValueError) as err:
         raise ConfigError("model.overrides", model.overrides, f"rejected by transformers: {err}") from None
-    unknown = sorted(k for k in model.overrides if not hasattr(hf_config, k))
+    # A config stores any keyword it does not know as an attribute, so the built config has every key, typos
+    # included. Unknown: not a field of the class's defaults (aliases count) and merely stored, not consumed
+    # (LlamaConfig folds rope_theta into rope_parameters).
+    defaults = AutoConfig.for_model(model_type)
+    unknown = sorted(k for k in model.overrides if not hasattr(defaults, k) and hasattr(hf_config, k))
     if unknown:
         raise ConfigError(f"model.overrides.{unknown[0]}", model.overrides[unknown[0]],
                           f"not a field of {type(hf_config).__name__}")

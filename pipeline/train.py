@@ -114,12 +114,14 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     # ---------------------------------------------------------------------------------------- resume
     checkpointer = Checkpointer(run_dir / "checkpoints", config.run.keep_checkpoints, rank)
     start_step, tokens, cursor, elapsed_before = 0, 0, 0, 0.0
-    # this rank's data fingerprint: a hash chained over every batch it trained on (carried across resumes)
-    data_fingerprint = hashlib.sha256()
+    # this rank's data fingerprint: a sha256 chain with one link per step, each link hashing the previous link and
+    # the step's input batches. The checkpoint stores the link (a sha256 object's running state cannot be saved),
+    # so a resumed run ends with the same fingerprint as an uninterrupted one.
+    data_sha256 = hashlib.sha256().hexdigest()
     resume_path = resolve_resume(resume, checkpointer)
     if resume_path is not None:
         state, rank_state = checkpointer.load(engine, resume_path)
-        data_fingerprint.update(rank_state["data_sha256"].encode())
+        data_sha256 = rank_state["data_sha256"]
         start_step, tokens, cursor = state["step"], state["tokens"], state["cursor"]
         elapsed_before = state["elapsed_s"]
         if start_step > schedule.total_steps:
@@ -144,7 +146,7 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
         checkpointer.save(engine, steps_done,
                           client_state={"step": steps_done, "tokens": tokens, "cursor": cursor, "elapsed_s": elapsed,
                                         "curriculum": config.curriculum.model_dump(mode="json")},
-                          rank_state={"data_sha256": data_fingerprint.hexdigest()})
+                          rank_state={"data_sha256": data_sha256})
 
     def evaluate(step: int) -> None:
         engine.eval()
@@ -186,6 +188,7 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
         step_loss = torch.zeros((), dtype=torch.float64, device=device)
         step_tokens = 0
         grad_norm = None
+        step_hash = hashlib.sha256(data_sha256.encode())
         for i, (inputs, labels) in enumerate(micro_batches):
             boundary = i == len(micro_batches) - 1
             engine.set_gradient_accumulation_boundary(boundary)
@@ -197,7 +200,8 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
             engine.step()  # DeepSpeed updates only at the accumulation boundary
             step_loss += loss.detach()
             step_tokens += inputs.numel()
-            data_fingerprint.update(inputs.numpy().tobytes())
+            step_hash.update(inputs.numpy().tobytes())
+        data_sha256 = step_hash.hexdigest()
 
         # one all-reduce per step: mean loss over ranks, tokens trained, and whether any rank must stop
         totals = torch.tensor([0.0, float(step_tokens), float(stop_requested())], dtype=torch.float64,
@@ -244,11 +248,12 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
         log(f"stopped before step {steps_done} of {schedule.total_steps}; checkpoint in {checkpointer.directory}")
         if logger is not None:
             logger.close()
+        dist.destroy_process_group()
         return 0
     evaluate(schedule.total_steps - 1)
     if last_saved != steps_done:
         save(steps_done)
-    replicas = _replica_report(engine.module, data_fingerprint.hexdigest(), world_size)
+    replicas = _replica_report(engine.module, data_sha256, world_size)
     if not replicas["params_identical"]:
         log("WARNING: parameters differ between data-parallel ranks (see summary.json: replicas)")
     if rank == 0:
@@ -267,6 +272,7 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
               f"  metrics: {run_dir / 'metrics.jsonl'} (and .csv, tensorboard/)\n  plot:    {plot}\n"
               f"  summary: {run_dir / 'summary.json'}\n  model:   {run_dir / 'final'}")
     dist.barrier()
+    dist.destroy_process_group()
     return 0
 
 

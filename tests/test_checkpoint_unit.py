@@ -1,0 +1,254 @@
+"""The checkpoint directory protocol and resume state, without a DeepSpeed engine.
+
+``FakeEngine`` stands in for the DeepSpeed engine only to test the directory protocol around it (``.partial``,
+commit, ``latest``, keep-last-N, finding the resume point) and the per-rank state (RNG, rank file). It writes one
+file where ``engine.save_checkpoint`` would write its shards and reads it back in ``load_checkpoint``. Saving and
+loading through the real engine is tested in test_train.py.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import pytest
+import torch
+
+from curriculum.errors import ConfigError
+from pipeline.checkpoint import Checkpointer, resolve_resume, rng_state, set_rng_state, tag_for
+
+ENGINE_FILE = "engine_state.json"
+
+
+class FakeEngine:
+    """Records each call and keeps the client state in ``<save_dir>/<tag>/engine_state.json``."""
+
+    def __init__(self) -> None:
+        self.saves: list[dict[str, Any]] = []
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict[str, Any], save_latest: bool) -> None:
+        target = Path(save_dir) / tag
+        self.saves.append({"save_dir": save_dir, "tag": tag, "save_latest": save_latest,
+                           "existing": sorted(p.name for p in Path(save_dir).iterdir())})
+        target.mkdir(parents=True, exist_ok=True)
+        (target / ENGINE_FILE).write_text(json.dumps(client_state))
+
+    def load_checkpoint(self, load_dir: str, tag: str, load_optimizer_states: bool, load_lr_scheduler_states: bool
+                        ) -> tuple[Optional[str], dict[str, Any]]:
+        path = Path(load_dir) / tag
+        if not (path / ENGINE_FILE).is_file():
+            return None, {}
+        return str(path), json.loads((path / ENGINE_FILE).read_text())
+
+
+@pytest.fixture(autouse=True)
+def keep_global_rng() -> Iterator[None]:
+    """These tests move and restore the global RNGs; put them back as they were for the tests after."""
+    saved = rng_state()
+    yield
+    set_rng_state(saved)
+
+
+def save_steps(checkpointer: Checkpointer, engine: FakeEngine, *steps: int) -> list[Path]:
+    return [checkpointer.save(engine, step, client_state={"step": step}, rank_state={"data_sha256": f"sha{step}"})
+            for step in steps]
+
+
+def names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+# --------------------------------------------------------------------------------------------------- saving
+
+
+def test_tag_names_the_steps_done() -> None:
+    assert tag_for(0) == "step00000000"
+    assert tag_for(1200) == "step00001200"
+
+
+def test_save_writes_a_partial_then_commits_it(tmp_path: Path) -> None:
+    directory = tmp_path / "checkpoints"
+    checkpointer = Checkpointer(directory, keep=2, rank=0)
+    engine = FakeEngine()
+    (path,) = save_steps(checkpointer, engine, 100)
+
+    # the engine was asked to write into <tag>.partial, with no complete checkpoint of that name yet
+    (call,) = engine.saves
+    assert call == {"save_dir": str(directory), "tag": "step00000100.partial", "save_latest": False,
+                    "existing": []}
+    # then the partial became <tag>, holding the engine's files and this rank's file, and latest names it
+    assert path == directory / "step00000100"
+    assert names(directory) == ["latest", "step00000100"]
+    assert names(path) == [ENGINE_FILE, "rank0.pt"]
+    assert (directory / "latest").read_text() == "step00000100"
+    assert checkpointer.latest() == path
+
+
+def test_each_save_replaces_latest(tmp_path: Path) -> None:
+    directory = tmp_path / "checkpoints"
+    checkpointer = Checkpointer(directory, keep=5, rank=0)
+    engine = FakeEngine()
+    save_steps(checkpointer, engine, 100)
+    assert (directory / "latest").read_text() == "step00000100"
+    save_steps(checkpointer, engine, 200)
+    assert (directory / "latest").read_text() == "step00000200"
+    assert names(directory) == ["latest", "step00000100", "step00000200"]  # no latest.tmp, no .partial left
+    assert engine.saves[1]["existing"] == ["latest", "step00000100"]
+
+
+def test_saving_the_same_step_again_replaces_it(tmp_path: Path) -> None:
+    directory = tmp_path / "checkpoints"
+    checkpointer = Checkpointer(directory, keep=2, rank=0)
+    engine = FakeEngine()
+    save_steps(checkpointer, engine, 100)
+    checkpointer.save(engine, 100, client_state={"step": 100, "again": True}, rank_state={})
+    assert names(directory) == ["latest", "step00000100"]
+    assert json.loads((directory / "step00000100" / ENGINE_FILE).read_text()) == {"step": 100, "again": True}
+
+
+def test_keep_last_n_prunes_the_oldest(tmp_path: Path) -> None:
+    directory = tmp_path / "checkpoints"
+    checkpointer = Checkpointer(directory, keep=2, rank=0)
+    engine = FakeEngine()
+    save_steps(checkpointer, engine, 100, 200)
+    assert names(directory) == ["latest", "step00000100", "step00000200"]
+    save_steps(checkpointer, engine, 300)
+    assert names(directory) == ["latest", "step00000200", "step00000300"]
+    save_steps(checkpointer, engine, 400, 500)
+    assert names(directory) == ["latest", "step00000400", "step00000500"]
+    assert (directory / "latest").read_text() == "step00000500"
+
+
+def test_keep_1_never_prunes_the_checkpoint_just_saved(tmp_path: Path) -> None:
+    """Resumed from step 100 while step 200 (of the abandoned run) is still there: the new step-150 save is the
+    one ``latest`` names, so pruning must keep it."""
+    directory = tmp_path / "checkpoints"
+    engine = FakeEngine()
+    save_steps(Checkpointer(directory, keep=2, rank=0), engine, 100, 200)
+    checkpointer = Checkpointer(directory, keep=1, rank=0)
+    (path,) = save_steps(checkpointer, engine, 150)
+    assert path.is_dir()
+    assert checkpointer.latest() == path
+    assert names(directory) == ["latest", "step00000150"]
+
+
+def test_leftover_partial_is_removed_at_start(tmp_path: Path) -> None:
+    """A save killed half-way leaves ``<tag>.partial``: the next Checkpointer (rank 0) removes it."""
+    directory = tmp_path / "checkpoints"
+    engine = FakeEngine()
+    save_steps(Checkpointer(directory, keep=2, rank=0), engine, 100)
+    leftover = directory / "step00000200.partial"
+    leftover.mkdir()
+    (leftover / ENGINE_FILE).write_text("{}")
+    Checkpointer(directory, keep=2, rank=1)  # other ranks leave the directory to rank 0
+    assert leftover.is_dir()
+    checkpointer = Checkpointer(directory, keep=2, rank=0)
+    assert names(directory) == ["latest", "step00000100"]
+    assert checkpointer.latest() == directory / "step00000100"  # the complete one is untouched
+
+
+# --------------------------------------------------------------------------------------------------- resume point
+
+
+def test_resolve_resume(tmp_path: Path) -> None:
+    directory = tmp_path / "checkpoints"
+    checkpointer = Checkpointer(directory, keep=3, rank=0)
+    assert resolve_resume("auto", checkpointer) is None  # nothing saved yet: start fresh
+    save_steps(checkpointer, FakeEngine(), 100, 200)
+    assert resolve_resume("auto", checkpointer) == directory / "step00000200"
+    assert resolve_resume("none", checkpointer) is None
+    # a checkpoints directory resolves through its latest; a checkpoint directory is itself
+    assert resolve_resume(str(directory), checkpointer) == directory / "step00000200"
+    assert resolve_resume(str(directory / "step00000100"), checkpointer) == directory / "step00000100"
+
+
+def test_latest_pointing_nowhere_is_no_checkpoint(tmp_path: Path) -> None:
+    directory = tmp_path / "checkpoints"
+    checkpointer = Checkpointer(directory, keep=3, rank=0)
+    (directory / "latest").write_text("step00000300")
+    assert checkpointer.latest() is None
+    assert resolve_resume("auto", checkpointer) is None
+
+
+@pytest.mark.parametrize("bad", ["does-not-exist", "latest-pointing-nowhere", "a-file"])
+def test_resolve_resume_bad_path(tmp_path: Path, bad: str) -> None:
+    checkpointer = Checkpointer(tmp_path / "checkpoints", keep=2, rank=0)
+    (tmp_path / "a-file").write_text("not a directory")
+    (tmp_path / "latest-pointing-nowhere").mkdir()
+    (tmp_path / "latest-pointing-nowhere" / "latest").write_text("step00000300")
+    with pytest.raises(ConfigError) as err:
+        resolve_resume(str(tmp_path / bad), checkpointer)
+    assert err.value.field == "--resume"
+    assert err.value.value == str(tmp_path / bad)
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+
+def draws() -> tuple[float, float, list[float]]:
+    """One draw from each global RNG a training step may use."""
+    return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+
+def test_load_restores_rng_exactly_and_returns_the_state(tmp_path: Path) -> None:
+    directory = tmp_path / "checkpoints"
+    checkpointer = Checkpointer(directory, keep=2, rank=0)
+    engine = FakeEngine()
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    path = checkpointer.save(engine, 100, client_state={"step": 100, "tokens": 51200, "cursor": 800},
+                             rank_state={"data_sha256": "abc"})
+    after_save = draws()  # what the run drew right after saving
+    draws()  # the RNGs move on
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+
+    client_state, rank_state = checkpointer.load(engine, path)
+    assert draws() == after_save  # exactly the same numbers, from every generator
+    assert client_state == {"step": 100, "tokens": 51200, "cursor": 800}
+    assert rank_state == {"data_sha256": "abc"}  # the RNG states are consumed, not returned
+
+
+def test_each_rank_gets_its_own_file(tmp_path: Path) -> None:
+    """Every rank saves its RNG and data fingerprint into the same partial, rank 0 commits; each loads its own."""
+    directory = tmp_path / "checkpoints"
+    engine = FakeEngine()
+    rank0, rank1 = Checkpointer(directory, keep=2, rank=0), Checkpointer(directory, keep=2, rank=1)
+    # without processes there is no barrier to wait at: rank 1 saves first, then rank 0's save commits
+    torch.manual_seed(1)
+    rank1.save(engine, 100, client_state={"step": 100}, rank_state={"data_sha256": "rank1"})
+    after_rank1_save = torch.rand(2).tolist()
+    assert names(directory) == ["step00000100.partial"]  # rank 1 never commits
+    torch.manual_seed(0)
+    path = rank0.save(engine, 100, client_state={"step": 100}, rank_state={"data_sha256": "rank0"})
+    after_rank0_save = torch.rand(2).tolist()
+    assert names(path) == [ENGINE_FILE, "rank0.pt", "rank1.pt"]
+
+    assert rank1.load(engine, path)[1] == {"data_sha256": "rank1"}
+    assert torch.rand(2).tolist() == after_rank1_save
+    assert rank0.load(engine, path)[1] == {"data_sha256": "rank0"}
+    assert torch.rand(2).tolist() == after_rank0_save
+
+
+def test_load_without_this_rank_file(tmp_path: Path) -> None:
+    """A checkpoint saved by one rank, loaded as rank 1 (a different world size): a clear error, not a crash."""
+    directory = tmp_path / "checkpoints"
+    engine = FakeEngine()
+    (path,) = save_steps(Checkpointer(directory, keep=2, rank=0), engine, 100)
+    with pytest.raises(ConfigError) as err:
+        Checkpointer(directory, keep=2, rank=1).load(engine, path)
+    assert err.value.field == "--resume"
+    assert err.value.value == str(path)
+    assert "rank 1" in str(err.value)
+
+
+def test_load_of_a_directory_that_is_not_a_checkpoint(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(tmp_path / "checkpoints", keep=2, rank=0)
+    with pytest.raises(ConfigError) as err:
+        checkpointer.load(FakeEngine(), tmp_path)
+    assert err.value.field == "--resume"
