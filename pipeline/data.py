@@ -48,7 +48,7 @@ import tokenize
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Optional, Union
 
 import numpy as np
 
@@ -349,16 +349,28 @@ def _python_documents(paths: list[str]) -> Iterator[dict[str, str]]:
 
 
 def _load_jsonl(paths: list[Path], text_field: str, cache_dir: str) -> datasets.Dataset:
+    return _load_rows("json", paths, text_field, cache_dir, _find_bad_jsonl_line, "line of the .jsonl files")
+
+
+def _load_parquet(paths: list[Path], text_field: str, cache_dir: str) -> datasets.Dataset:
+    return _load_rows("parquet", paths, text_field, cache_dir, _find_bad_parquet_row, "row of the .parquet files",
+                      columns=[text_field])
+
+
+def _load_rows(builder: str, paths: list[Path], text_field: str, cache_dir: str,
+               find_bad: Callable[[list[Path], str], None], unit: str, **kwargs: Any) -> datasets.Dataset:
+    """Load with a ``datasets`` builder; on failure, ``find_bad`` raises a ``ConfigError`` naming the bad line/row."""
     import datasets
 
     try:
-        rows = datasets.load_dataset("json", data_files=[str(p) for p in paths], split="train", cache_dir=cache_dir)
+        rows = datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train", cache_dir=cache_dir,
+                                     **kwargs)
     except datasets.exceptions.DatasetGenerationError:
-        _find_bad_jsonl_line(paths, text_field)
+        find_bad(paths, text_field)
         raise
     if not _is_text_column(rows, text_field):
-        _find_bad_jsonl_line(paths, text_field)
-        raise ConfigError("--text-field", text_field, "is not a string in every line of the .jsonl files")
+        find_bad(paths, text_field)
+        raise ConfigError("--text-field", text_field, f"is not a string in every {unit}")
     return _only_text(rows, text_field)
 
 
@@ -378,21 +390,6 @@ def _find_bad_jsonl_line(paths: list[Path], text_field: str) -> None:
                     raise ConfigError(where, excerpt, "is not a JSON object")
                 if not isinstance(row.get(text_field), str):
                     raise ConfigError(where, excerpt, f"has no string field {text_field!r} (see --text-field)")
-
-
-def _load_parquet(paths: list[Path], text_field: str, cache_dir: str) -> datasets.Dataset:
-    import datasets
-
-    try:
-        rows = datasets.load_dataset("parquet", data_files=[str(p) for p in paths], columns=[text_field],
-                                     split="train", cache_dir=cache_dir)
-    except datasets.exceptions.DatasetGenerationError:
-        _find_bad_parquet_row(paths, text_field)
-        raise
-    if not _is_text_column(rows, text_field):
-        _find_bad_parquet_row(paths, text_field)
-        raise ConfigError("--text-field", text_field, "is not a string in every row of the .parquet files")
-    return _only_text(rows, text_field)
 
 
 def check_parquet_schema(path: Path, text_field: str) -> None:
