@@ -5,6 +5,7 @@
     data        the prepared token files (written by ``curriculum-pretrain prepare-data``)
     curriculum  the stages (or a continuous pacing function), with per-stage batch, LR, warmup and clip
     optimizer   AdamW hyperparameters
+    guard       loss/gradient spike detection and what to do about a spike
     deepspeed   a template from ``ds_configs/`` plus overrides; the JSON the engine gets is derived in
                 ``pipeline/ds_config.py`` and nowhere else
     run         budget, seed, precision, eval, checkpoints, logging
@@ -129,6 +130,9 @@ class SegmentSettings(Section):
     """Peak LR: an absolute value, or ``auto`` (the ``lr_scaling`` rule). Default: ``auto``."""
     lr_mult: Optional[PositiveFloat] = None
     """Peak LR as a multiple of ``curriculum.base_lr`` (instead of ``lr``)."""
+    lr_max: Optional[PositiveFloat] = None
+    """Upper bound on the peak LR however it is set (e.g. the caps ``lr-find`` writes); ``plan`` marks where it
+    applies."""
     warmup_steps: Optional[NonNegativeInt] = None
     """Linear warmup length in optimizer steps."""
     warmup_tokens: Optional[NonNegativeInt] = None
@@ -213,6 +217,32 @@ class CurriculumConfig(Section):
         return self
 
 
+# --------------------------------------------------------------------------------------------------- guard
+
+
+class GuardConfig(Section):
+    """Spike guard: checks every step's loss before the update and its gradient norm.
+
+    A step is a spike when its loss (mean over ranks) is non-finite or above ``loss_factor`` x the running average
+    of the last ``window`` accepted steps, or when its gradient norm is non-finite or above ``grad_norm_factor`` x
+    its running average. Detection starts after ``window`` steps of each stage (a stage switch changes the loss
+    level, so averages restart there).
+    """
+
+    enabled: bool = True
+    loss_factor: float = Field(default=2.0, gt=1.0)
+    grad_norm_factor: float = Field(default=10.0, gt=1.0)
+    window: PositiveInt = 20
+    action: Literal["skip", "scale_lr", "rollback"] = "skip"
+    """``skip``: drop the update (a gradient-norm spike, known only after DeepSpeed's step, scales the LR instead).
+    ``scale_lr``: multiply the LR by ``lr_scale`` for ``lr_scale_steps`` steps (compounding per event).
+    ``rollback``: reload the last checkpoint and skip the batches from there up to the spike."""
+    lr_scale: float = Field(default=0.5, gt=0.0, lt=1.0)
+    lr_scale_steps: PositiveInt = 50
+    max_events: PositiveInt = 20
+    """Stop the run (with a checkpoint of the last good state) after this many events."""
+
+
 # --------------------------------------------------------------------------------------------------- optimizer
 
 
@@ -277,6 +307,8 @@ class RunConfig(Section):
     """Peak FLOP/s of one device for MFU. Default: looked up from the GPU name (H100: 989e12); none on CPU."""
     export: bool = True
     """Write the final model with ``save_pretrained`` (+ tokenizer) to ``<run dir>/final``."""
+    keep_best: bool = True
+    """Also keep the checkpoint with the lowest eval loss as ``checkpoints/best``."""
 
     @model_validator(mode="after")
     def _one_budget(self) -> "RunConfig":
@@ -296,5 +328,6 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     curriculum: CurriculumConfig
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     run: RunConfig = Field(default_factory=RunConfig)

@@ -1,6 +1,10 @@
-"""Read a run config: a recipe name or YAML path, then environment overrides, then ``--set`` overrides.
+"""Read a run config: a recipe name or YAML path, overlays, then environment overrides, then ``--set`` overrides.
 
-Precedence, lowest first: the YAML file, ``CPT_*`` environment variables, ``--set`` arguments.
+Precedence, lowest first: the YAML file, ``--overlay`` files, ``CPT_*`` environment variables, ``--set`` arguments.
+
+Overlays are partial YAML configs merged into the recipe: mappings merge key by key, and a list of mappings merges
+element by element (``curriculum: {stages: [{lr_max: 1e-3}, {lr_max: 5e-4}]}`` caps the first two stages);
+any other value replaces. ``lr-find`` writes such a file.
 
 Environment variables: ``CPT_`` + the field path in capitals with ``__`` between levels, for example
 ``CPT_CURRICULUM__BASE_LR=1e-3`` or ``CPT_CURRICULUM__STAGES__0__GLOBAL_BATCH=64`` (the same idea as
@@ -60,13 +64,22 @@ def resolve_config_path(name_or_path: str) -> Path:
                       f"no such file, and no recipe of that name (recipes: {', '.join(recipe_names())})")
 
 
-def load_config(name_or_path: str, sets: Iterable[str] = (), environ: Optional[Mapping[str, str]] = None) -> Config:
+def load_config(name_or_path: str, sets: Iterable[str] = (), environ: Optional[Mapping[str, str]] = None,
+                overlays: Iterable[str] = ()) -> Config:
     """Read, override and validate a config; every problem is a ``ConfigError``."""
-    path = resolve_config_path(name_or_path)
+    raw = _read_yaml_mapping(resolve_config_path(name_or_path), "--config")
+    for overlay in overlays:
+        raw = merge_overlay(raw, _read_yaml_mapping(Path(overlay), "--overlay"), overlay)
+    raw = apply_env_overrides(raw, os.environ if environ is None else environ)
+    raw = apply_set_overrides(raw, sets)
+    return validate_config(raw)
+
+
+def _read_yaml_mapping(path: Path, flag: str) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError("--config", str(path), f"cannot read it as UTF-8 text: {err}") from None
+        raise ConfigError(flag, str(path), f"cannot read it as UTF-8 text: {err}") from None
     try:
         raw = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as err:
@@ -75,9 +88,23 @@ def load_config(name_or_path: str, sets: Iterable[str] = (), environ: Optional[M
         raise ConfigError(str(path), where, f"not valid YAML: {getattr(err, 'problem', err)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(str(path), type(raw).__name__, "a recipe must be a YAML mapping of sections")
-    raw = apply_env_overrides(raw, os.environ if environ is None else environ)
-    raw = apply_set_overrides(raw, sets)
-    return validate_config(raw)
+    return raw
+
+
+def merge_overlay(base: Any, overlay: Any, source: str, path: str = "") -> Any:
+    """``overlay`` merged into a copy of ``base`` (see the module docstring)."""
+    if isinstance(base, dict) and isinstance(overlay, dict):
+        merged = dict(base)
+        for key, value in overlay.items():
+            merged[key] = merge_overlay(base.get(key), value, source, f"{path}.{key}" if path else str(key))
+        return merged
+    if isinstance(base, list) and isinstance(overlay, list) and all(isinstance(v, dict) for v in overlay):
+        if len(overlay) > len(base):
+            raise ConfigError(f"--overlay {source}: {path}", f"{len(overlay)} entries",
+                              f"the config has only {len(base)}; an overlay list merges entry by entry")
+        return [merge_overlay(b, o, source, f"{path}.{i}") for i, (b, o) in enumerate(zip(base, overlay))] \
+            + copy.deepcopy(base[len(overlay):])
+    return copy.deepcopy(overlay)
 
 
 def validate_config(raw: dict[str, Any]) -> Config:

@@ -29,6 +29,7 @@ def plan_dict(schedule: Schedule, per_step: bool = False) -> dict[str, Any]:
                 "peak_lr": s.peak_lr,
                 "rule_lr": s.rule_lr,
                 "lr_source": s.lr_source,
+                "lr_max": s.lr_max,
                 "warmup_steps": s.warmup_steps,
                 "grad_clip": s.grad_clip,
                 "decay": s.decay,
@@ -76,7 +77,8 @@ def format_plan_table(schedule: Schedule, title: str = "") -> str:
             str(s.seq_len),
             f"{s.micro_batch} x {s.grad_accum} x {s.world_size} = {s.global_batch}",
             f"{s.tokens_per_step:,}",
-            f"{s.peak_lr:.2e}" + (" (x)" if s.lr_source == "multiplier" else ""),
+            f"{s.peak_lr:.2e}" + (" (x)" if s.lr_source == "multiplier" else "")
+            + (" (cap)" if s.lr_max is not None and s.peak_lr == s.lr_max else ""),
             f"{s.rule_lr:.2e}" + (" *" if off else ""),
             str(s.warmup_steps),
             f"{s.grad_clip:g}",
@@ -95,5 +97,6 @@ def format_plan_table(schedule: Schedule, title: str = "") -> str:
     for at, multiply in schedule.lr_events:
         lines.append(f"LR event: x{multiply:g} from step {at}")
     lines.append("steps count from 0; a stage runs steps start-end inclusive. (x): peak LR = base_lr x lr_mult. "
-                 "rule LR: the lr_scaling rule; * = hand-set LR off from it by more than 2x.")
+                 "(cap): limited by the stage's lr_max. rule LR: the lr_scaling rule; * = hand-set LR off from it "
+                 "by more than 2x.")
     return "\n".join(lines)

@@ -129,6 +129,8 @@ class Stage:
     rule_lr: float
     """What the ``lr_scaling`` rule would give this stage (equal to ``peak_lr`` when ``lr: auto``)."""
     lr_source: LRSource
+    lr_max: Optional[float]
+    """The stage's cap on its peak LR, if any (``peak_lr == lr_max`` when it applied)."""
     warmup_steps: int
     """Warmup steps that fall inside this stage."""
     grad_clip: float
@@ -259,7 +261,7 @@ def _resolve_stages(config: Config, world_size: int) -> list[Stage]:
         window = _window(cur, spec, path, start_step, end_step, shape, previous_window)
         peak_lr, lr_source = _peak_lr(cur, spec, path, shape)
         stages.append(_stage(i, start_step, end_step, start_tokens, shape, world_size, peak_lr, lr_source,
-                             _grad_clip(cur, spec, shape.seq_len), spec.decay,
+                             spec.lr_max, _grad_clip(cur, spec, shape.seq_len), spec.decay,
                              rule_lr(cur.lr_scaling, cur.base_lr, shape.global_batch, shape.seq_len),
                              window))
         start_step, start_tokens, previous_window = end_step, stages[-1].end_tokens, window
@@ -304,21 +306,22 @@ def _resolve_pacing(config: Config, world_size: int) -> list[Stage]:
             break
         end = min(plateaus[j + 1][0], end_step) if j + 1 < len(plateaus) else end_step
         stages.append(_stage(j, start, end, start_tokens, shape, world_size, peak_lr, lr_source,
-                             _grad_clip(cur, pacing, shape.seq_len), pacing.decay,
+                             pacing.lr_max, _grad_clip(cur, pacing, shape.seq_len), pacing.decay,
                              rule_lr(cur.lr_scaling, cur.base_lr, shape.global_batch, shape.seq_len), window))
         start_tokens = stages[-1].end_tokens
     return stages
 
 
 def _stage(index: int, start: int, end: int, start_tokens: int, shape: _Shape, world_size: int, peak_lr: float,
-           lr_source: LRSource, grad_clip: float, decay: str, rule: float, window: LRWindow) -> Stage:
+           lr_source: LRSource, lr_max: Optional[float], grad_clip: float, decay: str, rule: float,
+           window: LRWindow) -> Stage:
     warmup_end = window.start_step + window.warmup_steps
     return Stage(
         index=index, start_step=start, end_step=end, start_tokens=start_tokens,
         end_tokens=start_tokens + (end - start) * shape.tokens_per_step, seq_len=shape.seq_len,
         global_batch=shape.global_batch, micro_batch=shape.micro_batch, grad_accum=shape.grad_accum,
         world_size=world_size, tokens_per_step=shape.tokens_per_step, samples_per_step=shape.samples_per_step,
-        peak_lr=peak_lr, rule_lr=rule, lr_source=lr_source, warmup_steps=max(0, min(end, warmup_end) - start),
+        peak_lr=peak_lr, rule_lr=rule, lr_source=lr_source, lr_max=lr_max, warmup_steps=max(0, min(end, warmup_end) - start),
         grad_clip=grad_clip, decay=decay, window=window,
     )
 
@@ -485,11 +488,14 @@ def _window(cur: CurriculumConfig, spec: SegmentSettings, path: str, start: int,
 
 
 def _peak_lr(cur: CurriculumConfig, spec: SegmentSettings, path: str, shape: _Shape) -> tuple[float, LRSource]:
+    """The stage's peak LR and how it was set, at most ``lr_max``."""
     if spec.lr_mult is not None:
-        return cur.base_lr * spec.lr_mult, "multiplier"
-    if spec.lr is None or spec.lr == "auto":
-        return rule_lr(cur.lr_scaling, cur.base_lr, shape.global_batch, shape.seq_len), "auto"
-    return float(spec.lr), "absolute"
+        peak, source = cur.base_lr * spec.lr_mult, "multiplier"
+    elif spec.lr is None or spec.lr == "auto":
+        peak, source = rule_lr(cur.lr_scaling, cur.base_lr, shape.global_batch, shape.seq_len), "auto"
+    else:
+        peak, source = float(spec.lr), "absolute"
+    return (peak if spec.lr_max is None else min(peak, spec.lr_max)), source  # type: ignore[return-value]
 
 
 def _grad_clip(cur: CurriculumConfig, spec: SegmentSettings, seq_len: int) -> float:

@@ -74,23 +74,29 @@ class Checkpointer:
         path = self.directory / pointer.read_text().strip()
         return path if path.is_dir() else None
 
-    def save(self, engine: Any, steps_done: int, client_state: dict[str, Any], rank_state: dict[str, Any]
-             ) -> Path:
-        tag = tag_for(steps_done)
+    def save(self, engine: Any, steps_done: int, client_state: dict[str, Any], rank_state: dict[str, Any],
+             name: Optional[str] = None) -> Path:
+        """Save as ``step<N>`` (then ``latest`` names it and old ones are pruned), or under ``name`` (e.g. ``best``),
+        which neither ``latest`` nor pruning touch."""
+        tag = name or tag_for(steps_done)
         partial = self.directory / f"{tag}{PARTIAL}"
         engine.save_checkpoint(str(self.directory), tag=partial.name, client_state=client_state, save_latest=False)
         partial.mkdir(parents=True, exist_ok=True)  # DeepSpeed creates it only on ranks that write engine files
         torch.save({"rng": rng_state(), **rank_state}, partial / self._rank_file)
         _barrier()
         if self.rank == 0:
-            self._commit(partial, self.directory / tag)
+            self._commit(partial, self.directory / tag, update_latest=name is None)
         _barrier()
         return self.directory / tag
 
-    def _commit(self, partial: Path, final: Path) -> None:
-        if final.exists():
-            shutil.rmtree(final)
+    def _commit(self, partial: Path, final: Path, update_latest: bool = True) -> None:
+        replaced = final.with_name(final.name + ".old")
+        if final.exists():  # e.g. a better `best`: keep the old one until the new one is in place
+            os.replace(final, replaced)
         os.replace(partial, final)
+        shutil.rmtree(replaced, ignore_errors=True)
+        if not update_latest:
+            return
         pointer_tmp = self.directory / f"{LATEST}.tmp"
         with open(pointer_tmp, "w") as f:
             f.write(final.name)

@@ -4,6 +4,10 @@
     ds-config     the DeepSpeed JSON the engine will get
     prepare-data  tokenize local files (or the Python standard library) into packed token files
     train         a curriculum pretraining run on the DeepSpeed engine
+    doctor        sanity checks of a config before launch
+    diagnose      spikes, plateaus, gradient-norm trends and slowdowns in a run's metrics
+    lr-find       LR range test at each stage's sequence length
+    sweep         one run per LR, then the comparison
 
 Bad input of any kind exits with status 2 and one line naming the field, the value and what is allowed.
 Subcommand modules are imported only when used, so ``plan`` does not import torch.
@@ -14,9 +18,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import sys
 from typing import Callable, Optional, Sequence
 
+from curriculum.config import Config
 from curriculum.errors import ConfigError
 
 
@@ -24,9 +30,19 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """``--config`` and ``--set``, shared by every subcommand that reads a run config."""
     parser.add_argument("--config", required=True,
                         help="recipe name (e.g. tiny-cpu, gpt2-124m-curriculum) or path to a YAML file")
+    parser.add_argument("--overlay", action="append", default=[], metavar="FILE", dest="overlays",
+                        help="a partial YAML config merged into the recipe (repeatable), e.g. the LR caps that "
+                             "lr-find writes")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                         help="override a config field, e.g. --set curriculum.stages.0.lr=1e-3 (repeatable); "
                              "environment variables CPT_SECTION__FIELD=VALUE work the same way")
+
+
+def load_config_from_args(args: argparse.Namespace) -> Config:
+    """The config named by ``--config``, with ``--overlay`` files, ``CPT_*`` variables and ``--set`` applied."""
+    from curriculum.loading import load_config
+
+    return load_config(args.config, args.sets, overlays=args.overlays)
 
 
 def world_size_argument(value: str) -> int:
@@ -43,13 +59,12 @@ def _add_plan(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    from curriculum.loading import load_config
     from curriculum.plan import format_plan_table, plan_dict
     from curriculum.schedule import build_schedule
 
     if args.per_step and not args.json:
         raise ConfigError("--per-step", True, "only with --json")
-    config = load_config(args.config, args.sets)
+    config = load_config_from_args(args)
     schedule = build_schedule(config, world_size_argument(args.world_size))
     if args.json:
         print(json.dumps(plan_dict(schedule, per_step=args.per_step), indent=2))
@@ -66,11 +81,10 @@ def _add_ds_config(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_ds_config(args: argparse.Namespace) -> int:
-    from curriculum.loading import load_config
     from curriculum.schedule import build_schedule
     from pipeline.ds_config import derive_ds_config
 
-    config = load_config(args.config, args.sets)
+    config = load_config_from_args(args)
     schedule = build_schedule(config, world_size_argument(args.world_size))
     # run.precision owns bf16; --bf16 only says what "auto" finds (bf16 on a capable GPU, fp32 on a CPU)
     precision = config.run.precision
@@ -113,6 +127,42 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
+def add_diagnose_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a run directory (holding metrics.jsonl)")
+    parser.add_argument("--window", type=int, default=50,
+                        help="steps over which a plateau (no improvement) and trends are judged (default 50)")
+    parser.add_argument("--spike-factor", type=float, default=2.0,
+                        help="a step whose loss exceeds this many times its running average is a spike (default 2)")
+    parser.add_argument("--json", action="store_true", help="print the findings as JSON")
+
+
+def add_doctor_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--world-size", type=str, default="1", help="data-parallel ranks (default 1)")
+    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                        help="where the run will train (auto: this machine)")
+    parser.add_argument("--json", action="store_true", help="print the findings as JSON")
+
+
+def add_lr_find_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--output-dir", default=None, help="where results go (default runs/<name>-lr-find)")
+    parser.add_argument("--steps", type=int, default=200, help="ramp steps per sequence length (default 200)")
+    parser.add_argument("--min-lr", type=float, default=1e-6, help="first LR of the ramp (default 1e-6)")
+    parser.add_argument("--max-lr", type=float, default=1.0, help="last LR of the ramp (default 1)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--lrs", default=None,
+                        help="comma-separated base LRs (default: 7 log-spaced values from base_lr/10 to base_lr*10)")
+    parser.add_argument("--output-dir", default=None, help="sweep directory (default runs/<name>-sweep)")
+    parser.add_argument("--gpus", default=None,
+                        help="comma-separated GPU ids to spread runs over, one run per GPU at a time "
+                             "(default: runs one after another)")
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 
@@ -128,6 +178,12 @@ COMMANDS: dict[str, Command] = {
                      _lazy_run("pipeline.data")),
     "train": ("run curriculum pretraining on the DeepSpeed engine", add_train_arguments,
               _lazy_run("pipeline.train")),
+    "doctor": ("sanity-check a config before launch", add_doctor_arguments, _lazy_run("pipeline.doctor")),
+    "diagnose": ("find spikes, plateaus and slowdowns in a run's metrics", add_diagnose_arguments,
+                 _lazy_run("pipeline.diagnose")),
+    "lr-find": ("LR range test at each stage's sequence length", add_lr_find_arguments,
+                _lazy_run("pipeline.lr_find")),
+    "sweep": ("train once per LR and compare the runs", add_sweep_arguments, _lazy_run("pipeline.sweep")),
 }
 
 
@@ -151,6 +207,7 @@ def run_reporting_errors(run: Callable[[argparse.Namespace], int], args: argpars
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `plan | head` ends quietly
     args = build_parser().parse_args(argv)
     return run_reporting_errors(args.run, args)
 

@@ -28,12 +28,7 @@ class RunLogger:
         self.jsonl_path = run_dir / "metrics.jsonl"
         self.csv_path = run_dir / "metrics.csv"
         self._drop_lines_from(resume_step)
-        self._jsonl = open(self.jsonl_path, "a")
-        new_csv = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
-        self._csv_file = open(self.csv_path, "a", newline="")
-        self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        if new_csv:
-            self._csv.writeheader()
+        self._open()
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -46,11 +41,28 @@ class RunLogger:
             self._wandb = wandb.init(dir=str(run_dir), resume="allow", id=wandb_settings.pop("id"),
                                      **wandb_settings)
 
-    def _drop_lines_from(self, step: int) -> None:
+    def _open(self) -> None:
+        new_csv = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
+        self._jsonl = open(self.jsonl_path, "a")
+        self._csv_file = open(self.csv_path, "a", newline="")
+        self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        if new_csv:
+            self._csv.writeheader()
+
+    def rewind(self, step: int) -> None:
+        """After a rollback to ``step``: forget the train and eval lines from there on (those steps run again);
+        the guard lines that explain the rollback stay."""
+        self._jsonl.close()
+        self._csv_file.close()
+        self._drop_lines_from(step, keep_kinds=("guard",))
+        self._open()
+
+    def _drop_lines_from(self, step: int, keep_kinds: tuple[str, ...] = ()) -> None:
         """On resume, forget what was logged at or after the resumed step (it will be logged again)."""
         if not self.jsonl_path.exists():
             return
-        kept = [line for line in self.jsonl_path.read_text().splitlines() if json.loads(line)["step"] < step]
+        kept = [line for line in self.jsonl_path.read_text().splitlines()
+                if json.loads(line)["step"] < step or json.loads(line)["kind"] in keep_kinds]
         self.jsonl_path.write_text("".join(line + "\n" for line in kept))
         with open(self.csv_path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")

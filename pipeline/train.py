@@ -28,13 +28,12 @@ from typing import Any, Optional, Sequence
 
 from curriculum.config import Config
 from curriculum.errors import ConfigError
-from curriculum.loading import load_config
 from curriculum.schedule import Schedule, Stage, build_schedule
-from pipeline.cli import add_train_arguments, run_reporting_errors
+from pipeline.cli import add_train_arguments, load_config_from_args, run_reporting_errors
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.sets)
+    config = load_config_from_args(args)
     return train(config, output_dir=args.output_dir, resume=args.resume, stop_at_step=args.stop_at_step)
 
 
@@ -45,15 +44,61 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_reporting_errors(run, args)
 
 
-def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto",
-          stop_at_step: Optional[int] = None) -> int:
+def init_processes() -> tuple[int, int, Any, Any]:
+    """Environment fixes, the process group (NCCL on GPUs, gloo on CPU) and this rank's device.
+    Returns ``(rank, world_size, device, log)`` where ``log`` prints on rank 0."""
     import torch
 
     from pipeline.environment import prepare_environment
 
     notes = prepare_environment(os.environ, torch.cuda.is_available())
-
     import deepspeed
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank()
+    log = _rank0_printer(rank)
+    for note in notes:
+        log(note)
+    return rank, dist.get_world_size(), device, log
+
+
+def use_bf16(config: Config, device: Any) -> bool:
+    """``run.precision``: ``auto`` is bf16 on a GPU that supports it, fp32 elsewhere."""
+    import torch
+
+    return config.run.precision == "bf16" or (
+        config.run.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+
+def build_engine(config: Config, schedule: Schedule, ds_config: dict[str, Any], manifest: dict[str, Any],
+                 device: Any) -> tuple[Any, Any, str]:
+    """A freshly initialised model (the same weights on every rank and for every call with the same seed), its
+    optimizer and the DeepSpeed engine around them. Returns ``(engine, model, optimizer_name)``."""
+    import deepspeed
+    import torch
+
+    from pipeline.ds_config import cpu_offload
+    from pipeline.model import build_model
+
+    torch.manual_seed(config.run.seed)
+    model = build_model(config.model, manifest["tokenizer"]["vocab_size"], schedule.max_seq_len,
+                        manifest["tokenizer"]["eot_id"])
+    optimizer, optimizer_name = _build_optimizer(model, config, device.type == "cuda", cpu_offload(ds_config))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine, model, optimizer_name
+
+
+def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto",
+          stop_at_step: Optional[int] = None) -> int:
+    rank, world_size, device, log = init_processes()
+    import torch
     import torch.distributed as dist
     import torch.nn.functional as F
     from tqdm import tqdm
@@ -61,28 +106,16 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     from pipeline.batches import TokenSampler, eval_batches
     from pipeline.checkpoint import Checkpointer, resolve_resume
     from pipeline.data import load_tokens, read_manifest
-    from pipeline.ds_config import cpu_offload, derive_ds_config
+    from pipeline.ds_config import derive_ds_config
+    from pipeline.guard import SpikeGuard
     from pipeline.metrics import RunLogger, plot_run, write_summary
-    from pipeline.model import build_model, flops_per_token, matmul_params
-
-    # ---------------------------------------------------------------------------------------- processes
-    on_cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if on_cuda:
-        torch.cuda.set_device(local_rank)
-    device = torch.device("cuda", local_rank) if on_cuda else torch.device("cpu")
-    deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    log = _rank0_printer(rank)
-    for note in notes:
-        log(note)
+    from pipeline.model import flops_per_token, matmul_params
 
     # ---------------------------------------------------------------------------------------- plan
     schedule = build_schedule(config, world_size)
     if stop_at_step is not None and not 0 < stop_at_step <= schedule.total_steps:
         raise ConfigError("--stop-at-step", stop_at_step, f"must be in 1 .. {schedule.total_steps}")
-    bf16 = config.run.precision == "bf16" or (
-        config.run.precision == "auto" and on_cuda and torch.cuda.is_bf16_supported())
+    bf16 = use_bf16(config, device)
     run_dir = Path(output_dir or config.run.output_dir or Path("runs") / config.name)
     ds_config = derive_ds_config(config, schedule, bf16)
     if rank == 0:
@@ -92,20 +125,16 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
 
     # ---------------------------------------------------------------------------------------- data
     manifest = read_manifest(config.data.dir)
-    eot_id = manifest["tokenizer"]["eot_id"]
     sampler = TokenSampler(load_tokens(config.data.dir, "train"), schedule.max_seq_len, config.run.seed)
     # evaluation at the full length, never at the curriculum's current length
     val_batches = eval_batches(load_tokens(config.data.dir, "val"), schedule.max_seq_len, config.run.eval_batch,
                                config.run.eval_batches, rank, world_size)
 
     # ---------------------------------------------------------------------------------------- model + engine
-    torch.manual_seed(config.run.seed)  # identical initial weights on every rank
-    model = build_model(config.model, manifest["tokenizer"]["vocab_size"], schedule.max_seq_len, eot_id)
+    engine, model, optimizer_name = build_engine(config, schedule, ds_config, manifest, device)
     n_matmul = matmul_params(model)
     n_layer, d_model = model.config.num_hidden_layers, model.config.hidden_size
-    optimizer, optimizer_name = _build_optimizer(model, config, on_cuda, cpu_offload(ds_config))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    peak_flops = config.run.peak_flops or _peak_flops(on_cuda)
+    peak_flops = config.run.peak_flops or _peak_flops(device)
     log(f"model: {config.model.arch} {config.model.preset}, {sum(p.numel() for p in model.parameters()):,} "
         f"parameters ({n_matmul:,} in matmuls); optimizer {optimizer_name}; "
         f"{'bf16' if bf16 else 'fp32'} on {device.type} x {world_size}; ZeRO stage "
@@ -141,14 +170,22 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
         logger = RunLogger(run_dir, start_step, config.run.tensorboard, wandb_settings)
 
     stop_requested = _install_stop_handler()
+    guard = SpikeGuard(config.guard)
+    best_eval_loss = math.inf
+    if resume_path is not None:
+        guard.load_state_dict(state["guard"])
+        best_eval_loss = state["best_eval_loss"]
 
-    def save(steps_done: int) -> None:
-        checkpointer.save(engine, steps_done,
-                          client_state={"step": steps_done, "tokens": tokens, "cursor": cursor, "elapsed_s": elapsed,
-                                        "curriculum": config.curriculum.model_dump(mode="json")},
-                          rank_state={"data_sha256": data_sha256})
+    def save(steps_done: int, name: Optional[str] = None) -> None:
+        client_state = {"step": steps_done, "tokens": tokens, "cursor": cursor, "elapsed_s": elapsed,
+                        "curriculum": config.curriculum.model_dump(mode="json"), "guard": guard.state_dict(),
+                        "best_eval_loss": best_eval_loss}
+        if config.guard.action == "rollback":  # lets a rollback prove it restored exactly this state
+            client_state["params_sha256"] = _params_sha256(engine.module)
+        checkpointer.save(engine, steps_done, client_state=client_state, rank_state={"data_sha256": data_sha256},
+                          name=name)
 
-    def evaluate(step: int) -> None:
+    def evaluate(step: int) -> float:
         engine.eval()
         total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, batches]
         with torch.no_grad():
@@ -162,8 +199,9 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
         if logger is not None:
             logger.log({"kind": "eval", "step": step, "tokens": tokens, "seq_len": schedule.max_seq_len,
                         "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0)), "elapsed_s": elapsed})
-            log(f"step {step}: eval loss {eval_loss:.4f} (ppl {math.exp(min(eval_loss, 50.0)):.1f}) "
-                           f"at seq_len {schedule.max_seq_len}")
+        log(f"step {step}: eval loss {eval_loss:.4f} (ppl {math.exp(min(eval_loss, 50.0)):.1f}) "
+            f"at seq_len {schedule.max_seq_len}")
+        return eval_loss
 
     # ---------------------------------------------------------------------------------------- the loop
     end_step = stop_at_step if stop_at_step is not None else schedule.total_steps
@@ -171,23 +209,22 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
                     desc=config.name)
     engine.train()
     elapsed, run_start = elapsed_before, time.perf_counter()
-    last_saved, stage = start_step if resume_path is not None else -1, None
-    for step in range(start_step, end_step):
+    last_saved, stage, halted = start_step if resume_path is not None else -1, None, False
+    step = start_step
+    while step < end_step:
         step_start = time.perf_counter()
-        if stage is None or step == stage.end_step:
+        if stage is None or not stage.start_step <= step < stage.end_step:
             stage = schedule.stage_at(step)
-            _enter_stage(engine, stage)
+            enter_stage(engine, stage)
             log(f"step {step}: stage {stage.index}, seq_len {stage.seq_len}, "
-                           f"{stage.micro_batch} x {stage.grad_accum} x {world_size} = {stage.global_batch} "
-                           f"sequences, peak LR {stage.peak_lr:.2e}, clip {stage.grad_clip:g}")
-        lr = schedule.lr_at(step)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
+                f"{stage.micro_batch} x {stage.grad_accum} x {world_size} = {stage.global_batch} "
+                f"sequences, peak LR {stage.peak_lr:.2e}, clip {stage.grad_clip:g}")
+        lr = schedule.lr_at(step) * guard.lr_factor(step)
+        set_lr(engine, lr)
 
         micro_batches = sampler.step_micro_batches(stage, cursor, rank, schedule.mode)
         step_loss = torch.zeros((), dtype=torch.float64, device=device)
         step_tokens = 0
-        grad_norm = None
         step_hash = hashlib.sha256(data_sha256.encode())
         for i, (inputs, labels) in enumerate(micro_batches):
             boundary = i == len(micro_batches) - 1
@@ -195,62 +232,131 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
             logits = engine(input_ids=inputs.to(device, non_blocking=True)).logits
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(device, non_blocking=True).flatten())
             engine.backward(loss)
-            if boundary and not hasattr(engine.optimizer, "_global_grad_norm"):
-                grad_norm = _grad_norm(engine.module)  # fp32 without ZeRO: DeepSpeed clips but keeps no norm
-            engine.step()  # DeepSpeed updates only at the accumulation boundary
+            if not boundary:
+                engine.step()  # no update before the accumulation boundary; keeps DeepSpeed's counters in step
             step_loss += loss.detach()
             step_tokens += inputs.numel()
             step_hash.update(inputs.numpy().tobytes())
-        data_sha256 = step_hash.hexdigest()
 
-        # one all-reduce per step: mean loss over ranks, tokens trained, and whether any rank must stop
+        # one all-reduce per step, before the update: mean loss over ranks, tokens, whether any rank must stop
         totals = torch.tensor([0.0, float(step_tokens), float(stop_requested())], dtype=torch.float64,
                               device=device)
         totals[0] = step_loss / len(micro_batches)
         dist.all_reduce(totals)
+        loss_value = totals[0].item() / world_size
+
+        # the guard sees the loss, and (fp32 without ZeRO) the gradient norm, before the update
+        grad_norm = None if hasattr(engine.optimizer, "_global_grad_norm") else _grad_norm(engine.module)
+        spike = guard.check_loss(stage.index, loss_value) or guard.check_grad_norm(stage.index, grad_norm)
+        action = config.guard.action if spike is not None else None
+        if spike is not None:
+            guard.record(step, action)
+            if action == "scale_lr":
+                lr = schedule.lr_at(step) * guard.lr_factor(step)
+                set_lr(engine, lr)
+        # a non-finite loss or gradient is never applied, whatever the action
+        if action in ("skip", "rollback") or (spike is not None and spike.reason.startswith("non_finite")):
+            _drop_gradients(engine)
+        else:
+            engine.step()
+            if grad_norm is None:  # ZeRO and bf16 optimizers compute the norm inside the step
+                grad_norm = engine.get_global_grad_norm()
+                grad_norm = float(grad_norm) if grad_norm is not None else None
+                spike = guard.check_grad_norm(stage.index, grad_norm)
+                if spike is not None:  # too late to drop this update: scale the LR from the next step, or roll back
+                    rollback = config.guard.action == "rollback" or spike.reason == "non_finite_grad_norm"
+                    action = "rollback" if rollback else "scale_lr"
+                    guard.record(step, action)
+        if spike is None:
+            guard.accept(loss_value, grad_norm)
+        else:
+            event = {"kind": "guard", "step": step, "stage": stage.index, "seq_len": stage.seq_len,
+                     "loss": loss_value, "grad_norm": grad_norm, "reason": spike.reason, "value": spike.value,
+                     "running_average": spike.running_average, "action": action, "events": guard.events}
+            log(f"step {step}: {spike.reason} ({spike.value:.4g} vs running average "
+                f"{spike.running_average if spike.running_average is None else f'{spike.running_average:.4g}'}) "
+                f"in stage {stage.index} (seq_len {stage.seq_len}): {action} "
+                f"[event {guard.events} of at most {config.guard.max_events}]")
+            latest = checkpointer.latest() if action == "rollback" else None
+            if action == "rollback" and latest is None:
+                event["action"] = "skip (no checkpoint to roll back to yet)"
+            if latest is not None:
+                # back to the last checkpoint, and past the data of the steps since then, spike included
+                skip_to = cursor + stage.samples_per_step
+                state, rank_state = checkpointer.load(engine, latest)
+                event.update(restored_from=latest.name, restored_step=state["step"], skipped_samples=skip_to -
+                             state["cursor"], params_sha256=_params_sha256(engine.module),
+                             checkpoint_params_sha256=state.get("params_sha256"))
+                step, tokens, cursor, data_sha256 = state["step"], state["tokens"], skip_to, rank_state["data_sha256"]
+                stage = None
+                if logger is not None:
+                    logger.rewind(step)
+                    logger.log(event)
+                progress.reset(total=schedule.total_steps)
+                progress.update(step)
+                continue
+            if logger is not None:
+                logger.log(event)
+            if guard.exhausted:
+                halted = True
+                if action != "scale_lr":  # the update was dropped: this step is not done
+                    break
+
+        data_sha256 = step_hash.hexdigest()
         step_tokens = int(totals[1].item())
         tokens += step_tokens
         cursor += stage.samples_per_step
         step_time = time.perf_counter() - step_start
         elapsed = elapsed_before + time.perf_counter() - run_start
-        loss_value = totals[0].item() / world_size
         tok_per_s = step_tokens / step_time
-        grad_norm = engine.get_global_grad_norm() if grad_norm is None else grad_norm
-        grad_norm = float(grad_norm) if grad_norm is not None else None
         mfu = (flops_per_token(n_matmul, n_layer, d_model, stage.seq_len) * tok_per_s / (world_size * peak_flops)
                if peak_flops else None)
         progress.update(1)
         progress.set_postfix(stage=stage.index, seq=stage.seq_len, loss=f"{loss_value:.3f}",
-                             tok_s=f"{tok_per_s:,.0f}", refresh=False)
+                             tok_s=f"{tok_per_s:,.0f}", events=guard.events, refresh=False)
         if logger is not None and (step % config.run.log_every == 0 or step == schedule.total_steps - 1):
             logger.log({"kind": "train", "step": step, "tokens": tokens, "stage": stage.index,
                         "seq_len": stage.seq_len, "global_batch": stage.global_batch, "lr": lr,
                         "grad_clip": stage.grad_clip, "loss": loss_value, "grad_norm": grad_norm,
                         "tok_per_s": tok_per_s, "mfu": mfu, "elapsed_s": elapsed})
 
-        steps_done = step + 1
-        if config.run.eval_every and steps_done % config.run.eval_every == 0 and steps_done < schedule.total_steps:
-            evaluate(step)
+        step += 1
+        if halted:
+            break
+        if config.run.eval_every and step % config.run.eval_every == 0 and step < schedule.total_steps:
+            eval_loss = evaluate(step - 1)
+            if config.run.keep_best and eval_loss < best_eval_loss:
+                best_eval_loss = eval_loss
+                save(step, name="best")
         stopping = totals[2].item() > 0
-        if (config.run.checkpoint_every and steps_done % config.run.checkpoint_every == 0) or stopping:
-            save(steps_done)
-            last_saved = steps_done
+        if (config.run.checkpoint_every and step % config.run.checkpoint_every == 0) or stopping:
+            save(step)
+            last_saved = step
         if stopping:
-            log(f"stop requested (signal): checkpoint saved at step {steps_done}; resume with --resume auto")
+            log(f"stop requested (signal): checkpoint saved at step {step}; resume with --resume auto")
             break
     progress.close()
 
     # ---------------------------------------------------------------------------------------- the end
-    steps_done = start_step if stage is None else step + 1
-    if steps_done < schedule.total_steps:  # stopped early (--stop-at-step or a signal)
+    steps_done = step
+    if steps_done < schedule.total_steps:  # stopped early: --stop-at-step, a signal, or the spike guard
         if last_saved != steps_done:
             save(steps_done)
-        log(f"stopped before step {steps_done} of {schedule.total_steps}; checkpoint in {checkpointer.directory}")
+        if halted:
+            log(f"error: stopped after {guard.events} spike events (guard.max_events = {config.guard.max_events}); "
+                f"the last good state is checkpointed at step {steps_done}. Lower the LR (see `curriculum-pretrain "
+                f"diagnose {run_dir}`) and resume with --resume auto")
+        else:
+            log(f"stopped before step {steps_done} of {schedule.total_steps}; checkpoint in {checkpointer.directory}")
         if logger is not None:
             logger.close()
         dist.destroy_process_group()
-        return 0
-    evaluate(schedule.total_steps - 1)
+        return 1 if halted else 0
+    if start_step < schedule.total_steps:  # a resumed finished run evaluated before its last checkpoint
+        eval_loss = evaluate(schedule.total_steps - 1)
+        if config.run.keep_best and eval_loss < best_eval_loss:
+            best_eval_loss = eval_loss
+            save(steps_done, name="best")
     if last_saved != steps_done:
         save(steps_done)
     replicas = _replica_report(engine.module, data_sha256, world_size)
@@ -264,11 +370,13 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
                     manifest["tokenizer"]["eot_token"])
         summary = write_summary(run_dir, {"name": config.name, "world_size": world_size,
                                           "precision": "bf16" if bf16 else "fp32", "device": device.type,
-                                          "optimizer": optimizer_name, "replicas": replicas})
+                                          "optimizer": optimizer_name, "replicas": replicas,
+                                          "guard_events": guard.events})
         plot = plot_run(run_dir)
         print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['elapsed_s']:.0f} s; "
               f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}, eval loss "
-              f"{summary['final_eval_loss']:.3f} at seq_len {schedule.max_seq_len}\n"
+              f"{summary['final_eval_loss']:.3f} at seq_len {schedule.max_seq_len}"
+              + (f"; {guard.events} spike events" if guard.events else "") + "\n"
               f"  metrics: {run_dir / 'metrics.jsonl'} (and .csv, tensorboard/)\n  plot:    {plot}\n"
               f"  summary: {run_dir / 'summary.json'}\n  model:   {run_dir / 'final'}")
     dist.barrier()
@@ -279,7 +387,7 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
 # -------------------------------------------------------------------------------------------- helpers
 
 
-def _enter_stage(engine: Any, stage: Stage) -> None:
+def enter_stage(engine: Any, stage: Stage) -> None:
     """At a step boundary: the stage's micro-batch, gradient accumulation and clip."""
     engine.set_train_micro_batch_size(stage.micro_batch)
     engine.set_train_batch_size(stage.global_batch)  # grad_accum = global / (micro x world)
@@ -288,17 +396,33 @@ def _enter_stage(engine: Any, stage: Stage) -> None:
         engine.optimizer.clip_grad = stage.grad_clip
 
 
-def _replica_report(module: Any, data_sha256: str, world_size: int) -> dict[str, Any]:
-    """Every rank's parameter hash and data fingerprint: data-parallel replicas must hold identical parameters
-    after training on different data."""
+def set_lr(engine: Any, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _drop_gradients(engine: Any) -> None:
+    """Discard the accumulated gradients of this step instead of applying them."""
+    engine.optimizer.zero_grad(set_to_none=True)
+    engine.zero_grad()
+
+
+def _params_sha256(module: Any) -> str:
     import torch
-    import torch.distributed as dist
 
     params = hashlib.sha256()
     for tensor in module.state_dict().values():
         params.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return params.hexdigest()
+
+
+def _replica_report(module: Any, data_sha256: str, world_size: int) -> dict[str, Any]:
+    """Every rank's parameter hash and data fingerprint: data-parallel replicas must hold identical parameters
+    after training on different data."""
+    import torch.distributed as dist
+
     gathered: list[Any] = [None] * world_size
-    dist.all_gather_object(gathered, {"params_sha256": params.hexdigest(), "data_sha256": data_sha256})
+    dist.all_gather_object(gathered, {"params_sha256": _params_sha256(module), "data_sha256": data_sha256})
     return {"params_sha256": [g["params_sha256"] for g in gathered],
             "data_sha256": [g["data_sha256"] for g in gathered],
             "params_identical": len({g["params_sha256"] for g in gathered}) == 1}
@@ -340,8 +464,8 @@ PEAK_BF16_FLOPS = {  # dense bf16 tensor-core FLOP/s of one device
 }
 
 
-def _peak_flops(on_cuda: bool) -> Optional[float]:
-    if not on_cuda:
+def _peak_flops(device: Any) -> Optional[float]:
+    if device.type != "cuda":
         return None
     import torch
 

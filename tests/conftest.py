@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+import pytest
+
 from curriculum.config import Config
 from curriculum.loading import validate_config
 
@@ -29,3 +31,34 @@ def run_cli(args: Sequence[str], env: Optional[Mapping[str, str]] = None) -> sub
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
                           cwd=REPO_ROOT, env=clean, timeout=60)
 
+
+# --------------------------------------------------------------------------------------------------- training runs
+# Shared by the integration tests that start the real trainer in processes of their own (test_train.py still holds
+# its own copies of these two, which can go once it uses them from here).
+
+# variables a launcher sets for its workers; a test run must not inherit them from whatever started pytest
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                      "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE")
+
+
+def process_env(extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """This environment without ``CPT_*`` overrides or launcher variables, with DeepSpeed's CPU accelerator and a
+    shared JIT-extension cache inside the repository (kept when CI has set one)."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("CPT_", "TORCHELASTIC_")) and key not in LAUNCHER_VARIABLES}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".torch_extensions"))
+    env.update({"DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+                "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    env.update(extra or {})
+    return env
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 standard-library files, a 512-token BPE: ~380 K training tokens, ~5 s to prepare."""
+    from pipeline.data import prepare_data
+
+    out = tmp_path_factory.mktemp("data") / "stdlib-40"
+    prepare_data(["python-stdlib"], out, tokenizer=None, vocab_size=512, text_field="text", val_fraction=0.05,
+                 dtype="auto", seed=1234, num_proc=1, max_files=40)
+    return out

@@ -494,11 +494,12 @@ def test_kill_9_during_a_checkpoint_save_keeps_the_previous_checkpoint(config: P
         commits = []
 
 
-        def commit_or_die(self, partial, final):
-            commits.append(final)
-            if len(commits) == 2:  # the second save: its files are written, the rename has not happened
+        def commit_or_die(self, partial, final, update_latest=True):
+            if update_latest:  # periodic checkpoints only, not `best`
+                commits.append(final)
+            if len(commits) == 2 and update_latest:  # the second save: files written, the rename has not happened
                 os.kill(os.getpid(), signal.SIGKILL)
-            _commit(self, partial, final)
+            _commit(self, partial, final, update_latest)
 
 
         Checkpointer._commit = commit_or_die

@@ -1,0 +1,526 @@
+"""``diagnose``: loss spikes, plateaus, gradient-norm trends and throughput drops in a run's ``metrics.jsonl``.
+
+Torch-free (numpy, and matplotlib for the plot). Steps are numbered from 0, as the training loop logs them; a
+finding's ``steps`` is an inclusive ``[first, last]`` range. Every statistic below is taken over *logged* train lines
+of one stage (with ``run.log_every: 1``, the default, a logged line is a step): a stage switch changes the sequence
+length and so the loss level, the gradient norm and the throughput, so no comparison ever crosses a stage boundary.
+
+What is looked for, with the thresholds (module constants) chosen:
+
+- spike: a loss above ``spike_factor`` x the mean of the previous ``max(window, 10)`` non-spike losses of the same
+  stage (judged from the stage's 11th line on, so there are at least 10 to average), or a non-finite loss
+  (judged always). Spike lines are left out of later references, so a run of bad steps cannot raise its own bar.
+  Consecutive spike lines are one finding.
+- plateau: within a stage, ``window`` or more lines over which the smoothed loss (trailing median of 10, judged from
+  the stage's 10th line on) never gets 1% below the best it had reached.
+- eval-plateau: the best of the last 3 evaluations not 1% below the best evaluation before them.
+- grad-norm-rising: a stage whose last-window median gradient norm is over 3x its first-window median (windows of
+  ``max(window, 10)`` lines, at most half the stage each; the fitted growth of log grad_norm is in the message).
+- clipping: a stage where more than half of the steps had a (pre-clip) gradient norm above ``grad_clip``.
+- throughput-drop: lines whose ``tok_per_s`` is under 50% of the stage median, merged into spans; each stage's first
+  line, which pays for new shapes (allocation, kernel selection), is left out of the median and of the search.
+- guard: the lines the training loop's spike guard writes (``kind: guard``: step, stage, seq_len, reason, action and
+  the numbers it judged), consecutive ones with the same reason and action merged.
+
+Every finding is a problem: ``run`` returns 1 when there is any, 0 when there is none, and bad input (no run
+directory, no ``metrics.jsonl``, an unreadable line, ``--window`` < 2, ``--spike-factor`` <= 1) raises
+``ConfigError``, which the CLI turns into exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+from curriculum.errors import ConfigError
+
+MIN_ROWS = 10
+"""Fewest lines a mean or a median is taken over before anything is judged by it."""
+SMOOTH_ROWS = 10
+"""Width of the trailing running median that smooths the loss for plateaus and the stage table."""
+PLATEAU_TOLERANCE = 0.01
+"""A smoothed (or eval) loss must fall this share below the best so far to count as progress."""
+EVAL_PLATEAU_COUNT = 3
+"""This many last evaluations with no progress over the best earlier one make an eval plateau."""
+GRAD_NORM_RISE = 3.0
+"""Last-window over first-window median gradient norm above which the norm is rising."""
+CLIP_SHARE = 0.5
+"""Share of steps clipped above which the clip is binding most of the time."""
+THROUGHPUT_DROP = 0.5
+"""A line under this share of its stage's median tokens per second is a drop."""
+
+Record = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem: what, where (inclusive step range and stage), the numbers, and what to try."""
+
+    kind: str
+    """spike, plateau, eval-plateau, grad-norm-rising, clipping, throughput-drop or guard."""
+    first_step: int
+    last_step: int
+    stage: Optional[int]
+    """None only where a stage cannot be told (an evaluation logged before any train line)."""
+    message: str
+    suggestion: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "steps": [self.first_step, self.last_step], "stage": self.stage,
+                "message": self.message, "suggestion": self.suggestion}
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+# fields each kind of line must carry for diagnosis, and whether null is allowed
+_REQUIRED: dict[str, dict[str, bool]] = {
+    "train": {"step": False, "stage": False, "seq_len": False, "loss": False, "grad_norm": True,
+              "grad_clip": True, "tok_per_s": False},
+    "eval": {"step": False, "eval_loss": False},
+    "guard": {"step": False},
+}
+
+
+def read_records(run_dir: Path) -> list[Record]:
+    """Every line of ``run_dir/metrics.jsonl`` (blank lines skipped; kinds not known here kept as they are).
+
+    Raises ``ConfigError`` naming the file and line number for a line that is not a JSON object or lacks a field
+    the diagnosis needs, and naming the directory when it or its ``metrics.jsonl`` is missing.
+    """
+    if not run_dir.is_dir():
+        raise ConfigError("run_dir", str(run_dir), "no such directory; give a run directory (holding metrics.jsonl)")
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise ConfigError("run_dir", str(run_dir), "holds no metrics.jsonl; give a run directory that has trained")
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(where, _shorten(line), f"not a JSON line ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise ConfigError(where, _shorten(line), "not a JSON object")
+        kind = record.get("kind")
+        for field, nullable in (_REQUIRED.get(kind, {}) if isinstance(kind, str) else {}).items():
+            value = record.get(field)
+            if value is None and nullable:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{where}: {field}", value,
+                                  f"a {kind} line needs a number{' or null' if nullable else ''}")
+        records.append(record)
+    if not any(record.get("kind") == "train" for record in records):
+        raise ConfigError("run_dir", str(run_dir), "metrics.jsonl has no train lines yet; nothing to diagnose")
+    return records
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def split_stages(train: Sequence[Record]) -> dict[int, list[Record]]:
+    """Train lines grouped by stage, in step order within each."""
+    stages: dict[int, list[Record]] = {}
+    for record in sorted(train, key=lambda r: r["step"]):
+        stages.setdefault(record["stage"], []).append(record)
+    return dict(sorted(stages.items()))
+
+
+def smoothed_losses(rows: Sequence[Record], width: int = SMOOTH_ROWS) -> list[float]:
+    """Trailing running median of the last ``width`` finite losses at each line (nan until one is finite)."""
+    smoothed = []
+    for i in range(len(rows)):
+        recent = [r["loss"] for r in rows[max(0, i - width + 1):i + 1] if math.isfinite(r["loss"])]
+        smoothed.append(float(np.median(recent)) if recent else math.nan)
+    return smoothed
+
+
+def _spans(indices: Iterable[int]) -> list[tuple[int, int]]:
+    """Runs of consecutive integers as inclusive (first, last) pairs: [3, 4, 5, 9] -> [(3, 5), (9, 9)]."""
+    spans: list[tuple[int, int]] = []
+    for index in indices:
+        if spans and index == spans[-1][1] + 1:
+            spans[-1] = (spans[-1][0], index)
+        else:
+            spans.append((index, index))
+    return spans
+
+
+def _grad_norms(rows: Sequence[Record]) -> list[Record]:
+    """The lines with a usable gradient norm (the engine may not report one)."""
+    return [r for r in rows if r.get("grad_norm") is not None and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0]
+
+
+def _range_text(first: int, last: int) -> str:
+    return f"step {first}" if first == last else f"steps {first}-{last}"
+
+
+# ------------------------------------------------------------------------------------------------ detectors
+
+
+def find_spikes(train: Sequence[Record], window: int, spike_factor: float) -> list[Finding]:
+    """Loss spikes within each stage (see the module docstring), consecutive spike lines merged."""
+    reference_rows = max(window, MIN_ROWS)
+    findings = []
+    for stage, rows in split_stages(train).items():
+        spikes: dict[int, float] = {}  # line index -> reference mean (nan where the loss is non-finite)
+        kept: list[float] = []  # finite, non-spike losses of this stage so far
+        for i, row in enumerate(rows):
+            loss = row["loss"]
+            reference = float(np.mean(kept[-reference_rows:])) if len(kept) >= MIN_ROWS else math.nan
+            if not math.isfinite(loss):
+                spikes[i] = reference
+            elif math.isfinite(reference) and loss > spike_factor * reference:
+                spikes[i] = reference
+            else:
+                kept.append(loss)
+        for first, last in _spans(spikes):
+            span = rows[first:last + 1]
+            first_step, last_step = span[0]["step"], span[-1]["step"]
+            where = f"{_range_text(first_step, last_step)} (stage {stage}, seq_len {rows[0]['seq_len']})"
+            if any(not math.isfinite(r["loss"]) for r in span):
+                bad = [r for r in span if not math.isfinite(r["loss"])]
+                findings.append(Finding(
+                    "spike", first_step, last_step, stage,
+                    f"non-finite loss ({bad[0]['loss']}) at {len(bad)} of {len(span)} lines, {where}",
+                    "the run diverged: lower this stage's peak LR or grad_clip, lengthen its warmup, and check for "
+                    "overflow in reduced precision; resume from a checkpoint before the first bad step"))
+                continue
+            peak_index = max(range(first, last + 1), key=lambda i: rows[i]["loss"])
+            peak, reference = rows[peak_index], spikes[peak_index]
+            findings.append(Finding(
+                "spike", first_step, last_step, stage,
+                f"loss {peak['loss']:.4g} at step {peak['step']} is {peak['loss'] / reference:.2f}x the mean "
+                f"{reference:.4g} of the previous steps of the stage ({len(span)} spike line(s), {where})",
+                "lower this stage's peak LR or grad_clip, or lengthen its warmup; look at the batches of these "
+                "steps for bad data"))
+    return findings
+
+
+def find_plateaus(train: Sequence[Record], window: int, tolerance: float = PLATEAU_TOLERANCE) -> list[Finding]:
+    """Spans of ``window`` or more lines in a stage where the smoothed loss makes no progress beyond ``tolerance``."""
+    findings = []
+    for stage, rows in split_stages(train).items():
+        smoothed = smoothed_losses(rows)
+        spans: list[tuple[int, int]] = []
+        # judged from the first full median on: a median of the first 1-9 lines is as noisy as the loss itself,
+        # and one lucky low value there would set a best the run cannot beat
+        anchor, best = SMOOTH_ROWS - 1, math.nan  # the line where the best was last beaten by the tolerance
+        for i in range(SMOOTH_ROWS - 1, len(rows)):
+            value = smoothed[i]
+            if not math.isfinite(best) or (math.isfinite(value) and value < best * (1 - tolerance)):
+                anchor, best = i, value
+            elif i - anchor >= window:
+                if spans and spans[-1][0] == anchor:
+                    spans[-1] = (anchor, i)
+                else:
+                    spans.append((anchor, i))
+        for first, last in spans:
+            first_step, last_step = rows[first]["step"], rows[last]["step"]
+            findings.append(Finding(
+                "plateau", first_step, last_step, stage,
+                f"smoothed loss did not get {tolerance:.0%} below {smoothed[first]:.4g} for {last - first} lines, "
+                f"{_range_text(first_step, last_step)} (stage {stage}, seq_len {rows[0]['seq_len']}; "
+                f"now {smoothed[last]:.4g})",
+                "the LR may be too low (or already decayed) for this stage, or the stage too long for what it "
+                "still teaches: try a higher peak LR, or move tokens to the next stage"))
+    return findings
+
+
+def find_eval_plateau(evals: Sequence[Record], train: Sequence[Record], count: int = EVAL_PLATEAU_COUNT,
+                      tolerance: float = PLATEAU_TOLERANCE) -> list[Finding]:
+    """The last ``count`` evaluations make no progress beyond ``tolerance`` over the best evaluation before them."""
+    evals = sorted(evals, key=lambda r: r["step"])
+    if len(evals) <= count:
+        return []
+    earlier_best = min(r["eval_loss"] for r in evals[:-count])
+    last = evals[-count:]
+    last_best = min(r["eval_loss"] for r in last)
+    if last_best < earlier_best * (1 - tolerance):  # (a nan eval loss compares False: no progress)
+        return []
+    stage = _stage_at(train, last[-1]["step"])
+    return [Finding(
+        "eval-plateau", last[0]["step"], last[-1]["step"], stage,
+        f"the last {count} evaluations (best {last_best:.4g}) are not {tolerance:.0%} below the best earlier one "
+        f"({earlier_best:.4g})",
+        "validation has stopped improving: check for overfitting (repeated data), or raise the LR; stopping here "
+        "saves compute")]
+
+
+def _stage_at(train: Sequence[Record], step: int) -> Optional[int]:
+    """The stage of the last train line at or before ``step``."""
+    before = [r for r in train if r["step"] <= step]
+    return max(before, key=lambda r: r["step"])["stage"] if before else None
+
+
+def grad_norm_trend(rows: Sequence[Record], window: int) -> Optional[dict[str, float]]:
+    """First- and last-window median gradient norms of one stage, their ratio, and the fitted growth of the norm
+    per 100 steps (least squares on log grad_norm); None when the stage has too few norms to compare."""
+    normed = _grad_norms(rows)
+    width = min(max(window, MIN_ROWS), len(normed) // 2)
+    if width < MIN_ROWS:
+        return None
+    first = float(np.median([r["grad_norm"] for r in normed[:width]]))
+    last = float(np.median([r["grad_norm"] for r in normed[-width:]]))
+    steps = np.array([r["step"] for r in normed], dtype=float)
+    slope = float(np.polyfit(steps, np.log([r["grad_norm"] for r in normed]), 1)[0])
+    return {"first_median": first, "last_median": last, "ratio": last / first, "width": float(width),
+            "growth_per_100_steps": math.exp(100 * slope)}
+
+
+def find_grad_norm_trends(train: Sequence[Record], window: int) -> list[Finding]:
+    """Per stage, a rising gradient norm and a clip that binds on most steps."""
+    findings = []
+    for stage, rows in split_stages(train).items():
+        first_step, last_step, seq_len = rows[0]["step"], rows[-1]["step"], rows[0]["seq_len"]
+        trend = grad_norm_trend(rows, window)
+        if trend is not None and trend["ratio"] > GRAD_NORM_RISE:
+            findings.append(Finding(
+                "grad-norm-rising", first_step, last_step, stage,
+                f"median grad_norm rose {trend['ratio']:.1f}x, from {trend['first_median']:.3g} (first "
+                f"{trend['width']:.0f} lines) to {trend['last_median']:.3g} (last {trend['width']:.0f}), fitted "
+                f"x{trend['growth_per_100_steps']:.2f} per 100 steps, stage {stage} (seq_len {seq_len})",
+                "a growing gradient norm often comes before a divergence: lower this stage's peak LR, check weight "
+                "decay, and watch for spikes"))
+        share = clip_share(rows)
+        if share is not None and share > CLIP_SHARE:
+            clips = sorted({r["grad_clip"] for r in rows if r.get("grad_clip") is not None})
+            findings.append(Finding(
+                "clipping", first_step, last_step, stage,
+                f"grad_norm was above grad_clip {'/'.join(f'{c:g}' for c in clips)} on {share:.0%} of the steps "
+                f"of stage {stage} (seq_len {seq_len}; median grad_norm "
+                f"{np.median([r['grad_norm'] for r in _grad_norms(rows)]):.3g})",
+                "the clip binds most of the time, so it sets the step size instead of the LR: the clip is too "
+                "tight or the LR too high for this stage; raise grad_clip or lower the peak LR"))
+    return findings
+
+
+def clip_share(rows: Sequence[Record]) -> Optional[float]:
+    """Share of lines with a gradient norm above their ``grad_clip``; None with fewer than ``MIN_ROWS`` norms."""
+    clipped = [r for r in _grad_norms(rows) if r.get("grad_clip") is not None]
+    if len(clipped) < MIN_ROWS:
+        return None
+    return sum(r["grad_norm"] > r["grad_clip"] for r in clipped) / len(clipped)
+
+
+def median_tok_per_s(rows: Sequence[Record]) -> Optional[float]:
+    """Median throughput of a stage without its first line (unless that is all there is)."""
+    timed = [r["tok_per_s"] for r in (rows[1:] or rows) if math.isfinite(r["tok_per_s"])]
+    return float(np.median(timed)) if timed else None
+
+
+def find_throughput_drops(train: Sequence[Record], fraction: float = THROUGHPUT_DROP) -> list[Finding]:
+    """Spans of lines in a stage under ``fraction`` of the stage's median tokens per second."""
+    findings = []
+    for stage, rows in split_stages(train).items():
+        if len(rows) - 1 < MIN_ROWS:
+            continue
+        median = median_tok_per_s(rows)
+        if median is None:
+            continue
+        slow = [i for i, r in enumerate(rows) if i > 0 and r["tok_per_s"] < fraction * median]
+        for first, last in _spans(slow):
+            span = rows[first:last + 1]
+            first_step, last_step = span[0]["step"], span[-1]["step"]
+            worst = min(r["tok_per_s"] for r in span)
+            findings.append(Finding(
+                "throughput-drop", first_step, last_step, stage,
+                f"tok/s fell to {worst:,.0f} ({worst / median:.0%} of the stage median {median:,.0f}) for "
+                f"{len(span)} line(s), {_range_text(first_step, last_step)} (stage {stage}, "
+                f"seq_len {rows[0]['seq_len']})",
+                "look for what else ran then: other jobs on the node, a slow filesystem or data loading, memory "
+                "pressure (swapping, allocator retries), or throttling"))
+    return findings
+
+
+def find_guard_events(guards: Sequence[Record]) -> list[Finding]:
+    """The spike guard's lines, one finding per run of consecutive steps with the same reason and action."""
+    groups: list[list[Record]] = []
+    for record in sorted(guards, key=lambda r: r["step"]):
+        previous = groups[-1][-1] if groups else None
+        if (previous is not None and record["step"] == previous["step"] + 1
+                and (record.get("reason"), record.get("action")) == (previous.get("reason"), previous.get("action"))):
+            groups[-1].append(record)
+        else:
+            groups.append([record])
+    findings = []
+    for group in groups:
+        first, last = group[0], group[-1]
+        # the guard's line names the value it judged and its running average; older drafts said running_loss
+        numbers = ", ".join(f"{name} {first[key]:.4g}" for name, key in
+                            (("loss", "loss"), ("grad_norm", "grad_norm"), ("value", "value"),
+                             ("running average", "running_average"), ("running loss", "running_loss"))
+                            if isinstance(first.get(key), (int, float)) and not isinstance(first.get(key), bool))
+        findings.append(Finding(
+            "guard", first["step"], last["step"], first.get("stage"),
+            f"spike guard: {first.get('reason', 'triggered')} -> {first.get('action', 'no action logged')} at "
+            f"{_range_text(first['step'], last['step'])} (stage {first.get('stage')}, "
+            f"seq_len {first.get('seq_len')}{'; first: ' + numbers if numbers else ''})",
+            "the guard caught instability; if it fires repeatedly, lower this stage's peak LR or grad_clip"))
+    return findings
+
+
+# ------------------------------------------------------------------------------------------------ the report
+
+
+def stage_summaries(train: Sequence[Record], findings: Sequence[Finding]) -> list[dict[str, Any]]:
+    """One row per stage: lines, step range, seq_len, smoothed first/last loss, medians, clip share, spikes."""
+    summaries = []
+    for stage, rows in split_stages(train).items():
+        losses = [r["loss"] for r in rows if math.isfinite(r["loss"])]
+        norms = [r["grad_norm"] for r in _grad_norms(rows)]
+        summaries.append({
+            "stage": stage,
+            "seq_len": rows[0]["seq_len"],
+            "steps": [rows[0]["step"], rows[-1]["step"]],
+            "lines": len(rows),
+            # medians of the first and last SMOOTH_ROWS finite losses
+            "loss_first": float(np.median(losses[:SMOOTH_ROWS])) if losses else None,
+            "loss_last": float(np.median(losses[-SMOOTH_ROWS:])) if losses else None,
+            "median_tok_per_s": median_tok_per_s(rows),
+            "median_grad_norm": float(np.median(norms)) if norms else None,
+            "clip_share": clip_share(rows),
+            "spikes": sum(f.kind == "spike" and f.stage == stage for f in findings),
+        })
+    return summaries
+
+
+def diagnose(records: Sequence[Record], window: int = 50, spike_factor: float = 2.0
+             ) -> tuple[list[dict[str, Any]], list[Finding]]:
+    """The stage table and every finding of a run's metric lines, findings in step order."""
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    guards = [r for r in records if r.get("kind") == "guard"]
+    findings = (find_spikes(train, window, spike_factor) + find_plateaus(train, window)
+                + find_eval_plateau(evals, train) + find_grad_norm_trends(train, window)
+                + find_throughput_drops(train) + find_guard_events(guards))
+    findings.sort(key=lambda f: (f.first_step, f.last_step, f.kind))
+    return stage_summaries(train, findings), findings
+
+
+def report_dict(run_dir: str, stages: list[dict[str, Any]], findings: Sequence[Finding]) -> dict[str, Any]:
+    """The ``--json`` output and ``diagnose.json``; non-finite numbers become null (JSON has no NaN)."""
+    return json_safe({"run_dir": run_dir, "stages": stages, "findings": [f.to_dict() for f in findings],
+                       "problems": len(findings)})
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as None (JSON has no NaN), through dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def format_report(run_dir: str, stages: list[dict[str, Any]], findings: Sequence[Finding]) -> str:
+    """The stage table, then one paragraph per finding (or a line saying there are none)."""
+
+    def number(value: Optional[float], spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    header = (f"{'stage':>5}  {'steps':>11}  {'seq_len':>7}  {'loss first':>10}  {'loss last':>9}  "
+              f"{'tok/s':>10}  {'grad_norm':>9}  {'clipped':>7}  {'spikes':>6}")
+    lines = [f"{run_dir}: {sum(s['lines'] for s in stages)} train lines in {len(stages)} stage(s)", "", header]
+    for s in stages:
+        steps = f"{s['steps'][0]}-{s['steps'][1]}"
+        lines.append(f"{s['stage']:>5}  {steps:>11}  {s['seq_len']:>7}  {number(s['loss_first'], '.4f'):>10}  "
+                     f"{number(s['loss_last'], '.4f'):>9}  {number(s['median_tok_per_s'], ',.0f'):>10}  "
+                     f"{number(s['median_grad_norm'], '.3g'):>9}  {number(s['clip_share'], '.0%'):>7}  "
+                     f"{s['spikes']:>6}")
+    lines.append("")
+    if not findings:
+        lines.append("no problems found")
+    else:
+        lines.append(f"{len(findings)} problem(s):")
+        for f in findings:
+            lines.append(f"  [{f.kind}] {f.message}")
+            lines.append(f"      suggestion: {f.suggestion}")
+    return "\n".join(lines)
+
+
+def plot_diagnosis(records: Sequence[Record], findings: Sequence[Finding], out: Path) -> Path:
+    """Loss with spike markers and plateau spans shaded, grad_norm with the clip, tok/s with drops shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = sorted((r for r in records if r.get("kind") == "train"), key=lambda r: r["step"])
+    evals = [r for r in records if r.get("kind") == "eval"]
+    stages = split_stages(train)
+    fig, (ax_loss, ax_norm, ax_speed) = plt.subplots(3, 1, figsize=(10, 11), sharex=True)
+    for stage, rows in stages.items():
+        label = f"stage {stage} (seq {rows[0]['seq_len']})"
+        ax_loss.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8, label=label)
+        normed = _grad_norms(rows)
+        ax_norm.plot([r["step"] for r in normed], [r["grad_norm"] for r in normed], lw=0.8, label=label)
+        ax_speed.plot([r["step"] for r in rows], [r["tok_per_s"] for r in rows], lw=0.8, label=label)
+    clipped = [r for r in train if r.get("grad_clip") is not None]
+    if clipped:
+        ax_norm.step([r["step"] for r in clipped], [r["grad_clip"] for r in clipped], "k--", where="post", lw=1,
+                     label="grad_clip")
+    if evals:
+        ax_loss.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "ko", ms=4, label="eval")
+    finite = [r["loss"] for r in train if math.isfinite(r["loss"])]
+    top = max(finite) if finite else 1.0
+    for f in findings:
+        if f.kind == "spike":
+            hits = [r for r in train if f.first_step <= r["step"] <= f.last_step]
+            ax_loss.plot([r["step"] for r in hits], [r["loss"] if math.isfinite(r["loss"]) else top for r in hits],
+                         "rx", ms=8, mew=2)
+        elif f.kind in ("plateau", "eval-plateau"):
+            ax_loss.axvspan(f.first_step, f.last_step, color="orange", alpha=0.2)
+        elif f.kind == "throughput-drop":
+            ax_speed.axvspan(f.first_step - 0.5, f.last_step + 0.5, color="red", alpha=0.2)
+        elif f.kind in ("grad-norm-rising", "clipping"):
+            ax_norm.axvspan(f.first_step, f.last_step, color="red", alpha=0.08)
+        elif f.kind == "guard":
+            ax_loss.axvline(f.first_step, color="purple", lw=1, ls=":")
+    for ax in (ax_loss, ax_norm, ax_speed):
+        for rows in list(stages.values())[1:]:
+            ax.axvline(rows[0]["step"], color="grey", lw=0.6, ls=":")
+    ax_loss.set(ylabel="loss", title="loss (x: spikes, shaded: plateaus)")
+    ax_norm.set(ylabel="grad_norm", yscale="log", title="gradient norm (dashed: grad_clip)")
+    ax_speed.set(xlabel="step", ylabel="tok/s", title="throughput (shaded: drops)")
+    for ax in (ax_loss, ax_norm, ax_speed):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``diagnose`` subcommand: print the report, write ``diagnose.json`` and ``diagnose.png`` in the run
+    directory; 0 when no problem was found, 1 when one was."""
+    if args.window < 2:
+        raise ConfigError("--window", args.window, "must be an integer >= 2 (logged steps)")
+    if not math.isfinite(args.spike_factor) or args.spike_factor <= 1:
+        raise ConfigError("--spike-factor", args.spike_factor, "must be a number > 1 (times the running mean loss)")
+    run_dir = Path(args.run_dir)
+    records = read_records(run_dir)
+    stages, findings = diagnose(records, window=args.window, spike_factor=args.spike_factor)
+    report = report_dict(str(args.run_dir), stages, findings)
+    (run_dir / "diagnose.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_diagnosis(records, findings, run_dir / "diagnose.png")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(str(args.run_dir), stages, findings))
+        print(f"\nwrote {run_dir / 'diagnose.json'} and {run_dir / 'diagnose.png'}")
+    return 1 if findings else 0

@@ -1,0 +1,427 @@
+"""``sweep``: the LR grid, the per-run overrides, the status of a run and the analysis of a sweep (pure functions
+on synthetic metrics, each well under a second); the process handling with a stand-in trainer (a few short
+``python -c`` processes); and one real sweep of three tiny runs on the DeepSpeed engine, resumed after one run's
+``summary.json`` is deleted.
+
+Synthetic metrics follow ``metrics.jsonl``: train lines ``{kind, step, tokens, stage, seq_len, lr, loss, ...}``
+with steps counted from 0, eval lines ``{kind: eval, step, eval_loss}``, guard lines ``{kind: guard, step}``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import pytest
+from conftest import REPO_ROOT, make_config, process_env
+
+from curriculum.errors import ConfigError
+from curriculum.loading import apply_set_overrides, validate_config
+from curriculum.schedule import build_schedule
+from pipeline.sweep import (Job, RunAnalysis, SweepAborted, analyze_run, analyze_sweep, classify_run, default_lrs,
+                            format_analysis, loss_spikes, lr_overrides, parse_gpus, parse_lrs, run_jobs, run_name,
+                            train_rows)
+
+# --------------------------------------------------------------------------------------------------- the LR grid
+
+
+def test_default_grid_is_seven_log_spaced_lrs_from_a_tenth_to_ten_times_base_lr() -> None:
+    """7 LRs, base_lr/10 .. base_lr*10, a factor 10^(1/3) = 2.154 apart, 3 significant digits, base_lr exact."""
+    grid = default_lrs(3e-3)
+    assert grid == [3e-4, 6.46e-4, 1.39e-3, 3e-3, 6.46e-3, 1.39e-2, 3e-2]
+    for low, high in zip(grid, grid[1:]):
+        assert high / low == pytest.approx(10 ** (1 / 3), rel=5e-3)
+    assert [run_name(lr) for lr in grid[:2]] == ["lr_3.00e-04", "lr_6.46e-04"]
+
+
+def test_lrs_are_parsed_sorted() -> None:
+    """``--lrs`` takes any float notation, with or without spaces, and sorts."""
+    assert parse_lrs("1e-2, 3e-4,0.001,10") == [3e-4, 1e-3, 1e-2, 10.0]
+
+
+@pytest.mark.parametrize(("text", "bad"), [
+    ("1e-3,abc", "abc"), ("1e-3,-1e-3", "-1e-3"), ("0", "0"), ("1e-3,,3e-3", ""), ("nan", "nan"), ("inf", "inf"),
+    ("1e-3,0.001", "0.001"), ("1e-3,1.001e-3", "0.001,0.001001"),
+], ids=["not-a-number", "negative", "zero", "empty", "nan", "inf", "twice", "same-run-directory"])
+def test_bad_lrs_are_one_error_naming_the_flag_and_value(text: str, bad: str) -> None:
+    """Anything but distinct positive finite numbers is a ConfigError naming ``--lrs`` and the bad item (two LRs
+    that would share a run directory name both)."""
+    with pytest.raises(ConfigError) as error:
+        parse_lrs(text)
+    assert error.value.field == "--lrs" and error.value.value == bad, str(error.value)
+
+
+def test_gpus_need_cuda_and_valid_distinct_ids() -> None:
+    """``--gpus`` on a machine without CUDA, an id that is not a number, one past the devices, or one given twice:
+    a ConfigError naming ``--gpus``."""
+    assert parse_gpus("0,1,3", cuda_devices=4) == [0, 1, 3]
+    for text, devices, message in [("0", 0, "no CUDA device"), ("0,x", 4, "comma-separated GPU ids"),
+                                   ("0,4", 4, "ids 0 .. 3"), ("1,1", 4, "given twice")]:
+        with pytest.raises(ConfigError, match=message) as error:
+            parse_gpus(text, cuda_devices=devices)
+        assert error.value.field == "--gpus"
+
+
+# --------------------------------------------------------------------------------------------------- overrides
+
+STAGES = [
+    {"until_step": 10, "seq_len": 64, "global_batch": 32, "lr": 1.0e-3},  # absolute: scaled
+    {"until_step": 20, "seq_len": 128, "global_batch": 16, "lr_mult": 2.0},  # follows base_lr
+    {"until_step": 30, "seq_len": 256, "global_batch": 8, "lr": "auto", "lr_max": 5.0e-4},  # capped
+]
+
+
+def with_overrides(curriculum: dict[str, Any], overrides: Sequence[str]) -> list[float]:
+    """Each stage's peak LR once ``overrides`` are applied as ``--set`` would."""
+    return [stage.peak_lr for stage in build_schedule(validate_config(
+        apply_set_overrides({"curriculum": curriculum}, overrides))).stages]
+
+
+def test_overrides_move_base_lr_and_scale_absolute_stage_lrs_only() -> None:
+    """Sweeping base_lr 2e-3 -> 6e-3 (x3): ``curriculum.base_lr`` and the absolute stage 0 ``lr`` (1e-3 -> 3e-3)
+    are overridden; the ``lr_mult`` stage follows base_lr by itself (2 x 6e-3), and the ``lr: auto`` stage's
+    ``lr_max`` cap stays (5e-4)."""
+    curriculum = {"base_lr": 2.0e-3, "lr_scaling": {"rule": "none"}, "stages": STAGES}
+    overrides = lr_overrides(make_config(curriculum).curriculum, 6.0e-3)
+    assert [o.split("=")[0] for o in overrides] == ["curriculum.base_lr", "curriculum.stages.0.lr"]
+    assert float(overrides[0].split("=")[1]) == 6.0e-3
+    assert float(overrides[1].split("=")[1]) == pytest.approx(3.0e-3, rel=1e-12)
+    assert with_overrides(curriculum, overrides) == pytest.approx([3.0e-3, 1.2e-2, 5.0e-4], rel=1e-12)
+    assert with_overrides(curriculum, []) == pytest.approx([1.0e-3, 4.0e-3, 5.0e-4], rel=1e-12)
+
+
+def test_overrides_of_the_base_lr_itself_change_nothing_and_pacing_lr_is_scaled() -> None:
+    """At the config's own base_lr the absolute LRs are written back unchanged; a pacing segment's absolute
+    ``lr`` scales like a stage's."""
+    curriculum = {"base_lr": 2.0e-3, "stages": STAGES}
+    assert lr_overrides(make_config(curriculum).curriculum, 2.0e-3) == ["curriculum.base_lr=0.002",
+                                                                         "curriculum.stages.0.lr=0.001"]
+    pacing = {"base_lr": 1.0e-3, "pacing": {"type": "fixed_linear", "min_seq_len": 64, "max_seq_len": 256,
+                                            "total_curriculum_steps": 10, "global_batch": 8, "lr": 6.0e-4,
+                                            "until_step": 20}}
+    overrides = lr_overrides(make_config(pacing).curriculum, 1.0e-2)
+    assert overrides[1].startswith("curriculum.pacing.lr=")
+    assert float(overrides[1].split("=")[1]) == pytest.approx(6.0e-3, rel=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------- status
+
+
+def records(losses: Sequence[float], stage_steps: int = 100, eval_loss: Optional[float] = None,
+            guard_steps: Sequence[int] = ()) -> list[dict[str, Any]]:
+    """Train lines for ``losses`` (``stage_steps`` steps per stage, seq_len doubling per stage), an eval line after
+    the last step when ``eval_loss`` is given, and a guard line at each of ``guard_steps``."""
+    lines: list[dict[str, Any]] = [
+        {"kind": "train", "step": step, "tokens": (step + 1) * 512, "stage": step // stage_steps,
+         "seq_len": 64 * 2 ** (step // stage_steps), "lr": 1e-3, "grad_clip": 1.0, "loss": loss, "grad_norm": 1.0,
+         "tok_per_s": 1000.0}
+        for step, loss in enumerate(losses)]
+    lines += [{"kind": "guard", "step": step, "stage": step // stage_steps, "reason": "loss", "action": "skip"}
+              for step in guard_steps]
+    if eval_loss is not None:
+        lines.append({"kind": "eval", "step": len(losses) - 1, "tokens": len(losses) * 512, "eval_loss": eval_loss})
+    return lines
+
+
+def falling(steps: int = 30, start: float = 6.0, end: float = 4.0) -> list[float]:
+    return [start + (end - start) * step / (steps - 1) for step in range(steps)]
+
+
+def with_loss(losses: list[float], step: int, loss: float) -> list[float]:
+    return losses[:step] + [loss] + losses[step + 1:]
+
+
+@pytest.mark.parametrize(("lines", "failed", "status", "reason"), [
+    (records(falling()), False, "converged", None),
+    (records(with_loss(falling(), 12, math.nan)), False, "diverged", "non-finite train loss from step 12"),
+    (records(falling(), eval_loss=math.inf), False, "diverged", "non-finite eval loss"),
+    (records(falling(start=6.0, end=7.0)), False, "diverged", "final train loss 6.931 (mean of the last 5 steps) "
+                                                              "above the first step's 6"),
+    (records(falling(), eval_loss=4.1), True, "diverged", "the trainer failed"),
+    (records(falling(), guard_steps=[5]), False, "unstable", "1 guard event"),
+    (records(with_loss(falling(), 15, 12.0)), False, "unstable", "loss spike at step 15"),
+    (records(with_loss(falling(), 3, 12.0)), False, "converged", None),
+    (records(falling(15, 8.0, 3.0) + falling(15, 6.5, 6.0), stage_steps=15), False, "converged", None),
+], ids=["falling", "nan-loss", "inf-eval", "final-above-first", "trainer-failed", "guard-event", "spike",
+        "jump-before-10-steps-of-the-stage", "stage-switch-jump"])
+def test_status_of_a_run(lines: list[dict[str, Any]], failed: bool, status: str, reason: Optional[str]) -> None:
+    """``diverged``: a non-finite loss, a failed trainer, or a final train loss (mean of the last 5 steps) above the
+    first; ``unstable``: guard events or a loss above 2x the mean of the previous steps of its stage (judged once
+    the stage has 10); ``converged`` otherwise. A jump at a stage switch (new sequence length) is no spike."""
+    got, reasons = classify_run(lines, failed=failed)
+    assert got == status, reasons
+    if reason is None:
+        assert reasons == []
+    else:
+        assert reason in reasons, reasons
+
+
+def test_spikes_are_steps_of_the_same_stage_and_exclude_non_finite_losses() -> None:
+    """Two spikes in stage 0 (loss 12 at steps 12 and 20, where the previous steps average 5.6 and 5.4; the spike
+    at 12 is left out of the average at 20), none for the NaN at step 25 (that is divergence) or at the switch to
+    stage 1 at step 30 (loss 7.0 against stage 0's 4.0)."""
+    losses = with_loss(with_loss(with_loss(falling(), 12, 12.0), 20, 12.0), 25, math.nan) + [7.0] * 5
+    rows = train_rows(records(losses, stage_steps=30))
+    assert loss_spikes(rows) == [12, 20]
+
+
+def test_run_numbers_from_its_metrics() -> None:
+    """First loss, final train loss (mean of the last 5), final eval loss, minimum, spikes and guard events."""
+    run = analyze_run(1e-3, records(with_loss(falling(), 15, 12.0), eval_loss=4.2, guard_steps=[3, 9]))
+    assert (run.name, run.status, run.steps) == ("lr_1.00e-03", "unstable", 30)
+    assert run.first_loss == 6.0 and run.min_loss == pytest.approx(4.0)
+    assert run.final_train_loss == pytest.approx(sum(falling()[-5:]) / 5)
+    assert run.final_eval_loss == 4.2 and run.final_loss == 4.2
+    assert (run.spikes, run.guard_events, run.non_finite, run.failed) == ([15], 2, False, False)
+
+
+# --------------------------------------------------------------------------------------------------- analysis
+
+
+def a_run(lr: float, kind: str = "falling", eval_loss: Optional[float] = None, complete: bool = True) -> RunAnalysis:
+    """A run of 30 steps: ``falling`` (6 -> 4), ``guard`` (falling, one guard event), ``rising`` (6 -> 7),
+    ``nan`` (NaN from step 10) or ``failed`` (falling, but the trainer exited with an error)."""
+    losses = {"falling": falling(), "guard": falling(), "failed": falling(), "rising": falling(start=6.0, end=7.0),
+              "nan": falling()[:10] + [math.nan] * 20}[kind]
+    lines = records(losses, eval_loss=eval_loss, guard_steps=[4] if kind == "guard" else [])
+    return analyze_run(lr, lines, failed=kind == "failed", complete=complete)
+
+
+def test_best_lr_first_divergent_and_ratio() -> None:
+    """The best LR is the lowest final eval loss among runs that did not diverge (an unstable one counts, a failed
+    one with a lower eval loss does not); the first divergent LR is the smallest diverged LR above it; 3x apart is
+    a comfortable margin."""
+    analysis = analyze_sweep([
+        a_run(1e-2, "nan"), a_run(1e-4, eval_loss=5.2), a_run(3e-4, eval_loss=4.6), a_run(1e-3, "guard", 4.3),
+        a_run(3e-3, "failed", eval_loss=3.0)])
+    assert [r.lr for r in analysis.runs] == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+    assert [r.status for r in analysis.runs] == ["converged", "converged", "unstable", "diverged", "diverged"]
+    assert analysis.compared_by == "final eval loss"
+    assert (analysis.best_lr, analysis.best_loss, analysis.first_divergent_lr) == (1e-3, 4.3, 3e-3)
+    assert analysis.edge_ratio == pytest.approx(3.0)
+    assert "3x margin to divergence" in analysis.suggestions[0]
+    assert "Unstable (spikes or guard events) at 1.00e-03." in analysis.suggestions
+
+    data = analysis.to_json()
+    json.dumps(data, allow_nan=False)  # strict JSON: the NaN run's losses are null
+    nan_run = data["runs"][-1]
+    assert (nan_run["lr"], nan_run["final_train_loss"], nan_run["non_finite"]) == (1e-2, None, True)
+    assert data["best_lr"] == 1e-3 and data["runs"][2]["final_loss"] == 4.3
+
+    report = format_analysis(analysis, "test")
+    assert "| 1.00e-03 | 4.1379 | 4.3000 | 4.0000 | 0 | 1 | unstable |" in report, report
+    assert "| 1.00e-02 | n/a | n/a | 5.3793 | 0 | 0 | diverged |" in report, report
+    assert "- edge-of-stability ratio (first divergent / best): 3" in report, report
+
+
+@pytest.mark.parametrize(("runs", "best", "first_divergent", "ratio", "suggestion"), [
+    ([a_run(1e-3, eval_loss=5.0), a_run(2e-3, eval_loss=4.5), a_run(4e-3, "rising", 6.5)],
+     2e-3, 4e-3, 2.0, "near the edge of stability. For longer runs pick a lower one (e.g. 1.00e-03)"),
+    ([a_run(1e-3, eval_loss=5.0), a_run(1e-2, eval_loss=4.5)], 1e-2, None, None,
+     "the grid may not reach the edge of stability; extend it upward (above 1.00e-02)"),
+    ([a_run(1e-4, "failed"), a_run(1e-3, eval_loss=4.0), a_run(1e-2, eval_loss=4.4), a_run(1e-1, "nan")],
+     1e-3, 1e-1, 100.0, "too coarse there to locate the edge; add LRs between 1.00e-03 and 1.00e-01"),
+    ([a_run(1e-3, "rising"), a_run(1e-2, "nan")], None, None, None, "extend the grid downward (below 1.00e-03)"),
+    ([a_run(1e-3, eval_loss=5.0), a_run(3e-3, eval_loss=3.0, complete=False), a_run(1e-2, "nan")],
+     1e-3, 1e-2, 10.0, "a reasonable choice"),
+], ids=["near-the-edge", "no-divergence", "diverged-below-best-is-not-the-edge", "all-diverged",
+        "unfinished-run-left-out"])
+def test_edge_of_stability_cases(runs: list[RunAnalysis], best: Optional[float], first_divergent: Optional[float],
+                                 ratio: Optional[float], suggestion: str) -> None:
+    """Ratio < 3: pick a lower LR; no divergence above the best: extend upward; ratio > 10: refine between; every
+    run diverged: extend downward; an unfinished run is left out of the best LR."""
+    analysis = analyze_sweep(runs)
+    assert (analysis.best_lr, analysis.first_divergent_lr) == (best, first_divergent)
+    assert analysis.edge_ratio == (None if ratio is None else pytest.approx(ratio))
+    assert any(suggestion in note for note in analysis.suggestions), analysis.suggestions
+
+
+def test_without_eval_runs_are_compared_by_final_train_loss() -> None:
+    """No eval lines: the best LR is the one with the lowest final train loss (mean of the last 5 steps)."""
+    low = analyze_run(1e-3, records(falling(end=3.0)))
+    high = analyze_run(1e-4, records(falling(end=5.0)))
+    analysis = analyze_sweep([low, high])
+    assert analysis.compared_by == "final train loss"
+    assert analysis.best_lr == 1e-3 and analysis.best_loss == pytest.approx(low.final_train_loss)
+
+
+# --------------------------------------------------------------------------------------------------- processes
+
+# A stand-in for the trainer: sleeps, records what it was started with, prints, exits with the status it is given.
+STAND_IN = """\
+import json, os, sys, time
+run_dir, seconds, status = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+start = time.monotonic()
+time.sleep(seconds)
+seen = {key: os.environ.get(key) for key in ("CUDA_VISIBLE_DEVICES", "MASTER_PORT", "RANK")}
+with open(os.path.join(run_dir, "started.json"), "w") as f:
+    json.dump({**seen, "start": start, "end": time.monotonic()}, f)
+print("error: curriculum.base_lr = 0: must be positive" if status == 2 else "stand-in trained")
+sys.exit(status)
+"""
+
+
+def stand_in_jobs(root: Path, statuses: Sequence[int], seconds: float = 0.0) -> list[Job]:
+    return [Job(f"run{i}", root / f"run{i}", [sys.executable, "-c", STAND_IN, str(root / f"run{i}"), str(seconds),
+                                              str(status)])
+            for i, status in enumerate(statuses)]
+
+
+def started(job: Job) -> Optional[dict[str, Any]]:
+    path = job.run_dir / "started.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def test_with_gpus_each_gpu_runs_one_job_at_a_time_with_its_own_device_and_port(tmp_path: Path) -> None:
+    """Four runs on ``--gpus 0,1`` of a process that sees CUDA devices 4,5: never two at once on one GPU, both GPUs
+    used, each run sees only its device (mapped through the sweep's ``CUDA_VISIBLE_DEVICES``), runs at the same
+    time get different ``MASTER_PORT``s, and no launcher variable (``RANK``) leaks into a run."""
+    jobs = stand_in_jobs(tmp_path, [0, 0, 0, 0], seconds=0.2)
+    environ = {**os.environ, "CUDA_VISIBLE_DEVICES": "4,5", "RANK": "3"}
+    starts: list[tuple[str, Optional[int]]] = []
+    finishes: list[tuple[str, int]] = []
+    run_jobs(jobs, [0, 1], environ, lambda job, gpu: starts.append((job.name, gpu)),
+             lambda job, status, seconds: finishes.append((job.name, status)), poll_s=0.02)
+    assert sorted(finishes) == [(job.name, 0) for job in jobs]
+    seen = [started(job) for job in jobs]
+    assert all(s is not None and s["RANK"] is None for s in seen)
+    gpu_of = dict(starts)
+    assert {gpu_of[job.name] for job in jobs} == {0, 1}
+    for job, s in zip(jobs, seen):
+        assert s["CUDA_VISIBLE_DEVICES"] == {0: "4", 1: "5"}[gpu_of[job.name]]
+    for i, a in enumerate(seen):
+        for b in seen[i + 1:]:
+            overlap = a["start"] < b["end"] and b["start"] < a["end"]
+            if overlap:
+                assert a["CUDA_VISIBLE_DEVICES"] != b["CUDA_VISIBLE_DEVICES"], (a, b)
+                assert a["MASTER_PORT"] != b["MASTER_PORT"], (a, b)
+    assert "stand-in trained" in (jobs[0].run_dir / "train.log").read_text()
+
+
+def test_a_failed_run_does_not_stop_the_others(tmp_path: Path) -> None:
+    """One after another: a run exiting 1, and one exiting 2 after the first run, are reported as they are and the
+    runs after them still train."""
+    jobs = stand_in_jobs(tmp_path, [0, 1, 2, 0])
+    finishes: list[tuple[str, int]] = []
+    run_jobs(jobs, None, os.environ, lambda job, gpu: None,
+             lambda job, status, seconds: finishes.append((job.name, status)), poll_s=0.02)
+    assert finishes == [("run0", 0), ("run1", 1), ("run2", 2), ("run3", 0)]
+
+
+def test_bad_input_on_the_first_run_aborts_with_the_trainers_error(tmp_path: Path) -> None:
+    """The first run exits 2 (bad input, which every other run would hit too): ``SweepAborted`` with the trainer's
+    error line, and no other run starts."""
+    jobs = stand_in_jobs(tmp_path, [2, 0])
+    with pytest.raises(SweepAborted, match=r"^curriculum.base_lr = 0: must be positive$") as error:
+        run_jobs(jobs, None, os.environ, lambda job, gpu: None, lambda job, status, seconds: None, poll_s=0.02)
+    assert error.value.job is jobs[0]
+    assert started(jobs[1]) is None
+
+
+# --------------------------------------------------------------------------------------------------- a real sweep
+
+# 3 stages, 10 steps of 256 tokens, evaluation at the end, checkpoints after steps 4 and 8 and the final one (10).
+# Stage 0 follows base_lr (lr_scaling none), stage 1 is 0.5 x base_lr, stage 2 has an absolute lr the sweep scales.
+SWEEP_CONFIG_YAML = """\
+name: tiny-sweep
+model:
+  arch: llama
+  preset: tiny
+  overrides: {{num_hidden_layers: 2, hidden_size: 64, intermediate_size: 128, num_attention_heads: 4,
+              num_key_value_heads: 4}}
+data:
+  dir: {data_dir}
+curriculum:
+  base_lr: 3.0e-3
+  lr_scaling: {{rule: none}}
+  stages:
+    - {{until_step: 4, seq_len: 32, global_batch: 8, warmup_steps: 2}}
+    - {{until_step: 7, seq_len: 64, global_batch: 4, lr_mult: 0.5}}
+    - {{until_step: 10, seq_len: 128, global_batch: 2, lr: 1.0e-3}}
+run:
+  seed: 1234
+  eval_every: 0
+  eval_batches: 1
+  eval_batch: 2
+  checkpoint_every: 4
+  tensorboard: false
+  export: false
+"""
+SWEEP_LRS = [1e-3, 1e-2, 10.0]  # 10.0 diverges on this model: the loss goes from 6.25 to about 1,000
+RUN_FILES = ["config.json", "metrics.csv", "metrics.jsonl", "summary.json", "loss_curves.png", "lr_schedule.png",
+             "train.log"]
+SWEEP_FILES = ["sweep_manifest.json", "lr_sweep_comparison.png", "lr_vs_final_loss.png", "lr_sweep_analysis.md",
+               "lr_sweep_analysis.json"]
+
+
+def sweep(config: Path, sweep_dir: Path) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "sweep", "--config", str(config), "--lrs",
+                           ",".join(map(str, SWEEP_LRS)), "--output-dir", str(sweep_dir)], cwd=REPO_ROOT,
+                          env=process_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit status {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_a_real_three_lr_sweep_compares_the_runs_and_resumes(data_dir: Path, tmp_path: Path) -> None:
+    """Three tiny runs (1e-3, 1e-2, 10) trained by the real trainer: every run directory holds its config,
+    metrics, summary, plots and checkpoints (periodic, final, best); each stage's peak LR moved with base_lr (the
+    absolute one scaled); the sweep's best LR is the one with the lowest final eval loss in the runs' summary.json
+    and 10 is diverged. After one run's summary.json is deleted, running the sweep again trains only that run."""
+    start = time.perf_counter()
+    config = tmp_path / "tiny-sweep.yaml"
+    config.write_text(SWEEP_CONFIG_YAML.format(data_dir=data_dir))
+    sweep_dir = tmp_path / "sweep"
+    sweep(config, sweep_dir)
+
+    names = [run_name(lr) for lr in SWEEP_LRS]
+    assert names == ["lr_1.00e-03", "lr_1.00e-02", "lr_1.00e+01"]
+    for name in names:
+        run_dir = sweep_dir / name
+        missing = [f for f in RUN_FILES if not (run_dir / f).is_file()]
+        assert not missing, f"{name} lacks {missing}: {sorted(p.name for p in run_dir.iterdir())}"
+        checkpoints = run_dir / "checkpoints"
+        assert (checkpoints / "latest").read_text().strip() == "step00000010"  # the final one
+        for kept in ("step00000008", "step00000010", "best"):  # periodic (keep 2: 8 and 10), final, best
+            assert (checkpoints / kept).is_dir(), f"{name}: no checkpoints/{kept}"
+    assert all((sweep_dir / f).is_file() for f in SWEEP_FILES), sorted(p.name for p in sweep_dir.iterdir())
+
+    manifest = json.loads((sweep_dir / "sweep_manifest.json").read_text())
+    assert manifest["lrs"] == SWEEP_LRS
+    for lr, name in zip(SWEEP_LRS, names):
+        entry = manifest["runs"][name]
+        assert (entry["status"], entry["launches"]) == ("done", 1)
+        assert entry["overrides"][0] == f"curriculum.base_lr={lr!r}"
+        assert entry["overrides"][1].startswith("curriculum.stages.2.lr=")
+        peaks = [lr, 0.5 * lr, 1.0e-3 * lr / 3.0e-3]
+        assert entry["peak_lrs"] == pytest.approx(peaks, rel=1e-12)
+        rows = [json.loads(line) for line in (sweep_dir / name / "metrics.jsonl").read_text().splitlines()]
+        logged_peaks = [max(r["lr"] for r in rows if r["kind"] == "train" and r["stage"] == s) for s in range(3)]
+        assert logged_peaks == pytest.approx(peaks, rel=1e-9), name
+
+    analysis = json.loads((sweep_dir / "lr_sweep_analysis.json").read_text())
+    summaries = {lr: json.loads((sweep_dir / name / "summary.json").read_text())
+                 for lr, name in zip(SWEEP_LRS, names)}
+    lowest = min(SWEEP_LRS, key=lambda lr: summaries[lr]["final_eval_loss"])
+    assert analysis["best_lr"] == lowest
+    status = {run["lr"]: run["status"] for run in analysis["runs"]}
+    assert status[10.0] == "diverged", analysis
+    assert analysis["first_divergent_lr"] == 10.0 and analysis["edge_ratio"] == pytest.approx(10.0 / lowest)
+    report = (sweep_dir / "lr_sweep_analysis.md").read_text()
+    assert "| 1.00e+01 |" in report and f"- best LR: {lowest:.2e}" in report, report
+
+    # resume: only the run without summary.json trains again (from its final checkpoint)
+    (sweep_dir / names[0] / "summary.json").unlink()
+    again = sweep(config, sweep_dir)
+    manifest = json.loads((sweep_dir / "sweep_manifest.json").read_text())
+    assert [manifest["runs"][name]["launches"] for name in names] == [2, 1, 1]
+    assert all(manifest["runs"][name]["status"] == "done" for name in names)
+    assert f"{names[1]}: done (summary.json exists), skipped" in again.stdout
+    assert "resumed from" in (sweep_dir / names[0] / "train.log").read_text()
+    assert (sweep_dir / names[0] / "summary.json").is_file()
+    print(f"sweep of {len(SWEEP_LRS)} runs and one resumed run: {time.perf_counter() - start:.0f} s")
