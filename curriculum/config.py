@@ -6,6 +6,7 @@
     curriculum  the stages (or a continuous pacing function), with per-stage batch, LR, warmup and clip
     optimizer   AdamW hyperparameters
     guard       loss/gradient spike detection and what to do about a spike
+    kernels     fused kernels and torch.compile, one switch each
     deepspeed   a template from ``ds_configs/`` plus overrides; the JSON the engine gets is derived in
                 ``pipeline/ds_config.py`` and nowhere else
     run         budget, seed, precision, eval, checkpoints, logging
@@ -243,6 +244,29 @@ class GuardConfig(Section):
     """Stop the run (with a checkpoint of the last good state) after this many events."""
 
 
+# --------------------------------------------------------------------------------------------------- kernels
+
+Switch = Union[Literal["auto"], bool]
+
+
+class KernelsConfig(Section):
+    """Fused kernels, one switch each: ``auto`` uses it where it can run (and says once in the log when it cannot),
+    ``true`` requires it, ``false`` never uses it. Attention is PyTorch SDPA in every case. See
+    ``pipeline/kernels.py``."""
+
+    fused_adam: Switch = "auto"
+    """DeepSpeed FusedAdam (CUDA); otherwise torch AdamW."""
+    liger: Switch = "auto"
+    """Liger Triton kernels for Llama: RMSNorm, SwiGLU, RoPE and the fused linear cross-entropy (no logits
+    tensor). CUDA, ``arch: llama``, ``pip install liger-kernel`` (the ``gpu`` extra)."""
+    apex: Switch = "auto"
+    """NVIDIA apex fused RMSNorm/LayerNorm when apex is importable (CUDA; not with Liger's RMSNorm)."""
+    compile: bool = False
+    """``torch.compile`` the model with static shapes: one compile per distinct (micro-batch, seq_len)."""
+    compile_warmup: bool = False
+    """Compile every stage's shape before step 0, so no stage switch pays for it during training."""
+
+
 # --------------------------------------------------------------------------------------------------- optimizer
 
 
@@ -329,5 +353,6 @@ class Config(Section):
     curriculum: CurriculumConfig
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
+    kernels: KernelsConfig = Field(default_factory=KernelsConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     run: RunConfig = Field(default_factory=RunConfig)

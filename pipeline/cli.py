@@ -8,6 +8,7 @@
     diagnose      spikes, plateaus, gradient-norm trends and slowdowns in a run's metrics
     lr-find       LR range test at each stage's sequence length
     sweep         one run per LR, then the comparison
+    bench         throughput per stage shape through the pipeline, against a plain compiled loop
 
 Bad input of any kind exits with status 2 and one line naming the field, the value and what is allowed.
 Subcommand modules are imported only when used, so ``plan`` does not import torch.
@@ -163,6 +164,18 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: runs one after another)")
 
 
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per stage shape (default 20)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    parser.add_argument("--no-baseline", dest="baseline", action="store_false",
+                        help="skip the plain transformers + torch.compile + fused AdamW baseline")
+    parser.add_argument("--memory-fraction", type=float, default=None,
+                        help="cap this process's GPU memory (e.g. 0.3 of an 80 GB H100 = a 24 GB card)")
+    parser.add_argument("--output", default=None, help="JSON path (default runs/<name>-bench.json)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 
@@ -184,6 +197,8 @@ COMMANDS: dict[str, Command] = {
     "lr-find": ("LR range test at each stage's sequence length", add_lr_find_arguments,
                 _lazy_run("pipeline.lr_find")),
     "sweep": ("train once per LR and compare the runs", add_sweep_arguments, _lazy_run("pipeline.sweep")),
+    "bench": ("tok/s, MFU and memory of every stage shape, against a hand-written baseline loop",
+              add_bench_arguments, _lazy_run("pipeline.bench")),
 }
 
 

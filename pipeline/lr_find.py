@@ -78,12 +78,10 @@ def lengths_to_test(schedule: Schedule) -> list[Stage]:
 
 
 def lr_find(config: Config, output_dir: Path, steps: int, min_lr: float, max_lr: float) -> int:
-    from pipeline.train import build_engine, enter_stage, init_processes, set_lr, use_bf16
+    from pipeline.train import build_engine, enter_stage, forward_backward, init_processes, set_lr, use_bf16
 
     rank, world_size, device, log = init_processes()
-    import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
 
     from pipeline.batches import TokenSampler
     from pipeline.data import load_tokens, read_manifest
@@ -95,7 +93,7 @@ def lr_find(config: Config, output_dir: Path, steps: int, min_lr: float, max_lr:
     ds_config = derive_ds_config(config, schedule, use_bf16(config, device))
     results = []
     for stage in lengths_to_test(schedule):
-        engine, _, _ = build_engine(config, schedule, ds_config, manifest, device)
+        engine, _, _, _ = build_engine(config, schedule, ds_config, manifest, device, log)
         enter_stage(engine, stage)
         engine.train()
         lrs: list[float] = []
@@ -106,17 +104,11 @@ def lr_find(config: Config, output_dir: Path, steps: int, min_lr: float, max_lr:
             set_lr(engine, lr)
             micro_batches = sampler.step_micro_batches(stage, cursor, rank, schedule.mode)
             cursor += stage.samples_per_step
-            total = torch.zeros((), dtype=torch.float64, device=device)
-            for i, (inputs, labels) in enumerate(micro_batches):
-                engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
-                logits = engine(input_ids=inputs.to(device)).logits
-                loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(device).flatten())
-                engine.backward(loss)
-                engine.step()
-                total += loss.detach()
-            dist.all_reduce(total)
+            loss = forward_backward(engine, micro_batches, device)
+            engine.step()
+            dist.all_reduce(loss)
             lrs.append(lr)
-            losses.append(total.item() / (world_size * len(micro_batches)))
+            losses.append(loss.item() / world_size)
             if analyse(lrs, losses)["divergence_lr"] is not None:
                 break
         found = analyse(lrs, losses)

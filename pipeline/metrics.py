@@ -13,7 +13,7 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 CSV_FIELDS = ["kind", "step", "tokens", "stage", "seq_len", "global_batch", "lr", "grad_clip", "loss", "grad_norm",
               "tok_per_s", "mfu", "elapsed_s", "eval_loss", "eval_ppl"]
@@ -22,12 +22,12 @@ CSV_FIELDS = ["kind", "step", "tokens", "stage", "seq_len", "global_batch", "lr"
 class RunLogger:
     """Writes every metric sink; create it on rank 0 only."""
 
-    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool, wandb_settings: Optional[dict[str, Any]]
-                 ) -> None:
+    def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool, wandb_settings: Optional[dict[str, Any]],
+                 keep_guard_events: int = 0) -> None:
         self.run_dir = run_dir
         self.jsonl_path = run_dir / "metrics.jsonl"
         self.csv_path = run_dir / "metrics.csv"
-        self._drop_lines_from(resume_step)
+        self._drop_lines_from(resume_step, keep=lambda r: r["kind"] == "guard" and r["events"] <= keep_guard_events)
         self._open()
         self._tb = None
         if tensorboard:
@@ -54,15 +54,15 @@ class RunLogger:
         the guard lines that explain the rollback stay."""
         self._jsonl.close()
         self._csv_file.close()
-        self._drop_lines_from(step, keep_kinds=("guard",))
+        self._drop_lines_from(step, keep=lambda r: r["kind"] == "guard")
         self._open()
 
-    def _drop_lines_from(self, step: int, keep_kinds: tuple[str, ...] = ()) -> None:
-        """On resume, forget what was logged at or after the resumed step (it will be logged again)."""
+    def _drop_lines_from(self, step: int, keep: Callable[[dict[str, Any]], bool]) -> None:
+        """Forget what was logged at or after ``step`` (it will be logged again), except the lines ``keep`` keeps."""
         if not self.jsonl_path.exists():
             return
         kept = [line for line in self.jsonl_path.read_text().splitlines()
-                if json.loads(line)["step"] < step or json.loads(line)["kind"] in keep_kinds]
+                if json.loads(line)["step"] < step or keep(json.loads(line))]
         self.jsonl_path.write_text("".join(line + "\n" for line in kept))
         with open(self.csv_path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")

@@ -78,21 +78,32 @@ def use_bf16(config: Config, device: Any) -> bool:
 
 
 def build_engine(config: Config, schedule: Schedule, ds_config: dict[str, Any], manifest: dict[str, Any],
-                 device: Any) -> tuple[Any, Any, str]:
-    """A freshly initialised model (the same weights on every rank and for every call with the same seed), its
-    optimizer and the DeepSpeed engine around them. Returns ``(engine, model, optimizer_name)``."""
+                 device: Any, log: Any) -> tuple[Any, Any, str, Any]:
+    """A freshly initialised model (the same weights on every rank and for every call with the same seed) with
+    the kernels the config asks for, wrapped with its loss, its optimizer and the DeepSpeed engine around them.
+    Returns ``(engine, model, optimizer_name, kernel_choice)``; ``engine(input_ids, labels)`` is the mean loss."""
     import deepspeed
     import torch
 
     from pipeline.ds_config import cpu_offload
+    from pipeline.kernels import CausalLMWithLoss, choose_kernels, compile_engine, patch_model_classes, swap_apex_norms
     from pipeline.model import build_model
 
+    choice = choose_kernels(config.kernels, config.model.arch, device.type == "cuda")
+    for note in choice.notes:
+        log(note)
+    patch_model_classes(choice, config.model.arch)
     torch.manual_seed(config.run.seed)
     model = build_model(config.model, manifest["tokenizer"]["vocab_size"], schedule.max_seq_len,
                         manifest["tokenizer"]["eot_id"])
-    optimizer, optimizer_name = _build_optimizer(model, config, device.type == "cuda", cpu_offload(ds_config))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    return engine, model, optimizer_name
+    if choice.apex:
+        log(f"kernels.apex: {swap_apex_norms(model)} norm layers replaced by apex fused ones")
+    module = CausalLMWithLoss(model, fused_cross_entropy=choice.liger)
+    optimizer, optimizer_name = _build_optimizer(module, config, choice.fused_adam, cpu_offload(ds_config))
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+    if choice.compile:
+        compile_engine(engine, schedule.distinct_shapes())
+    return engine, model, optimizer_name, choice
 
 
 def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto",
@@ -100,7 +111,6 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     rank, world_size, device, log = init_processes()
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
     from tqdm import tqdm
 
     from pipeline.batches import TokenSampler, eval_batches
@@ -131,14 +141,21 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
                                config.run.eval_batches, rank, world_size)
 
     # ---------------------------------------------------------------------------------------- model + engine
-    engine, model, optimizer_name = build_engine(config, schedule, ds_config, manifest, device)
+    engine, model, optimizer_name, kernels = build_engine(config, schedule, ds_config, manifest, device, log)
     n_matmul = matmul_params(model)
     n_layer, d_model = model.config.num_hidden_layers, model.config.hidden_size
-    peak_flops = config.run.peak_flops or _peak_flops(device)
+    device_peak_flops = config.run.peak_flops or peak_flops(device)
     log(f"model: {config.model.arch} {config.model.preset}, {sum(p.numel() for p in model.parameters()):,} "
         f"parameters ({n_matmul:,} in matmuls); optimizer {optimizer_name}; "
         f"{'bf16' if bf16 else 'fp32'} on {device.type} x {world_size}; ZeRO stage "
-        f"{ds_config['zero_optimization'].get('stage', 0)}")
+        f"{ds_config['zero_optimization'].get('stage', 0)}; kernels: liger {kernels.liger}, apex {kernels.apex}, "
+        f"compile {kernels.compile}")
+    if kernels.compile and config.kernels.compile_warmup:
+        from pipeline.kernels import warm_up_shapes
+
+        warmed = warm_up_shapes(engine, schedule.distinct_shapes(), model.config.vocab_size, device)
+        log(f"compiled {len(warmed)} stage shapes before step 0 in {sum(warmed.values()):.1f} s: " +
+            ", ".join(f"{shape} {seconds:.1f} s" for shape, seconds in warmed.items()))
 
     # ---------------------------------------------------------------------------------------- resume
     checkpointer = Checkpointer(run_dir / "checkpoints", config.run.keep_checkpoints, rank)
@@ -167,7 +184,9 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
             run_id = f"{config.name}-{hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:8]}"
             wandb_settings = {"project": config.run.wandb.project, "name": config.name, "id": run_id,
                               "mode": config.run.wandb.mode, "config": config.model_dump(mode="json")}
-        logger = RunLogger(run_dir, start_step, config.run.tensorboard, wandb_settings)
+        # the guard line of an event the checkpoint already counts (the one that stopped a run) is kept
+        logger = RunLogger(run_dir, start_step, config.run.tensorboard, wandb_settings,
+                           keep_guard_events=state["guard"]["events"] if resume_path is not None else 0)
 
     stop_requested = _install_stop_handler()
     guard = SpikeGuard(config.guard)
@@ -190,8 +209,7 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
         total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, batches]
         with torch.no_grad():
             for inputs, labels in val_batches:
-                logits = engine(input_ids=inputs.to(device)).logits
-                total[0] += F.cross_entropy(logits.float().flatten(0, 1), labels.to(device).flatten())
+                total[0] += engine(inputs.to(device), labels.to(device)).double()
                 total[1] += 1
         dist.all_reduce(total)
         engine.train()
@@ -210,6 +228,7 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     engine.train()
     elapsed, run_start = elapsed_before, time.perf_counter()
     last_saved, stage, halted = start_step if resume_path is not None else -1, None, False
+    compiled_shapes: set[tuple[int, int]] = set()  # with kernels.compile: the first step of a new shape compiles
     step = start_step
     while step < end_step:
         step_start = time.perf_counter()
@@ -223,25 +242,16 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
         set_lr(engine, lr)
 
         micro_batches = sampler.step_micro_batches(stage, cursor, rank, schedule.mode)
-        step_loss = torch.zeros((), dtype=torch.float64, device=device)
-        step_tokens = 0
         step_hash = hashlib.sha256(data_sha256.encode())
-        for i, (inputs, labels) in enumerate(micro_batches):
-            boundary = i == len(micro_batches) - 1
-            engine.set_gradient_accumulation_boundary(boundary)
-            logits = engine(input_ids=inputs.to(device, non_blocking=True)).logits
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(device, non_blocking=True).flatten())
-            engine.backward(loss)
-            if not boundary:
-                engine.step()  # no update before the accumulation boundary; keeps DeepSpeed's counters in step
-            step_loss += loss.detach()
-            step_tokens += inputs.numel()
+        for inputs, _ in micro_batches:
             step_hash.update(inputs.numpy().tobytes())
+        step_loss = forward_backward(engine, micro_batches, device)
 
         # one all-reduce per step, before the update: mean loss over ranks, tokens, whether any rank must stop
+        step_tokens = sum(inputs.numel() for inputs, _ in micro_batches)
         totals = torch.tensor([0.0, float(step_tokens), float(stop_requested())], dtype=torch.float64,
                               device=device)
-        totals[0] = step_loss / len(micro_batches)
+        totals[0] = step_loss
         dist.all_reduce(totals)
         loss_value = totals[0].item() / world_size
 
@@ -277,9 +287,10 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
                 f"{spike.running_average if spike.running_average is None else f'{spike.running_average:.4g}'}) "
                 f"in stage {stage.index} (seq_len {stage.seq_len}): {action} "
                 f"[event {guard.events} of at most {config.guard.max_events}]")
-            latest = checkpointer.latest() if action == "rollback" else None
+            latest = checkpointer.latest() if action == "rollback" and not guard.exhausted else None
             if action == "rollback" and latest is None:
-                event["action"] = "skip (no checkpoint to roll back to yet)"
+                event["action"] = ("stop (guard.max_events reached)" if guard.exhausted
+                                   else "skip (no checkpoint to roll back to yet)")
             if latest is not None:
                 # back to the last checkpoint, and past the data of the steps since then, spike included
                 skip_to = cursor + stage.samples_per_step
@@ -306,11 +317,17 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
         step_tokens = int(totals[1].item())
         tokens += step_tokens
         cursor += stage.samples_per_step
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # the step's kernels are done before its time is read
         step_time = time.perf_counter() - step_start
         elapsed = elapsed_before + time.perf_counter() - run_start
+        if kernels.compile and (stage.micro_batch, stage.seq_len) not in compiled_shapes:
+            compiled_shapes.add((stage.micro_batch, stage.seq_len))
+            log(f"step {step}: first step of shape {stage.micro_batch}x{stage.seq_len} (compiles unless warmed up): "
+                f"{step_time:.2f} s")
         tok_per_s = step_tokens / step_time
-        mfu = (flops_per_token(n_matmul, n_layer, d_model, stage.seq_len) * tok_per_s / (world_size * peak_flops)
-               if peak_flops else None)
+        mfu = (flops_per_token(n_matmul, n_layer, d_model, stage.seq_len) * tok_per_s
+               / (world_size * device_peak_flops) if device_peak_flops else None)
         progress.update(1)
         progress.set_postfix(stage=stage.index, seq=stage.seq_len, loss=f"{loss_value:.3f}",
                              tok_s=f"{tok_per_s:,.0f}", events=guard.events, refresh=False)
@@ -366,7 +383,7 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
         assert logger is not None
         logger.close()
         if config.run.export:
-            _export(engine.module, run_dir / "final", Path(config.data.dir) / "tokenizer.json",
+            _export(engine.module.lm, run_dir / "final", Path(config.data.dir) / "tokenizer.json",
                     manifest["tokenizer"]["eot_token"])
         summary = write_summary(run_dir, {"name": config.name, "world_size": world_size,
                                           "precision": "bf16" if bf16 else "fp32", "device": device.type,
@@ -394,6 +411,24 @@ def enter_stage(engine: Any, stage: Stage) -> None:
     engine._config.gradient_clipping = stage.grad_clip  # read by the fp32 path at each step
     if hasattr(engine.optimizer, "clip_grad"):  # ZeRO and bf16 optimizers keep their own copy
         engine.optimizer.clip_grad = stage.grad_clip
+
+
+def forward_backward(engine: Any, micro_batches: list[tuple[Any, Any]], device: Any) -> Any:
+    """Forward and backward over one step's micro-batches; DeepSpeed's ``step`` runs after each but the last, so
+    the gradients of the step are accumulated and reduced but not yet applied (the caller applies or drops them).
+    Returns the mean loss of the micro-batches on this rank, as a float64 tensor."""
+    import torch
+
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for i, (inputs, labels) in enumerate(micro_batches):
+        boundary = i == len(micro_batches) - 1
+        engine.set_gradient_accumulation_boundary(boundary)
+        loss = engine(inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+        engine.backward(loss)
+        if not boundary:
+            engine.step()  # no update before the accumulation boundary; keeps DeepSpeed's counters in step
+        total += loss.detach()
+    return total / len(micro_batches)
 
 
 def set_lr(engine: Any, lr: float) -> None:
@@ -436,7 +471,7 @@ def _grad_norm(module: Any) -> float:
     return torch.linalg.vector_norm(torch.stack(norms)).item()
 
 
-def _build_optimizer(model: Any, config: Config, on_cuda: bool, offload: bool) -> tuple[Any, str]:
+def _build_optimizer(model: Any, config: Config, fused_adam: bool, offload: bool) -> tuple[Any, str]:
     """AdamW with weight decay on matrices only (biases and norm weights are not decayed)."""
     import torch
 
@@ -448,7 +483,7 @@ def _build_optimizer(model: Any, config: Config, on_cuda: bool, offload: bool) -
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs), "DeepSpeedCPUAdam (ZeRO-Offload)"
-    if on_cuda:
+    if fused_adam:
         from deepspeed.ops.adam import FusedAdam
 
         return FusedAdam(groups, adam_w_mode=True, **kwargs), "DeepSpeed FusedAdam"
@@ -464,7 +499,7 @@ PEAK_BF16_FLOPS = {  # dense bf16 tensor-core FLOP/s of one device
 }
 
 
-def _peak_flops(device: Any) -> Optional[float]:
+def peak_flops(device: Any) -> Optional[float]:
     if device.type != "cuda":
         return None
     import torch

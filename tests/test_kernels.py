@@ -1,0 +1,88 @@
+"""Kernel switches without CUDA: which kernels a run uses, the fallback notes, and compile bookkeeping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_config
+from curriculum.config import KernelsConfig
+from curriculum.errors import ConfigError
+from curriculum.schedule import build_schedule
+from pipeline.kernels import CausalLMWithLoss, choose_kernels, importable
+
+
+def everything_importable(module: str) -> bool:
+    return True
+
+
+def test_on_cpu_every_auto_kernel_falls_back_with_one_note_each() -> None:
+    """No CUDA: FusedAdam, Liger and apex all fall back, each saying why once; compile stays as configured."""
+    choice = choose_kernels(KernelsConfig(), "llama", on_cuda=False, is_importable=everything_importable)
+    assert (choice.fused_adam, choice.liger, choice.apex, choice.compile) == (False, False, False, False)
+    assert [note.split(":")[0] for note in choice.notes] == ["kernels.fused_adam", "kernels.liger", "kernels.apex"]
+    assert all("needs CUDA" in note for note in choice.notes)
+
+
+def test_on_cuda_liger_is_llama_only_and_apex_yields_to_liger_rmsnorm() -> None:
+    """With CUDA and both packages: Llama gets Liger (and not apex, whose RMSNorm Liger replaces); GPT-2 gets apex."""
+    llama = choose_kernels(KernelsConfig(), "llama", on_cuda=True, is_importable=everything_importable)
+    assert (llama.fused_adam, llama.liger, llama.apex) == (True, True, False)
+    gpt2 = choose_kernels(KernelsConfig(), "gpt2", on_cuda=True, is_importable=everything_importable)
+    assert (gpt2.fused_adam, gpt2.liger, gpt2.apex) == (True, False, True)
+    assert any("only for arch: llama" in note for note in gpt2.notes)
+
+
+def test_missing_packages_fall_back_and_say_which() -> None:
+    """CUDA but neither liger-kernel nor apex installed: both fall back, naming the package."""
+    choice = choose_kernels(KernelsConfig(), "llama", on_cuda=True, is_importable=lambda module: False)
+    assert (choice.fused_adam, choice.liger, choice.apex) == (True, False, False)
+    assert any("liger-kernel is not installed" in note for note in choice.notes)
+    assert any("apex is not importable" in note for note in choice.notes)
+
+
+def test_a_required_kernel_that_cannot_run_is_bad_input() -> None:
+    """``liger: true`` on a machine without CUDA is an error naming the switch, not a silent fallback."""
+    with pytest.raises(ConfigError, match="kernels.liger = True: required but unavailable: needs CUDA"):
+        choose_kernels(KernelsConfig(liger=True), "llama", on_cuda=False)
+
+
+def test_switched_off_kernels_are_not_used_and_not_mentioned() -> None:
+    """``false`` switches produce no fallback notes."""
+    choice = choose_kernels(KernelsConfig(fused_adam=False, liger=False, apex=False), "llama", on_cuda=True,
+                            is_importable=everything_importable)
+    assert (choice.fused_adam, choice.liger, choice.apex, choice.notes) == (False, False, False, ())
+
+
+def test_importable_handles_a_missing_parent_package() -> None:
+    """``apex.normalization`` without apex is simply not importable (find_spec would raise)."""
+    assert importable("torch.nn") and not importable("surely_not_a_package.normalization")
+
+
+def test_one_compiled_shape_per_stage() -> None:
+    """The shapes compile warms up are the stages' (micro-batch, seq_len), one per stage when they all differ, and
+    a torch.compile of the loss module with static shapes builds exactly one graph per shape (counted with a
+    backend that records each graph it is given)."""
+    schedule = build_schedule(make_config({"stages": [
+        {"until_step": 2, "seq_len": 16, "global_batch": 8, "micro_batch": 8},
+        {"until_step": 4, "seq_len": 32, "global_batch": 4, "micro_batch": 4},
+        {"until_step": 6, "seq_len": 64, "global_batch": 2, "micro_batch": 2}]}))
+    shapes = schedule.distinct_shapes()
+    assert shapes == [(8, 16), (4, 32), (2, 64)]
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
+    graphs = []
+
+    def counting_backend(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(graph)
+        return graph.forward
+
+    compiled = torch.compile(CausalLMWithLoss(lm, fused_cross_entropy=False), backend=counting_backend,
+                             dynamic=False)
+    for micro_batch, seq_len in shapes * 2:  # every shape twice: the second pass must not compile again
+        tokens = torch.randint(0, 64, (micro_batch, seq_len + 1))
+        compiled(tokens[:, :-1], tokens[:, 1:])
+    assert len(graphs) == len(shapes)
