@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 from typing import MutableMapping
+
+
+# what a launcher (deepspeed, torchrun) sets for each worker; a process that starts runs of its own drops them
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                      "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it when binding port 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def single_process_defaults(environ: MutableMapping[str, str]) -> None:
@@ -13,11 +24,8 @@ def single_process_defaults(environ: MutableMapping[str, str]) -> None:
     set (without them it tries mpi4py), so fill them in for one local process on a free port."""
     if "RANK" in environ and "WORLD_SIZE" in environ:
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port))):
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
         environ.setdefault(key, value)
 
 

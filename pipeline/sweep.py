@@ -36,7 +36,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -47,6 +46,7 @@ from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 from curriculum.config import Config, CurriculumConfig
 from curriculum.errors import ConfigError
 from pipeline.diagnose import json_safe
+from pipeline.environment import LAUNCHER_VARIABLES, free_port
 
 DEFAULT_GRID_POINTS = 7
 DEFAULT_GRID_SPAN = 10.0  # the default grid runs from base_lr / 10 to base_lr * 10
@@ -56,9 +56,6 @@ SPIKE_WINDOW = 20  # (judged as ``diagnose`` does, once the stage has 10 steps t
 BAD_INPUT_EXIT = 2  # the trainer's (and every subcommand's) exit status for bad input
 MANIFEST = "sweep_manifest.json"
 # variables a launcher sets for its workers: a run started by the sweep is one process of its own
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                      "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE")
-
 Status = Literal["converged", "unstable", "diverged"]
 
 
@@ -601,11 +598,9 @@ def child_environment(environ: Mapping[str, str], gpu: Optional[int], port: Opti
 
 
 def _free_port(taken: set[int]) -> int:
-    """A TCP port that was free a moment ago and is not given to another run still starting."""
+    """A free port not given to another run still starting."""
     while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         if port not in taken:
             return port
 

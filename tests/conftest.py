@@ -12,6 +12,7 @@ import pytest
 
 from curriculum.config import Config
 from curriculum.loading import validate_config
+from pipeline.environment import LAUNCHER_VARIABLES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,13 +34,7 @@ def run_cli(args: Sequence[str], env: Optional[Mapping[str, str]] = None) -> sub
 
 
 # --------------------------------------------------------------------------------------------------- training runs
-# Shared by the integration tests that start the real trainer in processes of their own (test_train.py still holds
-# its own copies of these two, which can go once it uses them from here).
-
-# variables a launcher sets for its workers; a test run must not inherit them from whatever started pytest
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                      "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE")
-
+# Shared by the integration tests that start the real trainer in processes of their own.
 
 def process_env(extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
     """This environment without ``CPT_*`` overrides or launcher variables, with DeepSpeed's CPU accelerator and a

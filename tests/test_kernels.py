@@ -86,3 +86,35 @@ def test_one_compiled_shape_per_stage() -> None:
         tokens = torch.randint(0, 64, (micro_batch, seq_len + 1))
         compiled(tokens[:, :-1], tokens[:, 1:])
     assert len(graphs) == len(shapes)
+
+
+def test_bench_reports_every_stage_shape(tmp_path, data_dir) -> None:
+    """``bench`` on the CPU, through the real engine: one row per distinct stage shape with tok/s, step time and
+    the first step's cost, written as JSON (no MFU and no peak memory without a GPU; baseline skipped for time)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT, process_env
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"""\
+name: bench-test
+model: {{arch: llama, preset: tiny, overrides: {{num_hidden_layers: 1, hidden_size: 64, intermediate_size: 128}}}}
+data: {{dir: {data_dir}}}
+curriculum:
+  stages:
+    - {{until_step: 4, seq_len: 32, global_batch: 8, micro_batch: 4}}
+    - {{until_step: 8, seq_len: 64, global_batch: 4, micro_batch: 4}}
+""")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "--config", str(config), "--steps", "2",
+                           "--warmup", "1", "--no-baseline", "--output", str(out)], cwd=REPO_ROOT, env=process_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [(r["micro_batch"], r["grad_accum"], r["seq_len"]) for r in report["shapes"]] == [(4, 2, 32), (4, 1, 64)]
+    for row in report["shapes"]:
+        assert row["tok_per_s"] == pytest.approx(row["tokens_per_step"] / row["step_time_s"])
+        assert row["mfu"] is None and row["peak_memory_gib"] is None and "baseline" not in row
+    assert report["time_to_first_step_s"] > 0 and report["stage_switch_cost_s"] >= 0

@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -33,9 +32,9 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import pytest
-from conftest import REPO_ROOT, run_cli
+from conftest import REPO_ROOT, process_env, run_cli
 
-from pipeline.data import prepare_data
+from pipeline.environment import free_port
 from pipeline.metrics import CSV_FIELDS
 
 TOTAL_STEPS = 15
@@ -72,32 +71,6 @@ run:
 """
 
 # variables a launcher sets for its workers; a test run must not inherit them from whatever started pytest
-LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                      "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE")
-
-
-# --------------------------------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (the OS picks it when binding port 0)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def process_env(extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
-    """This environment without ``CPT_*`` overrides or launcher variables, with DeepSpeed's CPU accelerator and a
-    shared JIT-extension cache inside the repository (kept when CI has set one)."""
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("CPT_", "TORCHELASTIC_")) and key not in LAUNCHER_VARIABLES}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO_ROOT / ".torch_extensions"))
-    env.update({"DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-                "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
-    env.update(extra or {})
-    return env
-
-
 def log_tail(text: str, lines: int = 60) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
@@ -229,15 +202,6 @@ def assert_two_rank_run(run: Run, config: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """40 standard-library files, a 512-token BPE: ~380 K training tokens, ~5 s to prepare."""
-    out = tmp_path_factory.mktemp("data") / "stdlib-40"
-    prepare_data(["python-stdlib"], out, tokenizer=None, vocab_size=512, text_field="text", val_fraction=0.05,
-                 dtype="auto", seed=1234, num_proc=1, max_files=40)
-    return out
 
 
 @pytest.fixture(scope="module")
