@@ -109,7 +109,7 @@ CASES = [
          "error: curriculum = {'stages': []}:", "stages must list at least one stage"),
     # ---- unknown keys
     Case("unknown top-level key", TWO_STAGES + "trainer: 1\n",
-         "error: trainer = 1:", "unknown key; allowed here: name, model, data, curriculum, optimizer, guard, deepspeed, run"),
+         "error: trainer = 1:", "unknown key; allowed here: name, model, data, curriculum, optimizer, guard, kernels, deepspeed, run"),
     Case("unknown nested key", TWO_STAGES + "run: {seeed: 7}\n",
          "error: run.seeed = 7:", "unknown key; allowed here: total_steps, total_tokens, seed,"),
     Case("unknown key in a stage",
@@ -173,7 +173,7 @@ CASES = [
          "a recipe must be a YAML mapping of sections"),
     Case("empty YAML file", "", "error: {path} = 'NoneType':", "a recipe must be a YAML mapping of sections"),
     Case("unknown recipe name", None, "error: --config = 'no-such-recipe':", "no such file, and no recipe of that name "
-         "(recipes: gpt2-124m-baseline, gpt2-124m-curriculum, seed003, tiny-cpu)", args=("--config", "no-such-recipe")),
+         "(recipes: gpt2-124m-baseline, gpt2-124m-curriculum, llama-350m-rtx3090, seed003, tiny-cpu)", args=("--config", "no-such-recipe")),
     # ---- --set and environment
     Case("--set without =", None, "error: --set = 'curriculum.base_lr':", "expected KEY.PATH=VALUE",
          args=("--set", "curriculum.base_lr")),
