@@ -88,13 +88,29 @@ def run(args: argparse.Namespace) -> int:
                 torch.cuda.empty_cache()  # the baseline's model and optimizer are gone; give their memory back
         rows.append(row)
         log(_format_row(row))
+    profile = None
+    if args.profile:
+        stage = shapes[-1]  # the longest stage: the one the run spends most of its time in
+
+        def one_step() -> None:
+            nonlocal cursor
+            micro_batches = sampler.step_micro_batches(stage, cursor, rank, schedule.mode)
+            cursor += stage.samples_per_step
+            forward_backward(engine, micro_batches, device)
+            engine.step()
+            sync()
+
+        profile = profile_step(one_step, device)
+        log(f"profile of one step at seq_len {stage.seq_len} (GPU time by kernel kind): " +
+            ", ".join(f"{kind} {ms:.1f} ms ({100 * ms / profile['total_ms']:.0f} %)"
+                      for kind, ms in profile["by_kind_ms"].items()))
 
     report = {
         "config": config.name, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "world_size": world_size, "precision": "bf16" if bf16 else "fp32", "optimizer": optimizer_name,
         "kernels": {"liger": kernels.liger, "apex": kernels.apex, "compile": kernels.compile},
         "memory_fraction": args.memory_fraction, "steps": args.steps, "warmup": args.warmup,
-        "time_to_first_step_s": first_step_at, "shapes": rows,
+        "time_to_first_step_s": first_step_at, "shapes": rows, "profile": profile,
         "stage_switch_cost_s": sum(r["switch_cost_s"] for r in rows[1:]),
         "torch": torch.__version__,
     }
@@ -105,6 +121,40 @@ def run(args: argparse.Namespace) -> int:
         log(f"time to first step {first_step_at:.1f} s; stage switches (first step of each later shape minus a "
             f"steady step) {report['stage_switch_cost_s']:.2f} s in total; wrote {out}")
     return 0
+
+
+KERNEL_KINDS = (  # substrings of CUDA kernel names, first match wins
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("matmul", ("gemm", "xmma", "cutlass", "sm90", "matmul", "cublas")),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("copy / cast", ("memcpy", "memset", "copy", "cast", "to_copy")),
+    ("fused elementwise (triton)", ("triton",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in lowered for k in keys)), "other elementwise")
+
+
+def profile_step(step: Any, device: Any) -> dict[str, Any]:
+    """GPU time of one training step by kernel kind, and the 15 kernels that take longest (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step()  # nothing left to compile or allocate in the profiled step
+    with profile(activities=activities) as prof:
+        step()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    by_kind: dict[str, float] = {}
+    for event in kernels:
+        by_kind[kernel_kind(event.name)] = by_kind.get(kernel_kind(event.name), 0.0) + event.device_time / 1000
+    top: dict[str, float] = {}
+    for event in kernels:
+        top[event.name] = top.get(event.name, 0.0) + event.device_time / 1000
+    return {"total_ms": sum(by_kind.values()),
+            "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+            "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:15])}
 
 
 def _row(stage: Stage, times: list[float], first: float, n_matmul: int, n_layer: int, d_model: int, peak: Any,

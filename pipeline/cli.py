@@ -173,6 +173,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-fraction", type=float, default=None,
                         help="cap this process's GPU memory (e.g. 0.3 of an 80 GB H100 = a 24 GB card)")
     parser.add_argument("--output", default=None, help="JSON path (default runs/<name>-bench.json)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one step of the longest stage: GPU time by kernel kind (torch.profiler)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 

@@ -109,7 +109,7 @@ curriculum:
 """)
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "--config", str(config), "--steps", "2",
-                           "--warmup", "1", "--no-baseline", "--output", str(out)], cwd=REPO_ROOT, env=process_env(),
+                           "--warmup", "1", "--no-baseline", "--profile", "--output", str(out)], cwd=REPO_ROOT, env=process_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -118,3 +118,4 @@ curriculum:
         assert row["tok_per_s"] == pytest.approx(row["tokens_per_step"] / row["step_time_s"])
         assert row["mfu"] is None and row["peak_memory_gib"] is None and "baseline" not in row
     assert report["time_to_first_step_s"] > 0 and report["stage_switch_cost_s"] >= 0
+    assert report["profile"]["by_kind_ms"] == {}  # the profiler sees GPU kernels only, and there is no GPU here
