@@ -182,6 +182,10 @@ class PacingConfig(SegmentSettings):
     max_step: list[NonNegativeInt] = Field(default_factory=list)
     """Only for ``fixed_discrete``: one fewer than ``difficulty``; ``difficulty[i]`` up to and including
     ``max_step[i]``."""
+    bucket: Optional[PositiveInt] = None
+    """Round each length down to a multiple of ``bucket`` (never below ``min_seq_len``), so a compiled run builds
+    few graphs: ``fixed_linear`` 64 -> 1024 with ``step_size: 8`` has 121 lengths, with ``bucket: 64`` 16. A
+    multiple of 8 that divides ``max_seq_len``."""
 
 
 class CurriculumConfig(Section):
@@ -250,21 +254,36 @@ Switch = Union[Literal["auto"], bool]
 
 
 class KernelsConfig(Section):
-    """Fused kernels, one switch each: ``auto`` uses it where it can run (and says once in the log when it cannot),
-    ``true`` requires it, ``false`` never uses it. Attention is PyTorch SDPA in every case. See
-    ``pipeline/kernels.py``."""
+    """Fused kernels and compilation, one switch each: ``auto`` uses a kernel where it can run (and says once in
+    the log when it cannot), ``true`` requires it, ``false`` never uses it. Attention is PyTorch SDPA with
+    ``is_causal=True`` in every case. See ``pipeline/kernels.py`` and ``pipeline/engine.py``."""
 
     fused_adam: Switch = "auto"
     """DeepSpeed FusedAdam (CUDA); otherwise torch AdamW."""
+    fused_cross_entropy: Switch = False
+    """Liger's fused linear cross-entropy for any decoder (no ``tokens x vocab`` logits tensor), beside the
+    compiled region. Off by default: on an H200 it trained GPT-2 124M slower than the compiled unfused loss
+    (457 K against 493 K tok/s at 64 x 1024); it saves the logits' memory. CUDA, ``pip install liger-kernel``."""
     liger: Switch = "auto"
-    """Liger Triton kernels for Llama: RMSNorm, SwiGLU, RoPE and the fused linear cross-entropy (no logits
-    tensor). CUDA, ``arch: llama``, ``pip install liger-kernel`` (the ``gpu`` extra)."""
+    """Liger Triton kernels inside Llama blocks: RMSNorm, SwiGLU, RoPE. CUDA, ``arch: llama``; in ``auto`` not
+    with ``compile`` (they break the graph, and Inductor fuses these operations itself)."""
     apex: Switch = "auto"
-    """NVIDIA apex fused RMSNorm/LayerNorm when apex is importable (CUDA; not with Liger's RMSNorm)."""
-    compile: bool = False
-    """``torch.compile`` the model with static shapes: one compile per distinct (micro-batch, seq_len)."""
-    compile_warmup: bool = False
-    """Compile every stage's shape before step 0, so no stage switch pays for it during training."""
+    """NVIDIA apex fused RMSNorm/LayerNorm when apex is importable (CUDA; not with Liger's RMSNorm; in ``auto`` not
+    with ``compile``)."""
+    compile: Switch = "auto"
+    """``torch.compile`` with static shapes (``auto``: on CUDA): one graph per distinct (micro-batch, seq_len) and
+    one for evaluation (``plan`` lists them); a graph built after the warm-up, or a fallback to eager, is reported
+    in the log and in metrics.jsonl."""
+    compile_warmup: bool = True
+    """Build every graph before step 0 by running the real training step (both micro-step kinds) and the real
+    evaluation once per shape, with the gradients dropped; the time is logged. ``false`` compiles each shape at
+    its first step instead."""
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    """The ``torch.compile`` backend: ``inductor`` generates kernels; ``aot_eager`` and ``eager`` only trace
+    (for debugging and for CPU tests of the compile bookkeeping)."""
+    cuda_graphs: Switch = "auto"
+    """Replay each compiled graph as a CUDA graph (Inductor's CUDA graph trees, ``reduce-overhead``; ``auto``: when
+    compiling on CUDA): removes the kernel-launch gaps that dominate short steps."""
 
 
 # --------------------------------------------------------------------------------------------------- optimizer
@@ -310,15 +329,19 @@ class RunConfig(Section):
     total_tokens: Optional[PositiveInt] = None
     """Same, as a token budget."""
     seed: NonNegativeInt = 1234
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """``auto``: bf16 on a CUDA device that supports it, fp32 otherwise (CPU)."""
+    precision: Literal["auto", "fp32", "bf16", "bf16-autocast"] = "auto"
+    """``bf16``: DeepSpeed's bf16 mode (bf16 weights and gradients, fp32 master weights in the optimizer).
+    ``bf16-autocast``: fp32 weights and gradients, matmuls in bf16 under ``torch.autocast`` (DeepSpeed's
+    ``torch_autocast``). ``auto``: bf16-autocast on a CUDA device that supports bf16, fp32 otherwise (CPU)."""
     output_dir: Optional[str] = None
     """Run directory; default ``runs/<name>``. ``train --output-dir`` overrides it."""
     eval_every: NonNegativeInt = 100
     """Evaluate every N steps (0: only at the end). Evaluation is always at the full sequence length."""
     eval_batches: PositiveInt = 8
-    """Batches of ``eval_batch`` full-length sequences per rank in each evaluation."""
+    """Batches of ``eval_batch`` full-length sequences in each evaluation: the evaluation set is the first
+    ``eval_batch x eval_batches`` windows of ``val.bin``, the same for every world size."""
     eval_batch: PositiveInt = 8
+    """Sequences per evaluation batch over all ranks (each rank takes ``eval_batch / world size`` of them)."""
     checkpoint_every: NonNegativeInt = 100
     """Save every N steps (0: only at the end)."""
     keep_checkpoints: PositiveInt = 2

@@ -37,6 +37,7 @@ def plan_dict(schedule: Schedule, per_step: bool = False) -> dict[str, Any]:
             for s in schedule.stages
         ],
         "lr_events": [{"at_step": at, "multiply": m} for at, m in schedule.lr_events],
+        "shapes": [{"micro_batch": micro, "seq_len": seq_len} for micro, seq_len in schedule.distinct_shapes()],
         "total_steps": schedule.total_steps,
         "total_tokens": schedule.total_tokens,
     }
@@ -96,6 +97,10 @@ def format_plan_table(schedule: Schedule, title: str = "") -> str:
                  f"eval at seq_len {schedule.max_seq_len}")
     for at, multiply in schedule.lr_events:
         lines.append(f"LR event: x{multiply:g} from step {at}")
+    shapes = schedule.distinct_shapes()
+    listed = ", ".join(f"{micro}x{seq_len}" for micro, seq_len in shapes[:8]) + (", ..." if len(shapes) > 8 else "")
+    lines.append(f"shapes: {len(shapes)} training (micro-batch x seq_len: {listed}) + 1 evaluation = "
+                 f"{len(shapes) + 1} graphs to compile with kernels.compile")
     lines.append("steps count from 0; a stage runs steps start-end inclusive. (x): peak LR = base_lr x lr_mult. "
                  "(cap): limited by the stage's lr_max. rule LR: the lr_scaling rule; * = hand-set LR off from it "
                  "by more than 2x.")

@@ -57,12 +57,17 @@ def auto_grad_clip(rule: GradClipAutoConfig, seq_len: int) -> float:
 
 
 def pacing_seq_len(pacing: PacingConfig, step: int) -> int:
-    """Sequence length of a continuous pacing function at ``step`` (DeepSpeed's formulas, corrected).
+    """Sequence length of a continuous pacing function at ``step`` (DeepSpeed's formulas, corrected), rounded
+    down to a multiple of ``pacing.bucket`` when it has one (never below ``min_seq_len``).
 
     DeepSpeed rounds to an absolute multiple of ``step_size`` (min 100, step 8 gives 96) and clamps to max only
     from above (max 1020, step 8 never reaches 1020). Here increments are counted from ``min_seq_len`` and the
     length is ``max_seq_len`` from ``total_curriculum_steps`` on.
     """
+    return _bucketed(pacing, _unbucketed_seq_len(pacing, step))
+
+
+def _unbucketed_seq_len(pacing: PacingConfig, step: int) -> int:
     if pacing.type == "fixed_discrete":
         for length, last_step in zip(pacing.difficulty, pacing.max_step):
             if step <= last_step:
@@ -76,6 +81,35 @@ def pacing_seq_len(pacing: PacingConfig, step: int) -> int:
     span = pacing.max_seq_len - pacing.min_seq_len
     increments = math.floor(progress * span) // pacing.step_size
     return min(pacing.min_seq_len + increments * pacing.step_size, pacing.max_seq_len)
+
+
+def pacing_plateaus(pacing: PacingConfig, curriculum_end: int) -> list[tuple[int, int]]:
+    """``(first step, length)`` of each change of the pacing function over steps ``0 .. curriculum_end``, found
+    per length by bisection (the function never decreases): the work grows with the number of lengths, not of
+    steps, so a curriculum of 10**9 steps resolves as fast as one of 1,000."""
+    candidates = sorted({pacing_seq_len(pacing, 0), pacing_seq_len(pacing, curriculum_end)}
+                        | ({pacing_seq_len(pacing, s) for s in [0, *(m + 1 for m in pacing.max_step)]}
+                           if pacing.type == "fixed_discrete" else
+                           {_bucketed(pacing, pacing.min_seq_len + k * pacing.step_size)  # type: ignore[operator]
+                            for k in range((pacing.max_seq_len - pacing.min_seq_len) // pacing.step_size + 1)}))
+    plateaus: list[tuple[int, int]] = []
+    for length in candidates:
+        first = bisect.bisect_left(range(curriculum_end + 1), length, key=lambda step: pacing_seq_len(pacing, step))
+        if first > curriculum_end:
+            continue
+        actual = pacing_seq_len(pacing, first)
+        if plateaus and plateaus[-1][0] == first:
+            plateaus[-1] = (first, actual)
+        elif not plateaus or plateaus[-1][1] != actual:
+            plateaus.append((first, actual))
+    return plateaus
+
+
+def _bucketed(pacing: PacingConfig, length: int) -> int:
+    """``length`` rounded down to a multiple of ``pacing.bucket``, never below the shortest length."""
+    if pacing.bucket is None:
+        return length
+    return max(length // pacing.bucket * pacing.bucket, pacing.min_seq_len or pacing.difficulty[0])
 
 
 # --------------------------------------------------------------------------------------------------- resolved plan
@@ -281,17 +315,14 @@ def _resolve_pacing(config: Config, world_size: int) -> list[Stage]:
     reshape_tokens = _reshape_tokens_per_step(pacing, max_seq_len, path) if cur.mode == "reshape" else None
 
     # Plateaus of the length function: (first step, length) for each change, then max length forever.
-    plateaus: list[tuple[int, _Shape]] = []
     if pacing.type == "fixed_discrete":
         # one length and no max_step is a valid (constant) schedule
         curriculum_end = pacing.max_step[-1] + 1 if pacing.max_step else 0
     else:
         assert pacing.total_curriculum_steps is not None  # checked in _check_pacing
         curriculum_end = pacing.total_curriculum_steps
-    for step in range(curriculum_end + 1):
-        seq_len = pacing_seq_len(pacing, step)
-        if not plateaus or plateaus[-1][1].seq_len != seq_len:
-            plateaus.append((step, _shape(cur, pacing, path, seq_len, max_seq_len, world_size, reshape_tokens)))
+    plateaus = [(step, _shape(cur, pacing, path, seq_len, max_seq_len, world_size, reshape_tokens))
+                for step, seq_len in pacing_plateaus(pacing, curriculum_end)]
     end_step = _end_step(config, pacing, path, True, 0, 0,
                          [(shape, plateaus[j + 1][0] if j + 1 < len(plateaus) else None)
                           for j, (_, shape) in enumerate(plateaus)])
@@ -332,6 +363,12 @@ def _check_seq_len(field: str, seq_len: int) -> None:
 
 
 def _check_pacing(pacing: PacingConfig, path: str) -> None:
+    if pacing.bucket is not None:
+        _check_seq_len(f"{path}.bucket", pacing.bucket)
+        top = pacing.max_seq_len if pacing.type != "fixed_discrete" else (pacing.difficulty or [0])[-1]
+        if top and top % pacing.bucket:
+            raise ConfigError(f"{path}.bucket", pacing.bucket,
+                              f"must divide the longest length {top}, so that the curriculum reaches it")
     if pacing.type == "fixed_discrete":
         for name in ("min_seq_len", "max_seq_len", "total_curriculum_steps"):
             if getattr(pacing, name) is not None:

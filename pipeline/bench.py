@@ -1,214 +1,224 @@
-"""``curriculum-pretrain bench``: throughput of every stage shape through the real pipeline, against a baseline.
+"""``curriculum-pretrain bench``: throughput of every stage shape through the real pipeline, against the loop a
+careful engineer writes by hand; and the same figures read from a real ``train`` run.
+
+    curriculum-pretrain bench --config X [--steps 20 --warmup 5] [--no-baseline] [--profile]
+    curriculum-pretrain bench --from-train RUN_DIR [--against BENCH_JSON]
 
 For each distinct (micro-batch, seq_len) of the curriculum, with that stage's gradient accumulation:
 
-- **pipeline**: the DeepSpeed engine with the config's kernels, the sampler drawing real batches, and the same
-  forward/backward/step as ``train``; ``--warmup`` steps, then ``--steps`` timed steps (CUDA-synchronised).
-- **baseline** (in the same process, same model config and shapes): a plain ``transformers`` model in bf16 with
-  SDPA, ``torch.compile`` and ``torch.optim.AdamW(fused=True)``, the loop a careful engineer writes by hand.
+- **pipeline**: the engine ``train`` builds, its warm-up (every compiled graph built first, timed), then
+  ``--warmup`` and ``--steps`` timed steps of ``Engine.train_step`` on batches from the prefetcher, timed as
+  ``train`` times them: from one step's synchronisation to the next.
+- **baseline** (same process, model config, shapes and batches): ``transformers`` with its stock SDPA attention,
+  fp32 weights under ``torch.autocast`` bf16, the loss inside ``torch.compile``, ``torch.optim.AdamW(fused=True)``,
+  gradient clipping at 1.0 and the loss read once per step.
 
 Reported per shape: median tok/s, MFU (``flops_per_token`` of ``pipeline.model`` over the device's peak), median
-step time, peak memory, and the pipeline/baseline ratio; plus the time to the first step and the stage-switch
-cost (the first step of each shape minus a steady step: compilation and allocation). Written as JSON.
+step time, peak memory, the first step's extra cost and the pipeline/baseline ratio; plus the warm-up (compile)
+time, the time to the first step and the stage-switch cost (near 0 once the warm-up built every graph). JSON.
+
+``--from-train`` reports, from a run directory's metrics: per stage median tok/s and MFU, the compile/warm-up time,
+the evaluation time and the share of the wall time that is not training steps; with ``--against`` it sets each
+stage beside the bench figure of the same shape.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 from curriculum.errors import ConfigError
 from curriculum.schedule import Stage, build_schedule
-from pipeline.cli import load_config_from_args
 
 PROCESS_START = time.perf_counter()
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipeline.cli import add_config_arguments
+
+    add_config_arguments(parser, required=False)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per stage shape (default 20)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    parser.add_argument("--no-baseline", dest="baseline", action="store_false",
+                        help="skip the hand-written baseline loop")
+    parser.add_argument("--memory-fraction", type=float, default=None,
+                        help="cap this process's GPU memory (e.g. 0.17 of a 141 GB H200 = a 24 GB card)")
+    parser.add_argument("--output", default=None, help="JSON path (default runs/<name>-bench.json)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one step of the longest stage: GPU time by kernel kind (torch.profiler)")
+    parser.add_argument("--from-train", default=None, metavar="RUN_DIR",
+                        help="report the figures of a train run directory instead of measuring")
+    parser.add_argument("--against", default=None, metavar="BENCH_JSON",
+                        help="with --from-train: a bench JSON to compare each stage's tok/s with")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.from_train is not None:
+        return from_train(Path(args.from_train), Path(args.against) if args.against else None, args.output)
+    if args.config is None:
+        raise ConfigError("--config", None, "required (or --from-train RUN_DIR)")
+    if args.against is not None:
+        raise ConfigError("--against", args.against, "only with --from-train")
     if args.steps < 1 or args.warmup < 0:
         raise ConfigError("--steps" if args.steps < 1 else "--warmup", args.steps if args.steps < 1 else args.warmup,
                           "steps must be >= 1 and warmup >= 0")
     if args.memory_fraction is not None and not 0 < args.memory_fraction <= 1:
         raise ConfigError("--memory-fraction", args.memory_fraction, "must be in (0, 1]")
-    config = load_config_from_args(args)
-    from pipeline.train import build_engine, enter_stage, forward_backward, init_processes, peak_flops, use_bf16
+    from pipeline.cli import load_config_from_args
 
-    rank, world_size, device, log = init_processes()
+    return bench(load_config_from_args(args), args)
+
+
+def bench(config: Any, args: argparse.Namespace) -> int:
     import torch
 
-    from pipeline.batches import TokenSampler
-    from pipeline.data import load_tokens, read_manifest
+    from pipeline.batches import Prefetcher, load_run_data
     from pipeline.ds_config import derive_ds_config
-    from pipeline.model import matmul_params
+    from pipeline.engine import (build_engine, close_processes, device_name, device_precision,
+                                 first_stage_per_shape, init_processes, peak_flops)
 
+    processes = init_processes()
+    device, log = processes.device, processes.log
     if args.memory_fraction is not None:
         if device.type != "cuda":
             raise ConfigError("--memory-fraction", args.memory_fraction, "needs a CUDA device")
         torch.cuda.set_per_process_memory_fraction(args.memory_fraction)
-    schedule = build_schedule(config, world_size)
-    manifest = read_manifest(config.data.dir)
-    sampler = TokenSampler(load_tokens(config.data.dir, "train"), schedule.max_seq_len, config.run.seed)
-    bf16 = use_bf16(config, device)
-    engine, model, optimizer_name, kernels = build_engine(config, schedule, derive_ds_config(config, schedule, bf16),
-                                                          manifest, device, log)
-    n_matmul, n_layer, d_model = matmul_params(model), model.config.num_hidden_layers, model.config.hidden_size
+    schedule = build_schedule(config, processes.world_size)
+    data = load_run_data(config, schedule, processes.rank, processes.world_size, device)
+    precision = device_precision(config, device)
+    engine = build_engine(config, schedule, derive_ds_config(config, schedule, precision), data.manifest, processes)
+    loader = Prefetcher(data.sampler, schedule, processes.rank, device)
     peak = config.run.peak_flops or peak_flops(device)
-    # the first stage of each distinct (micro-batch, seq_len), in order
-    shapes = list({(s.micro_batch, s.seq_len): s for s in reversed(schedule.stages)}.values())[::-1]
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    rows, cursor, first_step_at = [], 0, None
-    for stage in shapes:
-        enter_stage(engine, stage)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(args.warmup + args.steps):
-            start = time.perf_counter()
-            micro_batches = sampler.step_micro_batches(stage, cursor, rank, schedule.mode)
-            cursor += stage.samples_per_step
-            forward_backward(engine, micro_batches, device)
-            engine.step()
-            sync()
-            times.append(time.perf_counter() - start)
-            first_step_at = first_step_at or time.perf_counter() - PROCESS_START
-        row = _row(stage, times[args.warmup:], times[0], n_matmul, n_layer, d_model, peak, world_size, device)
+    warmup = engine.warm_up(schedule, lambda stage, cursor: loader.load(stage, -1, cursor), data.eval_batches) \
+        if engine.monitor is not None else {}
+    if warmup:
+        log(f"warm-up: {len(engine.monitor.graphs)} graphs in {engine.warmup_s:.1f} s")  # type: ignore[union-attr]
+    engine.ds.train()
+    rows: list[dict[str, Any]] = []
+    first_step_at = None
+    for stage in first_stage_per_shape(schedule):
+        engine.enter_stage(stage)
+        engine.set_lr(stage.peak_lr)
+        _reset_peak_memory(device)
+        prefetcher = Prefetcher(data.sampler, schedule, processes.rank, device, fixed_stage=stage)
+        losses: list[float] = []
+        shape_start = time.perf_counter()
+        times = _timed_steps(lambda step: losses.append(engine.train_step(
+            prefetcher.get(step, step * stage.samples_per_step))[0].loss), args.warmup + args.steps)
+        first_step_at = first_step_at or shape_start + times[0] - PROCESS_START
+        row = _row(stage, times[args.warmup:], engine, peak, device)
+        # the first step of a shape beyond a steady one: what entering the stage costs (compiling, allocating)
+        row["first_step_s"], row["switch_cost_s"] = times[0], max(0.0, times[0] - row["step_time_s"])
+        row["losses"] = losses  # every step's, warm-up included: variants of one config must agree
         if args.baseline:
-            row["baseline"] = _baseline(config, model.config, stage, sampler, schedule.mode, rank, args, device,
-                                        n_matmul, n_layer, d_model, peak, world_size)
+            row["baseline"] = _baseline(engine, stage, prefetcher, args.warmup, args.steps, peak, device)
             row["ratio"] = row["tok_per_s"] / row["baseline"]["tok_per_s"]
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the baseline's model and optimizer are gone; give their memory back
+        prefetcher.close()
         rows.append(row)
         log(_format_row(row))
     profile = None
     if args.profile:
-        stage = shapes[-1]  # the longest stage: the one the run spends most of its time in
-
-        def one_step() -> None:
-            nonlocal cursor
-            micro_batches = sampler.step_micro_batches(stage, cursor, rank, schedule.mode)
-            cursor += stage.samples_per_step
-            forward_backward(engine, micro_batches, device)
-            engine.step()
-            sync()
-
-        profile = profile_step(one_step, device)
+        stage = first_stage_per_shape(schedule)[-1]  # the longest stage: the one a run spends most time in
+        engine.enter_stage(stage)
+        profile = profile_step(lambda: engine.train_step(loader.load(stage, 0, 0)), device)
         log(f"profile of one step at seq_len {stage.seq_len} (GPU time by kernel kind): " +
             ", ".join(f"{kind} {ms:.1f} ms ({100 * ms / profile['total_ms']:.0f} %)"
                       for kind, ms in profile["by_kind_ms"].items()))
-
+    loader.close()
     report = {
-        "config": config.name, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "world_size": world_size, "precision": "bf16" if bf16 else "fp32", "optimizer": optimizer_name,
-        "kernels": {"liger": kernels.liger, "apex": kernels.apex, "compile": kernels.compile},
+        "config": config.name, "device": device_name(device), "world_size": processes.world_size,
+        "precision": precision, "optimizer": engine.optimizer_name,
+        "kernels": {"fused_cross_entropy": engine.kernels.fused_cross_entropy, "liger": engine.kernels.liger,
+                    "apex": engine.kernels.apex, "compile": engine.kernels.compile,
+                    "cuda_graphs": engine.kernels.cuda_graphs},
         "memory_fraction": args.memory_fraction, "steps": args.steps, "warmup": args.warmup,
-        "time_to_first_step_s": first_step_at, "shapes": rows, "profile": profile,
-        "stage_switch_cost_s": sum(r["switch_cost_s"] for r in rows[1:]),
-        "torch": torch.__version__,
+        "warmup_s": engine.warmup_s, "warmup_by_shape_s": warmup, "time_to_first_step_s": first_step_at,
+        "stage_switch_cost_s": sum(row["switch_cost_s"] for row in rows[1:]),
+        "graphs": engine.monitor.graphs if engine.monitor is not None else [],
+        "shapes": rows, "profile": profile, "torch": torch.__version__,
     }
-    if rank == 0:
+    if processes.rank == 0:
         out = Path(args.output or Path("runs") / f"{config.name}-bench.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
-        log(f"time to first step {first_step_at:.1f} s; stage switches (first step of each later shape minus a "
-            f"steady step) {report['stage_switch_cost_s']:.2f} s in total; wrote {out}")
+        log(f"wrote {out}")
+    close_processes()
     return 0
 
 
-KERNEL_KINDS = (  # substrings of CUDA kernel names, first match wins
-    ("attention", ("flash", "fmha", "attention", "sdpa")),
-    ("matmul", ("gemm", "xmma", "cutlass", "sm90", "matmul", "cublas")),
-    ("optimizer", ("adam", "multi_tensor")),
-    ("copy / cast", ("memcpy", "memset", "copy", "cast", "to_copy")),
-    ("fused elementwise (triton)", ("triton",)),
-)
-
-
-def kernel_kind(name: str) -> str:
-    lowered = name.lower()
-    return next((kind for kind, keys in KERNEL_KINDS if any(k in lowered for k in keys)), "other elementwise")
-
-
-def profile_step(step: Any, device: Any) -> dict[str, Any]:
-    """GPU time of one training step by kernel kind, and the 15 kernels that take longest (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    step()  # nothing left to compile or allocate in the profiled step
-    with profile(activities=activities) as prof:
-        step()
-    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
-    by_kind: dict[str, float] = {}
-    for event in kernels:
-        by_kind[kernel_kind(event.name)] = by_kind.get(kernel_kind(event.name), 0.0) + event.device_time / 1000
-    top: dict[str, float] = {}
-    for event in kernels:
-        top[event.name] = top.get(event.name, 0.0) + event.device_time / 1000
-    return {"total_ms": sum(by_kind.values()),
-            "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
-            "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:15])}
-
-
-def _row(stage: Stage, times: list[float], first: float, n_matmul: int, n_layer: int, d_model: int, peak: Any,
-         world_size: int, device: Any) -> dict[str, Any]:
+def _reset_peak_memory(device: Any) -> None:
     import torch
 
-    from pipeline.model import flops_per_token
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _timed_steps(step: Callable[[int], Any], count: int) -> list[float]:
+    """Seconds per step, each from the previous step's end (its synchronisation) to its own, as ``train`` times
+    them. A step must synchronise with the device before it returns."""
+    times, mark = [], time.perf_counter()
+    for i in range(count):
+        step(i)
+        now = time.perf_counter()
+        times.append(now - mark)
+        mark = now
+    return times
+
+
+def _row(stage: Stage, times: list[float], engine: Any, peak: Optional[float], device: Any) -> dict[str, Any]:
+    import torch
 
     step_time = statistics.median(times)
     tok_per_s = stage.tokens_per_step / step_time
     return {
         "stage": stage.index, "seq_len": stage.seq_len, "micro_batch": stage.micro_batch,
         "grad_accum": stage.grad_accum, "global_batch": stage.global_batch, "tokens_per_step": stage.tokens_per_step,
-        "step_time_s": step_time, "tok_per_s": tok_per_s,
-        "mfu": flops_per_token(n_matmul, n_layer, d_model, stage.seq_len) * tok_per_s / (world_size * peak)
-        if peak else None,
+        "step_time_s": step_time, "tok_per_s": tok_per_s, "mfu": engine.mfu(stage.seq_len, tok_per_s, peak),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-        "first_step_s": first, "switch_cost_s": max(0.0, first - step_time),
     }
 
 
-def _baseline(config: Any, hf_config: Any, stage: Stage, sampler: Any, mode: str, rank: int, args: argparse.Namespace,
-              device: Any, n_matmul: int, n_layer: int, d_model: int, peak: Any, world_size: int) -> dict[str, Any]:
-    """The hand-written loop: transformers model, bf16, SDPA, torch.compile, fused AdamW, same shapes."""
+def _baseline(engine: Any, stage: Stage, prefetcher: Any, warmup: int, steps: int, peak: Optional[float],
+              device: Any) -> dict[str, Any]:
+    """The hand-written loop (see the module docstring) on the same shapes and batches."""
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(config.run.seed)
-    model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa").to(device)
-    if device.type == "cuda":
-        model = model.to(torch.bfloat16)
+    torch.manual_seed(0)
+    # a copy: from_config sets the attention implementation on the config it is given
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(engine.lm.config), attn_implementation="sdpa").to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    compiled = torch.compile(model)
+    on_cuda = device.type == "cuda"
 
-    def step(micro_batches: list[tuple[Any, Any]]) -> None:
+    @torch.compile
+    def loss_of(inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, torch.bfloat16, enabled=on_cuda):
+            logits = model(input_ids=inputs).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+    def step(index: int) -> None:
+        micro_batches = prefetcher.get(index, index * stage.samples_per_step).micro_batches
         for inputs, labels in micro_batches:
-            logits = compiled(input_ids=inputs.to(device)).logits
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(device).flatten()) / len(micro_batches)
+            loss = loss_of(inputs, labels) / len(micro_batches)
             loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        loss.item()  # the loop logs the loss: one synchronisation per step
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(args.warmup + args.steps):
-        start = time.perf_counter()
-        step(sampler.step_micro_batches(stage, i * stage.samples_per_step, rank, mode))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    row = _row(stage, times[args.warmup:], times[0], n_matmul, n_layer, d_model, peak, world_size, device)
-    return {k: row[k] for k in ("step_time_s", "tok_per_s", "mfu", "peak_memory_gib", "first_step_s")}
+    _reset_peak_memory(device)
+    times = _timed_steps(step, warmup + steps)[warmup:]
+    row = _row(stage, times, engine, peak, device)
+    return {k: row[k] for k in ("step_time_s", "tok_per_s", "mfu", "peak_memory_gib")}
 
 
 def _format_row(row: dict[str, Any]) -> str:
@@ -219,3 +229,115 @@ def _format_row(row: dict[str, Any]) -> str:
     if "baseline" in row:
         text += f"  | baseline {row['baseline']['tok_per_s']:,.0f} tok/s, ratio {row['ratio']:.2f}"
     return text
+
+
+# --------------------------------------------------------------------------------------------------- profile
+
+KERNEL_KINDS = (  # substrings of CUDA kernel names, first match wins
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("matmul", ("gemm", "xmma", "cutlass", "sm90", "matmul", "cublas", "nvjet")),
+    ("optimizer", ("adam", "multi_tensor")),
+    # before copies: Inductor names a fused kernel after its ops, often with a "_to_copy" (a cast) among them
+    ("fused elementwise (triton)", ("triton",)),
+    ("copy / cast", ("memcpy", "memset", "copy", "cast")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in lowered for k in keys)), "other elementwise")
+
+
+def profile_step(step: Callable[[], Any], device: Any) -> dict[str, Any]:
+    """GPU time of one training step by kernel kind, and the 15 kernels that take longest (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step()  # nothing left to compile or allocate in the profiled step
+    with profile(activities=activities) as prof:
+        step()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    by_kind: dict[str, float] = {}
+    top: dict[str, float] = {}
+    for event in kernels:
+        by_kind[kernel_kind(event.name)] = by_kind.get(kernel_kind(event.name), 0.0) + event.device_time / 1000
+        top[event.name] = top.get(event.name, 0.0) + event.device_time / 1000
+    return {"total_ms": sum(by_kind.values()),
+            "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+            "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:15])}
+
+
+# --------------------------------------------------------------------------------------------------- --from-train
+
+
+def from_train(run_dir: Path, against: Optional[Path], output: Optional[str]) -> int:
+    """Per-stage throughput, compile and evaluation time and the non-training share of a train run's wall time."""
+    report = train_report(run_dir, against)
+    for line in format_train_report(report):
+        print(line)
+    out = Path(output) if output else run_dir / "bench-from-train.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+def train_report(run_dir: Path, against: Optional[Path]) -> dict[str, Any]:
+    from pipeline.rundir import RunDir, eval_rows, read_records, train_rows
+
+    paths = RunDir(run_dir)
+    if not paths.metrics.is_file():
+        raise ConfigError("--from-train", str(run_dir), "holds no metrics.jsonl; give a train run directory")
+    records = read_records(paths.metrics)
+    train, evals = train_rows(records), eval_rows(records)
+    if not train:
+        raise ConfigError("--from-train", str(run_dir), "metrics.jsonl has no train lines yet")
+    compiles = [r for r in records if r.get("kind") == "compile" and "warmup_s" in r]
+    bench_rows = _bench_rows(against) if against is not None else {}
+    stages = []
+    for index in sorted({r["stage"] for r in train}):
+        rows = [r for r in train if r["stage"] == index]
+        timed = rows[1:] or rows  # the first step of a stage enters it
+        stage = {"stage": index, "seq_len": rows[0]["seq_len"], "global_batch": rows[0]["global_batch"],
+                 "steps": len(rows), "median_tok_per_s": statistics.median(r["tok_per_s"] for r in timed),
+                 "median_mfu": statistics.median(r["mfu"] for r in timed) if timed[0].get("mfu") is not None
+                 else None}
+        match = bench_rows.get((stage["seq_len"], stage["global_batch"]))
+        if match is not None:
+            stage["bench_tok_per_s"] = match["tok_per_s"]
+            stage["vs_bench"] = stage["median_tok_per_s"] / match["tok_per_s"]
+        stages.append(stage)
+    wall = train[-1]["elapsed_s"]
+    train_s = train[-1].get("train_s")
+    eval_s = sum(r.get("eval_s") or 0.0 for r in evals)
+    warmup_s = sum(r["warmup_s"] for r in compiles)
+    return {"run_dir": str(run_dir), "stages": stages, "wall_s": wall, "train_s": train_s, "warmup_s": warmup_s,
+            "eval_s": eval_s, "evaluations": len(evals),
+            "not_training_share": None if train_s is None else 1 - train_s / wall,
+            "surprises": [r["surprise"] for r in records if r.get("kind") == "compile" and "surprise" in r],
+            "against": str(against) if against else None}
+
+
+def _bench_rows(path: Path) -> dict[tuple[int, int], dict[str, Any]]:
+    try:
+        report = json.loads(path.read_text())
+        return {(row["seq_len"], row["global_batch"]): row for row in report["shapes"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError("--against", str(path), f"not a bench JSON ({err})") from None
+
+
+def format_train_report(report: dict[str, Any]) -> list[str]:
+    lines = [f"{report['run_dir']}: per stage (median over its steps after the first)"]
+    for s in report["stages"]:
+        line = f"  stage {s['stage']} seq_len {s['seq_len']:>5} batch {s['global_batch']:>5}: " \
+               f"{s['median_tok_per_s']:>10,.0f} tok/s"
+        if s["median_mfu"] is not None:
+            line += f"  MFU {100 * s['median_mfu']:5.1f}%"
+        if "vs_bench" in s:
+            line += f"  bench {s['bench_tok_per_s']:,.0f} tok/s: {100 * (s['vs_bench'] - 1):+.1f}%"
+        lines.append(line)
+    share = report["not_training_share"]
+    lines.append(f"wall {report['wall_s']:.1f} s: training steps {report['train_s'] or 0:.1f} s, compile + warm-up "
+                 f"{report['warmup_s']:.1f} s, {report['evaluations']} evaluations {report['eval_s']:.1f} s; "
+                 f"not training: {'-' if share is None else f'{100 * share:.1f} %'}")
+    lines += [f"torch.compile after the warm-up: {surprise}" for surprise in report["surprises"]]
+    return lines

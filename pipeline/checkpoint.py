@@ -11,17 +11,20 @@ A save writes into ``<tag>.partial``, waits for every rank, then rank 0 renames 
 ``latest``. A kill at any moment leaves ``latest`` pointing at a complete checkpoint. The checkpoint is named by
 the number of steps done, which is also the step the resumed run starts at.
 
-Client state (rank 0's, stored by DeepSpeed): ``step``, ``tokens``, ``cursor`` (samples drawn), the curriculum
-section it was saved with (to report changed hyperparameters on resume). What differs between ranks (RNG states,
-the fingerprint of the data the rank trained on) goes to ``rank<r>.pt``, since DeepSpeed keeps only rank 0's
-client state.
+What a run's progress is, beyond the engine's weights and optimizer state, is one typed ``RunState``; resume and
+rollback both read it back through ``Checkpointer.load``. Its shared part is rank 0's client state (stored by
+DeepSpeed); what differs between ranks (RNG states, the fingerprint of the data the rank trained on) goes to
+``rank<r>.pt``, since DeepSpeed keeps only rank 0's client state.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import random
 import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,6 +36,47 @@ from curriculum.errors import ConfigError
 
 LATEST = "latest"
 PARTIAL = ".partial"
+
+
+@dataclass
+class RunState:
+    """A run's progress: everything a checkpoint holds besides the engine's own state."""
+
+    step: int = 0
+    """Steps done, which is the step to run next (steps count from 0)."""
+    tokens: int = 0
+    """Tokens trained by steps ``0 .. step - 1``, counted from the batches trained."""
+    cursor: int = 0
+    """Samples drawn from the data so far, over all ranks (the sampler's whole state)."""
+    elapsed_s: float = 0.0
+    """Wall-clock seconds of the run so far: start-up, compilation, steps, evaluations, checkpoints; summed over
+    resumed segments."""
+    train_s: float = 0.0
+    """Seconds spent in training steps only."""
+    data_sha256: str = field(default_factory=lambda: hashlib.sha256().hexdigest())
+    """This rank's data fingerprint: a sha256 chain with one link per step over the step's input rows (a sha256
+    object's running state cannot be saved, its last digest can)."""
+    guard: dict[str, Any] = field(default_factory=dict)
+    """``SpikeGuard.state_dict()``."""
+    best_eval_loss: float = math.inf
+    curriculum: dict[str, Any] = field(default_factory=dict)
+    """The curriculum section the state was saved with: a resume reports what changed since."""
+    params_sha256: Optional[str] = None
+    """The parameters' hash at the save (written when the guard may roll back, so a rollback can prove it restored
+    exactly these)."""
+
+    RANK_FIELDS = ("data_sha256",)
+
+    def to_checkpoint(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(client_state, rank_state)``: what rank 0 stores for all, and what each rank stores for itself."""
+        values = asdict(self)
+        rank_state = {key: values.pop(key) for key in self.RANK_FIELDS}
+        return values, rank_state
+
+    @classmethod
+    def from_checkpoint(cls, client_state: dict[str, Any], rank_state: dict[str, Any]) -> "RunState":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{key: value for key, value in {**client_state, **rank_state}.items() if key in known})
 
 
 def tag_for(steps_done: int) -> str:
@@ -73,6 +117,15 @@ class Checkpointer:
             return None
         path = self.directory / pointer.read_text().strip()
         return path if path.is_dir() else None
+
+    def save_state(self, engine: Any, state: RunState, name: Optional[str] = None) -> Path:
+        """The engine and ``state``, as ``step<state.step>`` or under ``name`` (see ``save``)."""
+        client_state, rank_state = state.to_checkpoint()
+        return self.save(engine, state.step, client_state, rank_state, name)
+
+    def load_state(self, engine: Any, path: Path) -> RunState:
+        """Restore engine, optimizer and this rank's RNG from ``path``; the run state saved with them."""
+        return RunState.from_checkpoint(*self.load(engine, path))
 
     def save(self, engine: Any, steps_done: int, client_state: dict[str, Any], rank_state: dict[str, Any],
              name: Optional[str] = None) -> Path:

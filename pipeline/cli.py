@@ -27,9 +27,9 @@ from curriculum.config import Config
 from curriculum.errors import ConfigError
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--config`` and ``--set``, shared by every subcommand that reads a run config."""
-    parser.add_argument("--config", required=True,
+def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """``--config``, ``--overlay`` and ``--set``, shared by every subcommand that reads a run config."""
+    parser.add_argument("--config", required=required,
                         help="recipe name (e.g. tiny-cpu, gpt2-124m-curriculum) or path to a YAML file")
     parser.add_argument("--overlay", action="append", default=[], metavar="FILE", dest="overlays",
                         help="a partial YAML config merged into the recipe (repeatable), e.g. the LR caps that "
@@ -83,14 +83,13 @@ def _add_ds_config(parser: argparse.ArgumentParser) -> None:
 
 def _run_ds_config(args: argparse.Namespace) -> int:
     from curriculum.schedule import build_schedule
-    from pipeline.ds_config import derive_ds_config
+    from pipeline.ds_config import derive_ds_config, resolve_precision
 
     config = load_config_from_args(args)
     schedule = build_schedule(config, world_size_argument(args.world_size))
-    # run.precision owns bf16; --bf16 only says what "auto" finds (bf16 on a capable GPU, fp32 on a CPU)
-    precision = config.run.precision
-    bf16 = precision == "bf16" or (precision == "auto" and args.bf16)
-    print(json.dumps(derive_ds_config(config, schedule, bf16=bf16), indent=2))
+    # run.precision owns precision; --bf16 only says what "auto" finds (as on a bf16-capable GPU, or on a CPU)
+    precision = resolve_precision(config.run.precision, bf16_gpu=args.bf16)
+    print(json.dumps(derive_ds_config(config, schedule, precision), indent=2))
     return 0
 
 
@@ -115,17 +114,6 @@ def add_prepare_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1234, help="seed of the train/validation split")
     parser.add_argument("--num-proc", type=int, default=None, help="tokenizer processes (default: CPU count, max 8)")
     parser.add_argument("--max-files", type=int, default=None, help="use at most this many source files")
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument("--output-dir", default=None, help="run directory (default run.output_dir or runs/<name>)")
-    parser.add_argument("--resume", default="auto",
-                        help="auto (the run directory's latest checkpoint if any), none, or a checkpoint path")
-    parser.add_argument("--stop-at-step", type=int, default=None,
-                        help="save a checkpoint and exit before this step, as a preempted job would "
-                             "(resume later with --resume auto)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def add_diagnose_arguments(parser: argparse.ArgumentParser) -> None:
@@ -164,20 +152,6 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: runs one after another)")
 
 
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per stage shape (default 20)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
-    parser.add_argument("--no-baseline", dest="baseline", action="store_false",
-                        help="skip the plain transformers + torch.compile + fused AdamW baseline")
-    parser.add_argument("--memory-fraction", type=float, default=None,
-                        help="cap this process's GPU memory (e.g. 0.3 of an 80 GB H100 = a 24 GB card)")
-    parser.add_argument("--output", default=None, help="JSON path (default runs/<name>-bench.json)")
-    parser.add_argument("--profile", action="store_true",
-                        help="also profile one step of the longest stage: GPU time by kernel kind (torch.profiler)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-
-
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 
 
@@ -186,12 +160,17 @@ def _lazy_run(module: str) -> Callable[[argparse.Namespace], int]:
     return lambda args: importlib.import_module(module).run(args)
 
 
+def _lazy_arguments(module: str) -> Callable[[argparse.ArgumentParser], None]:
+    """The ``add_arguments`` of a command module (which imports no torch at module level)."""
+    return lambda parser: importlib.import_module(module).add_arguments(parser)
+
+
 COMMANDS: dict[str, Command] = {
     "plan": ("show what a curriculum will do, stage by stage", _add_plan, _run_plan),
     "ds-config": ("print the DeepSpeed JSON derived from a config", _add_ds_config, _run_ds_config),
     "prepare-data": ("tokenize text into packed token files", add_prepare_data_arguments,
                      _lazy_run("pipeline.data")),
-    "train": ("run curriculum pretraining on the DeepSpeed engine", add_train_arguments,
+    "train": ("run curriculum pretraining on the DeepSpeed engine", _lazy_arguments("pipeline.train"),
               _lazy_run("pipeline.train")),
     "doctor": ("sanity-check a config before launch", add_doctor_arguments, _lazy_run("pipeline.doctor")),
     "diagnose": ("find spikes, plateaus and slowdowns in a run's metrics", add_diagnose_arguments,
@@ -200,7 +179,7 @@ COMMANDS: dict[str, Command] = {
                 _lazy_run("pipeline.lr_find")),
     "sweep": ("train once per LR and compare the runs", add_sweep_arguments, _lazy_run("pipeline.sweep")),
     "bench": ("tok/s, MFU and memory of every stage shape, against a hand-written baseline loop",
-              add_bench_arguments, _lazy_run("pipeline.bench")),
+              _lazy_arguments("pipeline.bench"), _lazy_run("pipeline.bench")),
 }
 
 

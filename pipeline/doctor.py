@@ -21,6 +21,8 @@ YAML, unknown key) is bad input, like for every other command: one line and exit
     token-budget          warning   fewer than 5 or more than 200 training tokens per parameter (Chinchilla: ~20)
     gpu-env               warning   on GPU: ``TORCH_CUDA_ARCH_LIST`` with arch suffixes (``9.0a``); no CUDA toolkit
                                     for DeepSpeed's JIT builds (FusedAdam)
+    compile-shapes        warning   a compiled run (``kernels.compile`` on a GPU) with more than 32 graphs to build
+                                    (distinct training shapes + evaluation; 20-60 s each for a 124M model)
 
 The parameter count is computed from the transformers config fields (``pipeline.model.model_config_dict``) without
 building the model, so the command needs no torch. ``--device auto`` imports torch only to ask whether CUDA is
@@ -47,7 +49,7 @@ from curriculum.loading import load_config
 from curriculum.schedule import LRWindow, Schedule, Stage, build_schedule
 from pipeline.cli import world_size_argument
 from pipeline.data import MANIFEST_FILE, read_manifest
-from pipeline.ds_config import cpu_offload, derive_ds_config
+from pipeline.ds_config import cpu_offload, derive_ds_config, resolve_precision
 from pipeline.environment import sanitize_cuda_arch_list
 from pipeline.model import model_config_dict
 
@@ -71,6 +73,7 @@ TOKENS_PER_STEP_JUMP = 4.0
 GPU_SEQ_LEN_MULTIPLE = 64
 CHINCHILLA_TOKENS_PER_PARAM = 20.0
 TOKENS_PER_PARAM_RANGE = (5.0, 200.0)
+MAX_COMPILED_GRAPHS = 32
 DEFAULT_VOCAB_SIZE = 50257  # GPT-2's tokenizer, when the data is not prepared yet
 DEFAULT_CUDA_HOME = "/usr/local/cuda"  # where torch's extension builder looks when CUDA_HOME is unset
 
@@ -117,6 +120,7 @@ def check_config(config: Config, world_size: int, device: Device,
     findings += check_tokens_per_step_jump(config, schedule)
     if device == "gpu":
         findings += check_seq_len_multiple(config, schedule)
+        findings += check_compile_shapes(config, schedule)
     vocab, data_findings = read_vocab(config)
     findings += data_findings
     try:
@@ -398,6 +402,21 @@ def check_seq_len_multiple(config: Config, schedule: Schedule) -> list[Finding]:
                     f"{suggestion}: a step_size and min_seq_len of {GPU_SEQ_LEN_MULTIPLE}")]
 
 
+def check_compile_shapes(config: Config, schedule: Schedule) -> list[Finding]:
+    """A compiled run builds one graph per distinct training shape and one for evaluation before step 0."""
+    graphs = len(schedule.distinct_shapes()) + 1
+    if config.kernels.compile is False or graphs <= MAX_COMPILED_GRAPHS:
+        return []
+    pacing = config.curriculum.pacing
+    field = "curriculum.pacing.bucket" if pacing is not None else "curriculum.stages"
+    fix = ("set curriculum.pacing.bucket: 64 (lengths rounded down to multiples of 64)" if pacing is not None
+           else "merge stages into fewer distinct (micro-batch, seq_len) shapes")
+    return [Finding("warning", "compile-shapes", field,
+                    f"kernels.compile builds {graphs} graphs before step 0 ({graphs - 1} training shapes + "
+                    f"evaluation), 20-60 s each for a 124M model on an H100-class GPU",
+                    f"{fix}, or set kernels.compile: false for a short run")]
+
+
 def check_token_budget(config: Config, schedule: Schedule, n_params: int, vocab: Vocab) -> list[Finding]:
     """Training tokens per parameter far from Chinchilla's compute-optimal ~20."""
     per_param = schedule.total_tokens / n_params
@@ -432,9 +451,8 @@ def _budget_field(config: Config) -> str:
 
 def check_ds_config(config: Config, schedule: Schedule, device: Device) -> list[Finding]:
     """``derive_ds_config`` errors, and optimizer offload that cannot work or will not help."""
-    bf16 = config.run.precision == "bf16" or (config.run.precision == "auto" and device == "gpu")
     try:
-        ds = derive_ds_config(config, schedule, bf16)
+        ds = derive_ds_config(config, schedule, resolve_precision(config.run.precision, bf16_gpu=device == "gpu"))
     except ConfigError as err:
         return [Finding("error", "ds-config", err.field, str(err),
                         "fix deepspeed.template / deepspeed.overrides as the message says: batch sizes, clipping, "
@@ -459,11 +477,12 @@ def check_ds_config(config: Config, schedule: Schedule, device: Device) -> list[
 
 
 def check_precision(config: Config, device: Device) -> list[Finding]:
-    if config.run.precision != "bf16" or device != "cpu":
+    if not config.run.precision.startswith("bf16") or device != "cpu":
         return []
     return [Finding("warning", "ds-config", "run.precision",
-                    "run.precision is bf16 on a CPU: without bf16 matmul units (most CPUs) it is slower than fp32",
-                    "use run.precision: auto (bf16 on a capable GPU, fp32 on CPU)")]
+                    f"run.precision is {config.run.precision} on a CPU: without bf16 matmul units (most CPUs) it is "
+                    "slower than fp32",
+                    "use run.precision: auto (bf16 with fp32 weights on a capable GPU, fp32 on CPU)")]
 
 
 # --------------------------------------------------------------------------------------------------- GPU environment

@@ -11,7 +11,7 @@ import copy
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from curriculum.config import Config
 from curriculum.errors import ConfigError
@@ -23,12 +23,28 @@ OWNED_KEYS = {
     "gradient_accumulation_steps": "curriculum stages (global_batch / micro_batch / world size)",
     "gradient_clipping": "curriculum stages (grad_clip)",
     "bf16": "run.precision",
-    "fp16": "run.precision (bf16 or fp32)",
+    "fp16": "run.precision (bf16, bf16-autocast or fp32)",
+    "torch_autocast": "run.precision (bf16-autocast)",
     "optimizer": "the optimizer section (the training loop builds the optimizer)",
     "scheduler": "the curriculum (the training loop writes the LR every step)",
     "curriculum_learning": "the curriculum section (DeepSpeed's legacy curriculum is removed)",
     "data_efficiency": "the curriculum section",
 }
+
+
+Precision = Literal["fp32", "bf16", "bf16-autocast"]
+
+
+def resolve_precision(setting: str, bf16_gpu: bool) -> Precision:
+    """``run.precision`` for the device, decided here only: ``auto`` is ``bf16-autocast`` on a CUDA device with
+    bf16 support (``bf16_gpu``) and ``fp32`` elsewhere.
+
+    ``bf16-autocast`` is the default because its fp32 weights let DeepSpeed step the optimizer directly: gradients
+    accumulate in fp32, and a step needs no host synchronisation besides the loop's own (DeepSpeed's bf16 mode
+    checks every gradient for overflow with one host sync per parameter tensor)."""
+    if setting == "auto":
+        return "bf16-autocast" if bf16_gpu else "fp32"
+    return setting  # type: ignore[return-value]
 
 
 def template_names() -> list[str]:
@@ -51,8 +67,9 @@ def load_template(name_or_path: str) -> dict[str, Any]:
     return template
 
 
-def derive_ds_config(config: Config, schedule: Schedule, bf16: bool) -> dict[str, Any]:
-    """Template + overrides + the values the run config owns, for the schedule's first stage."""
+def derive_ds_config(config: Config, schedule: Schedule, precision: Precision) -> dict[str, Any]:
+    """Template + overrides + the values the run config owns, for the schedule's first stage and ``precision``
+    (from ``resolve_precision``)."""
     ds = load_template(config.deepspeed.template)
     for key in ds:
         if key in OWNED_KEYS:
@@ -83,8 +100,10 @@ def derive_ds_config(config: Config, schedule: Schedule, bf16: bool) -> dict[str
         "train_micro_batch_size_per_gpu": first.micro_batch,
         "gradient_accumulation_steps": first.grad_accum,
         "gradient_clipping": first.grad_clip,
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": precision == "bf16"},
     })
+    if precision == "bf16-autocast":
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return ds
 
 

@@ -1,10 +1,15 @@
-"""Spike guard: looks at each step's loss (before the update) and gradient norm, and says what to do.
+"""Spike guard: looks at each step's loss (before the update) and gradient norm, and decides what the loop does.
 
-The training loop calls it at three points of a step: ``check_loss`` once the step's mean loss over ranks is known
-(before the optimizer update, so the update can still be dropped), ``check_grad_norm`` once a gradient norm is
-known, and ``accept`` for a step that was applied. Running averages cover the last ``window`` accepted steps of
-the current stage: a stage switch changes the loss level (longer sequences, other batch), so they restart there and
-nothing is flagged in the first ``window`` steps of a stage. Its state is small and goes into checkpoints.
+The training loop asks it twice per step. ``before_update`` once the step's mean loss over ranks (and, with fp32
+weights without ZeRO, the gradient norm) is known, so the update can still be dropped; ``after_update`` with the
+gradient norm DeepSpeed computed inside its step (bf16 mode, ZeRO), when it is too late to drop the update. Each
+returns a ``Verdict``: ``apply`` (a clean step, taken into the running averages), ``skip``, ``scale_lr`` or
+``rollback``, and whether the run must stop (``guard.max_events`` reached). The guard owns the LR factor that
+``scale_lr`` events compound.
+
+Running averages cover the last ``window`` accepted steps of the current stage: a stage switch changes the loss
+level (longer sequences, other batch), so they restart there and nothing is flagged in the first ``window`` steps
+of a stage. Its state is small and goes into checkpoints.
 """
 
 from __future__ import annotations
@@ -24,6 +29,29 @@ class Spike:
     value: float
     running_average: Optional[float]
 
+    @property
+    def non_finite(self) -> bool:
+        return self.reason.startswith("non_finite")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the loop does with a step: ``apply`` it, or handle ``spike`` with ``action``."""
+
+    action: str
+    """``apply``, ``skip``, ``scale_lr`` or ``rollback``."""
+    spike: Optional[Spike] = None
+    stop: bool = False
+    """``guard.max_events`` reached with this event: the run checkpoints its last good state and stops."""
+
+    @property
+    def update_applies(self) -> bool:
+        """Whether the step's update is applied: clean steps and LR-scaled finite spikes."""
+        return self.action == "apply" or (self.action == "scale_lr" and not self.spike.non_finite)  # type: ignore
+
+
+APPLY = Verdict("apply")
+
 
 class SpikeGuard:
     def __init__(self, config: GuardConfig) -> None:
@@ -34,6 +62,36 @@ class SpikeGuard:
         self.events = 0
         self.lr_factor_value = 1.0
         self.scale_until = -1
+
+    # --------------------------------------------------------------------------------------------- decisions
+
+    def before_update(self, step: int, stage: int, loss: float, grad_norm: Optional[float],
+                      norm_follows: bool = False) -> Verdict:
+        """The verdict on a step before its update. A clean step is accepted into the running averages, unless
+        its gradient norm is only known after the update (``norm_follows``): then ``after_update`` accepts it."""
+        spike = self.check_loss(stage, loss) or self.check_grad_norm(stage, grad_norm)
+        if spike is None:
+            if not norm_follows:
+                self.accept(loss, grad_norm)
+            return APPLY
+        return self._event(step, self.config.action, spike)
+
+    def after_update(self, step: int, stage: int, loss: float, grad_norm: Optional[float]) -> Verdict:
+        """The verdict on a gradient norm known only after the update was applied: too late to drop it, so the LR
+        is scaled from the next step on, or (``rollback``, or a non-finite norm) the run rolls back. A clean step
+        is accepted."""
+        spike = self.check_grad_norm(stage, grad_norm)
+        if spike is None:
+            self.accept(loss, grad_norm)
+            return APPLY
+        rollback = self.config.action == "rollback" or spike.non_finite
+        return self._event(step, "rollback" if rollback else "scale_lr", spike)
+
+    def _event(self, step: int, action: str, spike: Spike) -> Verdict:
+        self.record(step, action)
+        return Verdict(action, spike, stop=self.exhausted)
+
+    # --------------------------------------------------------------------------------------------- detection
 
     def _enter(self, stage: int) -> None:
         if stage != self.stage:
@@ -67,6 +125,8 @@ class SpikeGuard:
         if grad_norm is not None:
             self.grad_norms.append(grad_norm)
 
+    # --------------------------------------------------------------------------------------------- events, LR
+
     def record(self, step: int, action: str) -> None:
         """Count an event; ``scale_lr`` compounds the LR factor and holds it for ``lr_scale_steps`` steps."""
         self.events += 1
@@ -82,6 +142,8 @@ class SpikeGuard:
     @property
     def exhausted(self) -> bool:
         return self.events >= self.config.max_events
+
+    # --------------------------------------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, "losses": list(self.losses), "grad_norms": list(self.grad_norms),

@@ -4,20 +4,24 @@ Switches (``kernels`` section): ``auto`` uses a kernel where it can run and says
 ``true`` makes it required (bad input where it cannot run); ``false`` never uses it.
 
 - ``fused_adam``: DeepSpeed's FusedAdam (CUDA; JIT-built). Fallback: ``torch.optim.AdamW``.
-- ``liger``: Liger's Triton kernels for Llama blocks (RMSNorm, SwiGLU, RoPE) and its fused linear cross-entropy,
-  which computes the loss from the last hidden states in chunks so the ``tokens x vocab`` logits are never
-  materialised. Llama only, CUDA only. Fallback: the transformers modules and a plain cross-entropy.
-- ``apex``: NVIDIA apex's fused RMSNorm / LayerNorm, swapped in when apex is importable (it is not on PyPI).
-- ``compile``: ``torch.compile`` of the model with static shapes: one compile per distinct (micro-batch, seq_len),
-  the set of which ``plan`` knows in advance (``Schedule.distinct_shapes``); ``compile_warmup`` compiles them all
-  before step 0 so no stage switch pays for it during training.
-Attention is PyTorch SDPA (flash attention on GPUs that have it) in every configuration.
+- ``fused_cross_entropy``: Liger's fused linear cross-entropy, for any decoder: the loss comes from the last
+  hidden states and the output embedding chunk by chunk, so the ``tokens x vocab`` logits (3.3 GB in bf16 for
+  32 x 1024 tokens of GPT-2's 50,304-way vocabulary) are never materialised. It runs beside the compiled region:
+  ``torch.compile`` takes the decoder body, the loss stays eager (Liger's Triton kernels do not trace under
+  dynamo). CUDA only.
+- ``liger``: Liger's Triton kernels inside Llama blocks (RMSNorm, SwiGLU, RoPE). Llama only, CUDA only, and not
+  under ``compile`` in ``auto`` (they break the graph; Inductor fuses these operations itself).
+- ``apex``: NVIDIA apex's fused RMSNorm / LayerNorm, swapped in when apex is importable (it is not on PyPI); in
+  ``auto`` not under ``compile``.
+- ``compile``: ``torch.compile`` with static shapes: one graph per distinct training (micro-batch, seq_len) and
+  one for evaluation, all built before step 0 (``pipeline.engine``); ``cuda_graphs`` replays each as a CUDA
+  graph (Inductor's CUDA graph trees, torch.compile's ``reduce-overhead``).
+Attention is PyTorch SDPA with ``is_causal=True`` in every configuration (``pipeline.model``).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
@@ -37,6 +41,8 @@ class KernelChoice:
     apex: bool
     compile: bool
     notes: tuple[str, ...] = field(default=())
+    fused_cross_entropy: bool = False
+    cuda_graphs: bool = False
 
 
 def importable(module: str) -> bool:
@@ -62,23 +68,34 @@ def choose_kernels(config: KernelsConfig, arch: str, on_cuda: bool,
         notes.append(f"kernels.{name}: not used ({missing})")
         return False
 
+    no_liger = "liger-kernel is not installed (pip install liger-kernel)"
     fused_adam = pick("fused_adam", config.fused_adam, None if on_cuda else "needs CUDA; using torch AdamW")
-    liger_missing = ("needs CUDA" if not on_cuda else "liger-kernel is not installed (pip install liger-kernel)"
-                     if not is_importable("liger_kernel") else "only for arch: llama" if arch != "llama" else None)
+    liger_missing = ("needs CUDA" if not on_cuda else no_liger if not is_importable("liger_kernel")
+                     else "only for arch: llama" if arch != "llama"
+                     else "its Triton kernels break torch.compile's graph; Inductor fuses RMSNorm, SwiGLU and RoPE"
+                     if config.compile is not False and config.liger == "auto" else None)
     liger = pick("liger", config.liger, liger_missing)
     apex_missing = ("needs CUDA" if not on_cuda else "apex is not importable (NVIDIA apex is built from source; "
                     "the PyPI package named apex is unrelated)" if not is_importable("apex.normalization")
-                    else "Liger's RMSNorm is used instead" if liger else None)
+                    else "Liger's RMSNorm is used instead" if liger
+                    else "its fused norms break torch.compile's graph; Inductor fuses norms itself"
+                    if config.compile is not False and config.apex == "auto" else None)
     apex = pick("apex", config.apex, apex_missing)
-    return KernelChoice(fused_adam, liger, apex, config.compile, tuple(notes))
+    fused_ce = pick("fused_cross_entropy", config.fused_cross_entropy,
+                    "needs CUDA" if not on_cuda else no_liger if not is_importable("liger_kernel") else None)
+    compile = config.compile is True or (config.compile == "auto" and on_cuda)  # auto: not on a CPU (too slow)
+    if config.cuda_graphs is True and not (on_cuda and compile):
+        raise ConfigError("kernels.cuda_graphs", True, "needs CUDA and kernels.compile")
+    cuda_graphs = config.cuda_graphs is True or (config.cuda_graphs == "auto" and on_cuda and compile)
+    return KernelChoice(fused_adam, liger, apex, compile, tuple(notes), fused_ce, cuda_graphs)
 
 
-def patch_model_classes(choice: KernelChoice, arch: str) -> None:
+def patch_model_classes(choice: KernelChoice) -> None:
     """Swap in Liger's Llama kernels (before the model is built: Liger patches the transformers classes)."""
     if choice.liger:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
-        # the loss is fused here, in CausalLMWithLoss, so the model's own forward stays as transformers wrote it
+        # the loss is computed in CausalLMWithLoss, so the model's own forward stays as transformers wrote it
         apply_liger_kernel_to_llama(rope=True, swiglu=True, rms_norm=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False)
 
@@ -106,8 +123,9 @@ def swap_apex_norms(model: Any) -> int:
 class CausalLMWithLoss(torch.nn.Module):
     """The module the engine trains: ``forward(input_ids, labels) -> mean loss`` (labels already shifted).
 
-    With Liger's fused linear cross-entropy the loss comes from the decoder's last hidden states and the output
-    embedding, chunk by chunk; otherwise from the full logits, in fp32.
+    With the fused linear cross-entropy the loss comes from the decoder's last hidden states and the output
+    embedding, chunk by chunk, accumulated in fp32; otherwise from the full logits, in fp32. ``compiled_part``
+    is what ``torch.compile`` takes: the whole module, or the decoder body when the loss is fused.
     """
 
     def __init__(self, lm: torch.nn.Module, fused_cross_entropy: bool) -> None:
@@ -117,37 +135,19 @@ class CausalLMWithLoss(torch.nn.Module):
         if fused_cross_entropy:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-            self.fused = LigerFusedLinearCrossEntropyLoss()
+            self.fused = LigerFusedLinearCrossEntropyLoss(accum_dtype=torch.float32)
+
+    @property
+    def compiled_part(self) -> torch.nn.Module:
+        return self.lm.base_model if self.fused is not None else self
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.fused is None:
             logits = self.lm(input_ids=input_ids).logits
             return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
         hidden = self.lm.base_model(input_ids=input_ids).last_hidden_state
-        return self.fused(self.lm.get_output_embeddings().weight, hidden.flatten(0, 1), labels.flatten())
-
-
-def compile_engine(engine: Any, shapes: list[tuple[int, int]]) -> None:
-    """``torch.compile`` with static shapes, allowed one graph per shape of the run (dynamo's default limit of 8
-    recompiles would otherwise send later stages back to eager)."""
-    import torch._dynamo
-
-    torch._dynamo.config.recompile_limit = max(8, 2 * len(shapes))
-    engine.compile(compile_kwargs={"dynamic": False})
-
-
-def warm_up_shapes(engine: Any, shapes: list[tuple[int, int]], vocab_size: int, device: Any) -> dict[str, float]:
-    """Run forward + backward once per shape on random tokens so every compile happens before step 0; the
-    gradients are dropped. Returns seconds per shape."""
-    seconds = {}
-    for micro_batch, seq_len in shapes:
-        start = time.perf_counter()
-        tokens = torch.randint(0, vocab_size, (micro_batch, seq_len + 1), device=device)
-        engine.set_gradient_accumulation_boundary(False)
-        engine.backward(engine(tokens[:, :-1], tokens[:, 1:]))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds[f"{micro_batch}x{seq_len}"] = time.perf_counter() - start
-    engine.optimizer.zero_grad(set_to_none=True)
-    engine.zero_grad()
-    return seconds
+        weight = self.lm.get_output_embeddings().weight
+        if torch.is_autocast_enabled(hidden.device.type):  # bf16 logits chunks, as the unfused matmul would give
+            dtype = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+        return self.fused(weight, hidden.flatten(0, 1), labels.flatten())

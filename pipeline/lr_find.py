@@ -78,46 +78,39 @@ def lengths_to_test(schedule: Schedule) -> list[Stage]:
 
 
 def lr_find(config: Config, output_dir: Path, steps: int, min_lr: float, max_lr: float) -> int:
-    from pipeline.train import build_engine, enter_stage, forward_backward, init_processes, set_lr, use_bf16
-
-    rank, world_size, device, log = init_processes()
-    import torch.distributed as dist
-
-    from pipeline.batches import TokenSampler
-    from pipeline.data import load_tokens, read_manifest
+    from pipeline.batches import Prefetcher, load_run_data
     from pipeline.ds_config import derive_ds_config
+    from pipeline.engine import build_engine, close_processes, device_precision, init_processes
 
-    schedule = build_schedule(config, world_size)
-    manifest = read_manifest(config.data.dir)
-    sampler = TokenSampler(load_tokens(config.data.dir, "train"), schedule.max_seq_len, config.run.seed)
-    ds_config = derive_ds_config(config, schedule, use_bf16(config, device))
+    processes = init_processes()
+    log = processes.log
+    schedule = build_schedule(config, processes.world_size)
+    data = load_run_data(config, schedule, processes.rank, processes.world_size, processes.device)
+    ds_config = derive_ds_config(config, schedule, device_precision(config, processes.device))
     results = []
     for stage in lengths_to_test(schedule):
-        engine, _, _, _ = build_engine(config, schedule, ds_config, manifest, device, log)
-        enter_stage(engine, stage)
-        engine.train()
+        engine = build_engine(config, schedule, ds_config, data.manifest, processes)
+        prefetcher = Prefetcher(data.sampler, schedule, processes.rank, processes.device)
+        engine.enter_stage(stage)
+        engine.ds.train()
         lrs: list[float] = []
         losses: list[float] = []
-        cursor = 0
         for step in range(steps):
             lr = ramp_lr(step, steps, min_lr, max_lr)
-            set_lr(engine, lr)
-            micro_batches = sampler.step_micro_batches(stage, cursor, rank, schedule.mode)
-            cursor += stage.samples_per_step
-            loss = forward_backward(engine, micro_batches, device)
-            engine.step()
-            dist.all_reduce(loss)
+            engine.set_lr(lr)
+            values, _ = engine.train_step(prefetcher.load(stage, step, step * stage.samples_per_step))
             lrs.append(lr)
-            losses.append(loss.item() / world_size)
+            losses.append(values.loss)
             if analyse(lrs, losses)["divergence_lr"] is not None:
                 break
+        prefetcher.close()
         found = analyse(lrs, losses)
         results.append({"seq_len": stage.seq_len, "stage": stage.index, "global_batch": stage.global_batch,
                         "peak_lr": stage.peak_lr, "lrs": lrs, "losses": losses, **found})
         log(f"seq_len {stage.seq_len}: steepest descent at LR {_fmt(found['steepest_lr'])}, diverges at "
             f"{_fmt(found['divergence_lr'])} (stage {stage.index} peak LR {stage.peak_lr:.2e}; {len(lrs)} steps)")
         del engine
-    if rank == 0:
+    if processes.rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         report = {"config": config.name, "steps": steps, "min_lr": min_lr, "max_lr": max_lr, "lengths": results}
         (output_dir / "lr_find.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -125,8 +118,7 @@ def lr_find(config: Config, output_dir: Path, steps: int, min_lr: float, max_lr:
         plot(results, output_dir / "lr_find.png")
         log(f"wrote {output_dir / 'lr_find.json'}, {output_dir / 'lr_find.png'} and {output_dir / 'lr_caps.yaml'}"
             f" ({caps} stage caps); train with --overlay {output_dir / 'lr_caps.yaml'}")
-    dist.barrier()
-    dist.destroy_process_group()
+    close_processes()
     return 0
 
 

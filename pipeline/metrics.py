@@ -1,10 +1,15 @@
 """Run outputs on rank 0: metrics.jsonl and its CSV twin, TensorBoard, wandb (offline), the plot and summary.json.
 
 One JSONL line per logged step (``kind: train``) and per evaluation (``kind: eval``). Fields of a train line:
-``step, tokens, stage, seq_len, global_batch, lr, grad_clip, loss, grad_norm, tok_per_s, mfu, elapsed_s``;
-``tokens`` counts tokens trained up to and including this step, from the batches actually trained.
-``tok_per_s`` is this step's tokens over its wall time; ``mfu`` is ``flops_per_token(seq_len) * tok_per_s /
-(world_size * peak_flops)`` (see ``pipeline.model.flops_per_token``), empty where the peak is unknown (CPU).
+``step, tokens, stage, seq_len, global_batch, lr, grad_clip, loss, grad_norm, tok_per_s, mfu, elapsed_s,
+train_s``; ``tokens`` counts tokens trained up to and including this step, from the batches actually trained.
+``tok_per_s`` is this step's tokens over its wall time (from the end of the previous step to this step's loss);
+``mfu`` is ``flops_per_token(seq_len) * tok_per_s / (world_size * peak_flops)`` (see
+``pipeline.model.flops_per_token``), empty where the peak is unknown (CPU). ``elapsed_s`` is the run's wall time
+so far (start-up, compilation, evaluations and checkpoints included, summed over resumed segments), ``train_s``
+the part of it spent in training steps. An eval line has ``eval_loss, eval_ppl`` and the seconds it took,
+``eval_s``. ``kind: compile`` lines list the compiled graphs and the warm-up time, and report anything compiled or
+given up after the warm-up; ``kind: guard`` lines are spike-guard events (``pipeline.guard``).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 CSV_FIELDS = ["kind", "step", "tokens", "stage", "seq_len", "global_batch", "lr", "grad_clip", "loss", "grad_norm",
-              "tok_per_s", "mfu", "elapsed_s", "eval_loss", "eval_ppl"]
+              "tok_per_s", "mfu", "elapsed_s", "eval_loss", "eval_ppl", "train_s", "eval_s"]
 
 
 class RunLogger:
@@ -91,6 +96,75 @@ class RunLogger:
             self._wandb.finish()
 
 
+def wandb_settings(config: Any, run_dir: Path) -> Optional[dict[str, Any]]:
+    """``wandb.init`` arguments for an offline (or online) run that resumes into the same wandb run id."""
+    if not config.run.wandb.enabled:
+        return None
+    import hashlib
+
+    run_id = f"{config.name}-{hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:8]}"
+    return {"project": config.run.wandb.project, "name": config.name, "id": run_id, "mode": config.run.wandb.mode,
+            "config": config.model_dump(mode="json")}
+
+
+class Progress:
+    """What a person watching a run sees: a progress bar on a terminal; in a file (SLURM output, a sweep's
+    train.log, ``> log 2>&1``), one plain line every ``run.log_every`` steps instead."""
+
+    def __init__(self, config: Any, schedule: Any, start_step: int, enabled: bool) -> None:
+        import sys
+
+        from tqdm import tqdm
+
+        self.total = schedule.total_steps
+        self.every = config.run.log_every
+        self.enabled = enabled
+        self.bar = (tqdm(total=self.total, initial=start_step, dynamic_ncols=True, desc=config.name)
+                    if enabled and sys.stdout.isatty() else None)
+        self._start: Optional[tuple[int, float]] = None  # (step, train_s) of the first step seen, for the ETA
+
+    def update(self, record: dict[str, Any], events: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(stage=record["stage"], seq=record["seq_len"], loss=f"{record['loss']:.3f}",
+                                 tok_s=f"{record['tok_per_s']:,.0f}", events=events, refresh=False)
+            return
+        step = record["step"]
+        if self._start is None:
+            self._start = (step, record["train_s"])
+        if step % self.every and step != self.total - 1:
+            return
+        done, spent = step - self._start[0], record["train_s"] - self._start[1]
+        eta = spent / done * (self.total - 1 - step) if done > 0 else None
+        norm = record["grad_norm"]
+        print(f"step {step}/{self.total} stage {record['stage']} seq_len {record['seq_len']} "
+              f"loss {record['loss']:.4f} lr {record['lr']:.3e} grad_norm {'-' if norm is None else f'{norm:.3g}'} "
+              f"tok/s {record['tok_per_s']:,.0f} ETA {'-' if eta is None else _duration(eta)}"
+              + (f" guard events {events}" if events else ""), flush=True)
+
+    def rewind(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.reset(total=self.total)
+            self.bar.update(step)
+        self._start = None
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``2h07m``."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -112,6 +186,8 @@ def write_summary(run_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
         "steps": train[-1]["step"] + 1 if train else 0,
         "tokens": train[-1]["tokens"] if train else 0,
         "elapsed_s": train[-1]["elapsed_s"] if train else 0.0,
+        "train_s": train[-1].get("train_s") if train else None,
+        "eval_s": sum(r.get("eval_s") or 0.0 for r in evals),
         "first_loss": train[0]["loss"] if train else None,
         "final_loss": train[-1]["loss"] if train else None,
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None,

@@ -3,11 +3,17 @@
 Presets follow the usual shapes: GPT-2 124M/350M/1.3B (GPT-3 paper table 2.1 widths) and Llama-style models of
 the same width and depth (RoPE, RMSNorm, SwiGLU with ``intermediate_size ~ 8/3 d`` rounded to 64). ``tiny`` trains
 on a laptop CPU. Every field of the transformers config can be overridden from the YAML (``model.overrides``).
+
+Attention is PyTorch SDPA called with ``is_causal=True`` and no mask tensor (``causal_sdpa``, registered with
+transformers below). Training rows are never padded and always start at position 0, so the causal mask is all a
+row needs. transformers' own ``sdpa`` path builds a ``[batch, 1, T, T]`` mask under ``torch.compile`` (with torch
+< 2.14 it cannot tell compiling from exporting), and SDPA with an explicit mask cannot use the flash kernels.
+An exported model is saved with the stock ``sdpa`` implementation.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from curriculum.config import ModelConfig
 from curriculum.errors import ConfigError
@@ -72,8 +78,35 @@ def model_config_dict(model: ModelConfig, vocab_size: int, max_seq_len: int, eot
     return fields
 
 
+CAUSAL_SDPA = "causal_sdpa"
+
+
+def causal_sdpa_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Optional[Any],
+                          dropout: float = 0.0, scaling: Optional[float] = None, **kwargs: Any) -> tuple[Any, None]:
+    """transformers' attention interface: ``query`` ``[batch, heads, T, head_dim]``, ``key``/``value`` with as many
+    or fewer (grouped) heads; returns ``[batch, T, heads, head_dim]``. The mask is ignored: it is always causal."""
+    import torch.nn.functional as F
+
+    out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True,
+                                         enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _no_mask(**kwargs: Any) -> None:
+    """The mask interface of ``causal_sdpa``: no mask tensor is built."""
+    return None
+
+
+def register_causal_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(CAUSAL_SDPA, causal_sdpa_attention)
+    AttentionMaskInterface.register(CAUSAL_SDPA, _no_mask)
+
+
 def build_model(model: ModelConfig, vocab_size: int, max_seq_len: int, eot_id: int) -> Any:
-    """A freshly initialised ``*ForCausalLM`` with SDPA attention."""
+    """A freshly initialised ``*ForCausalLM`` with mask-free causal SDPA attention."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = model_config_dict(model, vocab_size, max_seq_len, eot_id)
@@ -90,7 +123,8 @@ def build_model(model: ModelConfig, vocab_size: int, max_seq_len: int, eot_id: i
     if unknown:
         raise ConfigError(f"model.overrides.{unknown[0]}", model.overrides[unknown[0]],
                           f"not a field of {type(hf_config).__name__}")
-    return AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
+    register_causal_attention()
+    return AutoModelForCausalLM.from_config(hf_config, attn_implementation=CAUSAL_SDPA)
 
 
 def matmul_params(model: Any) -> int:

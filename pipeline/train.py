@@ -1,4 +1,5 @@
-"""Curriculum pretraining on the DeepSpeed engine; the loop reads top to bottom in ``train()``.
+"""``curriculum-pretrain train``: curriculum pretraining on the DeepSpeed engine; the loop reads top to bottom in
+``train()``.
 
 Launch any of these ways (each rank runs the same code):
 
@@ -6,11 +7,11 @@ Launch any of these ways (each rank runs the same code):
     deepspeed --num_gpus 8 --module pipeline.train --config X       # DeepSpeed launcher, one node
     torchrun --nproc_per_node 8 -m pipeline.train --config X        # torchrun
 
-Every optimizer step asks the pure schedule for (stage, LR); at the step boundary it writes the LR into the
-optimizer's param groups and the stage's clip, micro-batch and gradient accumulation into the engine, draws the
-step's rows at the stage's length from the sampler, and runs forward/backward/step for each micro-batch.
-Evaluation is always at the full sequence length. Checkpoints hold the step, tokens, data cursor and RNG states;
-a resumed run continues exactly where the checkpoint was taken.
+Every optimizer step asks the pure schedule for (stage, LR); at a stage boundary the engine takes the stage's
+clip, micro-batch and gradient accumulation; the prefetcher has the step's rows ready on the device; the engine
+runs forward/backward with one host synchronisation (the mean loss over ranks), the spike guard gives its verdict
+and the update is applied or not. Evaluation is always at the full sequence length. Checkpoints hold a
+``RunState`` (step, tokens, data cursor, time, guard, RNG states); a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -19,493 +20,299 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from curriculum.config import Config
 from curriculum.errors import ConfigError
-from curriculum.schedule import Schedule, Stage, build_schedule
-from pipeline.cli import add_train_arguments, load_config_from_args, run_reporting_errors
+from curriculum.schedule import Schedule, build_schedule
+
+PROCESS_START = time.perf_counter()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipeline.cli import add_config_arguments
+
+    add_config_arguments(parser)
+    parser.add_argument("--output-dir", default=None, help="run directory (default run.output_dir or runs/<name>)")
+    parser.add_argument("--resume", default="auto",
+                        help="auto (the run directory's latest checkpoint if any), none, or a checkpoint path")
+    parser.add_argument("--stop-at-step", type=int, default=None,
+                        help="save a checkpoint and exit before this step, as a preempted job would "
+                             "(resume later with --resume auto)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_config_from_args(args)
-    return train(config, output_dir=args.output_dir, resume=args.resume, stop_at_step=args.stop_at_step)
+    from pipeline.cli import load_config_from_args
+
+    return train(load_config_from_args(args), output_dir=args.output_dir, resume=args.resume,
+                 stop_at_step=args.stop_at_step)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from pipeline.cli import run_reporting_errors
+
     parser = argparse.ArgumentParser(prog="pipeline.train", description=__doc__.split("\n\n")[0])
-    add_train_arguments(parser)
-    args = parser.parse_args(argv)
-    return run_reporting_errors(run, args)
-
-
-def init_processes() -> tuple[int, int, Any, Any]:
-    """Environment fixes, the process group (NCCL on GPUs, gloo on CPU) and this rank's device.
-    Returns ``(rank, world_size, device, log)`` where ``log`` prints on rank 0."""
-    import torch
-
-    from pipeline.environment import prepare_environment
-
-    notes = prepare_environment(os.environ, torch.cuda.is_available())
-    import deepspeed
-    import torch.distributed as dist
-
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank()
-    log = _rank0_printer(rank)
-    for note in notes:
-        log(note)
-    return rank, dist.get_world_size(), device, log
-
-
-def use_bf16(config: Config, device: Any) -> bool:
-    """``run.precision``: ``auto`` is bf16 on a GPU that supports it, fp32 elsewhere."""
-    import torch
-
-    return config.run.precision == "bf16" or (
-        config.run.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-
-
-def build_engine(config: Config, schedule: Schedule, ds_config: dict[str, Any], manifest: dict[str, Any],
-                 device: Any, log: Any) -> tuple[Any, Any, str, Any]:
-    """A freshly initialised model (the same weights on every rank and for every call with the same seed) with
-    the kernels the config asks for, wrapped with its loss, its optimizer and the DeepSpeed engine around them.
-    Returns ``(engine, model, optimizer_name, kernel_choice)``; ``engine(input_ids, labels)`` is the mean loss."""
-    import deepspeed
-    import torch
-
-    from pipeline.ds_config import cpu_offload
-    from pipeline.kernels import CausalLMWithLoss, choose_kernels, compile_engine, patch_model_classes, swap_apex_norms
-    from pipeline.model import build_model
-
-    choice = choose_kernels(config.kernels, config.model.arch, device.type == "cuda")
-    for note in choice.notes:
-        log(note)
-    patch_model_classes(choice, config.model.arch)
-    torch.manual_seed(config.run.seed)
-    model = build_model(config.model, manifest["tokenizer"]["vocab_size"], schedule.max_seq_len,
-                        manifest["tokenizer"]["eot_id"])
-    if choice.apex:
-        log(f"kernels.apex: {swap_apex_norms(model)} norm layers replaced by apex fused ones")
-    module = CausalLMWithLoss(model, fused_cross_entropy=choice.liger)
-    optimizer, optimizer_name = _build_optimizer(module, config, choice.fused_adam, cpu_offload(ds_config))
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
-    if choice.compile:
-        compile_engine(engine, schedule.distinct_shapes())
-    return engine, model, optimizer_name, choice
+    add_arguments(parser)
+    return run_reporting_errors(run, parser.parse_args(argv))
 
 
 def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto",
           stop_at_step: Optional[int] = None) -> int:
-    rank, world_size, device, log = init_processes()
-    import torch
-    import torch.distributed as dist
-    from tqdm import tqdm
-
-    from pipeline.batches import TokenSampler, eval_batches
-    from pipeline.checkpoint import Checkpointer, resolve_resume
-    from pipeline.data import load_tokens, read_manifest
+    from pipeline.batches import Prefetcher, load_run_data
+    from pipeline.checkpoint import Checkpointer, RunState, resolve_resume
     from pipeline.ds_config import derive_ds_config
+    from pipeline.engine import build_engine, close_processes, device_precision, init_processes, peak_flops
     from pipeline.guard import SpikeGuard
-    from pipeline.metrics import RunLogger, plot_run, write_summary
-    from pipeline.model import flops_per_token, matmul_params
+    from pipeline.metrics import Progress, RunLogger, wandb_settings
+    from pipeline.rundir import RunDir
 
-    # ---------------------------------------------------------------------------------------- plan
+    # ------------------------------------------------------------------ plan, data, checkpoint: checked before writing
+    processes = init_processes()
+    rank, world_size, log = processes.rank, processes.world_size, processes.log
     schedule = build_schedule(config, world_size)
-    if stop_at_step is not None and not 0 < stop_at_step <= schedule.total_steps:
+    end_step = schedule.total_steps if stop_at_step is None else stop_at_step
+    if not 0 < end_step <= schedule.total_steps:
         raise ConfigError("--stop-at-step", stop_at_step, f"must be in 1 .. {schedule.total_steps}")
-    bf16 = use_bf16(config, device)
-    run_dir = Path(output_dir or config.run.output_dir or Path("runs") / config.name)
-    ds_config = derive_ds_config(config, schedule, bf16)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-
-    # ---------------------------------------------------------------------------------------- data
-    manifest = read_manifest(config.data.dir)
-    sampler = TokenSampler(load_tokens(config.data.dir, "train"), schedule.max_seq_len, config.run.seed)
-    # evaluation at the full length, never at the curriculum's current length
-    val_batches = eval_batches(load_tokens(config.data.dir, "val"), schedule.max_seq_len, config.run.eval_batch,
-                               config.run.eval_batches, rank, world_size)
-
-    # ---------------------------------------------------------------------------------------- model + engine
-    engine, model, optimizer_name, kernels = build_engine(config, schedule, ds_config, manifest, device, log)
-    n_matmul = matmul_params(model)
-    n_layer, d_model = model.config.num_hidden_layers, model.config.hidden_size
-    device_peak_flops = config.run.peak_flops or peak_flops(device)
-    log(f"model: {config.model.arch} {config.model.preset}, {sum(p.numel() for p in model.parameters()):,} "
-        f"parameters ({n_matmul:,} in matmuls); optimizer {optimizer_name}; "
-        f"{'bf16' if bf16 else 'fp32'} on {device.type} x {world_size}; ZeRO stage "
-        f"{ds_config['zero_optimization'].get('stage', 0)}; kernels: liger {kernels.liger}, apex {kernels.apex}, "
-        f"compile {kernels.compile}")
-    if kernels.compile and config.kernels.compile_warmup:
-        from pipeline.kernels import warm_up_shapes
-
-        warmed = warm_up_shapes(engine, schedule.distinct_shapes(), model.config.vocab_size, device)
-        log(f"compiled {len(warmed)} stage shapes before step 0 in {sum(warmed.values()):.1f} s: " +
-            ", ".join(f"{shape} {seconds:.1f} s" for shape, seconds in warmed.items()))
-
-    # ---------------------------------------------------------------------------------------- resume
-    checkpointer = Checkpointer(run_dir / "checkpoints", config.run.keep_checkpoints, rank)
-    start_step, tokens, cursor, elapsed_before = 0, 0, 0, 0.0
-    # this rank's data fingerprint: a sha256 chain with one link per step, each link hashing the previous link and
-    # the step's input batches. The checkpoint stores the link (a sha256 object's running state cannot be saved),
-    # so a resumed run ends with the same fingerprint as an uninterrupted one.
-    data_sha256 = hashlib.sha256().hexdigest()
+    run_dir = RunDir(output_dir or config.run.output_dir or Path("runs") / config.name)
+    data = load_run_data(config, schedule, rank, world_size, processes.device)
+    precision = device_precision(config, processes.device)
+    ds_config = derive_ds_config(config, schedule, precision)
+    checkpointer = Checkpointer(run_dir.checkpoints, config.run.keep_checkpoints, rank)
     resume_path = resolve_resume(resume, checkpointer)
-    if resume_path is not None:
-        state, rank_state = checkpointer.load(engine, resume_path)
-        data_sha256 = rank_state["data_sha256"]
-        start_step, tokens, cursor = state["step"], state["tokens"], state["cursor"]
-        elapsed_before = state["elapsed_s"]
-        if start_step > schedule.total_steps:
-            raise ConfigError("--resume", str(resume_path),
-                              f"checkpoint is at step {start_step}, past this config's {schedule.total_steps} steps")
-        log(f"resumed from {resume_path} at step {start_step} ({tokens:,} tokens, data cursor {cursor})")
-        for change in _changed_fields(state["curriculum"], config.curriculum.model_dump(mode="json"), "curriculum"):
-            log(f"resuming with a changed hyperparameter: {change}")
 
+    # ------------------------------------------------------------------ the engine, compiled graphs, the run state
+    engine = build_engine(config, schedule, ds_config, data.manifest, processes)
+    prefetcher = Prefetcher(data.sampler, schedule, rank, processes.device)
+    log(f"model: {config.model.arch} {config.model.preset}, {sum(p.numel() for p in engine.lm.parameters()):,} "
+        f"parameters; optimizer {engine.optimizer_name}; {precision} on {processes.device.type} x {world_size}; "
+        f"ZeRO stage {engine.zero_stage}; kernels: fused cross-entropy {engine.kernels.fused_cross_entropy}, "
+        f"liger {engine.kernels.liger}, apex {engine.kernels.apex}, compile {engine.kernels.compile}"
+        + (", CUDA graphs" if engine.kernels.cuda_graphs else ""))
+    if engine.monitor is not None and config.kernels.compile_warmup:
+        shapes = engine.warm_up(schedule, lambda stage, cursor: prefetcher.load(stage, -1, cursor), data.eval_batches)
+        log(f"compiled and warmed up {len(engine.monitor.graphs)} graphs before step 0 in {engine.warmup_s:.1f} s: "
+            + ", ".join(f"{shape} {seconds:.1f} s" for shape, seconds in shapes.items()))
+    state = RunState(curriculum=config.curriculum.model_dump(mode="json"))
+    if resume_path is not None:
+        state = checkpointer.load_state(engine.ds, resume_path)
+        if state.step > schedule.total_steps:
+            raise ConfigError("--resume", str(resume_path),
+                              f"checkpoint is at step {state.step}, past this config's {schedule.total_steps} steps")
+        log(f"resumed from {resume_path} at step {state.step} ({state.tokens:,} tokens, data cursor {state.cursor})")
+        for change in _changed_fields(state.curriculum, config.curriculum.model_dump(mode="json"), "curriculum"):
+            log(f"resuming with a changed hyperparameter: {change}")
+        state.curriculum = config.curriculum.model_dump(mode="json")
+    guard = SpikeGuard(config.guard)
+    if state.guard:
+        guard.load_state_dict(state.guard)
+
+    # ------------------------------------------------------------------ outputs (rank 0)
     logger = None
     if rank == 0:
-        wandb_settings = None
-        if config.run.wandb.enabled:
-            run_id = f"{config.name}-{hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:8]}"
-            wandb_settings = {"project": config.run.wandb.project, "name": config.name, "id": run_id,
-                              "mode": config.run.wandb.mode, "config": config.model_dump(mode="json")}
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        run_dir.config.write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+        run_dir.ds_config.write_text(json.dumps(ds_config, indent=2) + "\n")
         # the guard line of an event the checkpoint already counts (the one that stopped a run) is kept
-        logger = RunLogger(run_dir, start_step, config.run.tensorboard, wandb_settings,
-                           keep_guard_events=state["guard"]["events"] if resume_path is not None else 0)
-
+        logger = RunLogger(run_dir.path, state.step, config.run.tensorboard, wandb_settings(config, run_dir.path),
+                           keep_guard_events=guard.events if resume_path is not None else 0)
+        if engine.monitor is not None:
+            logger.log({"kind": "compile", "step": state.step, "graphs": engine.monitor.graphs,
+                        "warmup_s": engine.warmup_s, "graph_breaks": engine.monitor.graph_breaks()})
+    progress = Progress(config, schedule, state.step, enabled=rank == 0)
     stop_requested = _install_stop_handler()
-    guard = SpikeGuard(config.guard)
-    best_eval_loss = math.inf
-    if resume_path is not None:
-        guard.load_state_dict(state["guard"])
-        best_eval_loss = state["best_eval_loss"]
+    device_peak = config.run.peak_flops or peak_flops(processes.device)
+    run_start = time.perf_counter()
+    elapsed_before = state.elapsed_s + (run_start - PROCESS_START)  # this segment's start-up and compilation count
 
-    def save(steps_done: int, name: Optional[str] = None) -> None:
-        client_state = {"step": steps_done, "tokens": tokens, "cursor": cursor, "elapsed_s": elapsed,
-                        "curriculum": config.curriculum.model_dump(mode="json"), "guard": guard.state_dict(),
-                        "best_eval_loss": best_eval_loss}
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - run_start
+
+    def save(name: Optional[str] = None) -> None:
+        state.elapsed_s, state.guard = elapsed(), guard.state_dict()
         if config.guard.action == "rollback":  # lets a rollback prove it restored exactly this state
-            client_state["params_sha256"] = _params_sha256(engine.module)
-        checkpointer.save(engine, steps_done, client_state=client_state, rank_state={"data_sha256": data_sha256},
-                          name=name)
+            state.params_sha256 = engine.params_sha256()
+        checkpointer.save_state(engine.ds, state, name)
 
-    def evaluate(step: int) -> float:
-        engine.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of losses, batches]
-        with torch.no_grad():
-            for inputs, labels in val_batches:
-                total[0] += engine(inputs.to(device), labels.to(device)).double()
-                total[1] += 1
-        dist.all_reduce(total)
-        engine.train()
-        eval_loss = (total[0] / total[1]).item()
+    def evaluate() -> None:
+        start = time.perf_counter()
+        eval_loss = engine.evaluate(data.eval_batches)
+        record = {"kind": "eval", "step": state.step - 1, "tokens": state.tokens, "seq_len": schedule.max_seq_len,
+                  "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0)),
+                  "eval_s": time.perf_counter() - start, "train_s": state.train_s, "elapsed_s": elapsed()}
         if logger is not None:
-            logger.log({"kind": "eval", "step": step, "tokens": tokens, "seq_len": schedule.max_seq_len,
-                        "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0)), "elapsed_s": elapsed})
-        log(f"step {step}: eval loss {eval_loss:.4f} (ppl {math.exp(min(eval_loss, 50.0)):.1f}) "
-            f"at seq_len {schedule.max_seq_len}")
-        return eval_loss
+            logger.log(record)
+        log(f"step {state.step - 1}: eval loss {eval_loss:.4f} (ppl {record['eval_ppl']:.1f}) at seq_len "
+            f"{schedule.max_seq_len}")
+        if config.run.keep_best and eval_loss < state.best_eval_loss:
+            state.best_eval_loss = eval_loss
+            save(name="best")
 
-    # ---------------------------------------------------------------------------------------- the loop
-    end_step = stop_at_step if stop_at_step is not None else schedule.total_steps
-    progress = tqdm(total=schedule.total_steps, initial=start_step, disable=rank != 0, dynamic_ncols=True,
-                    desc=config.name)
-    engine.train()
-    elapsed, run_start = elapsed_before, time.perf_counter()
-    last_saved, stage, halted = start_step if resume_path is not None else -1, None, False
-    compiled_shapes: set[tuple[int, int]] = set()  # with kernels.compile: the first step of a new shape compiles
-    step = start_step
-    while step < end_step:
-        step_start = time.perf_counter()
+    # ------------------------------------------------------------------ the loop: steps state.step .. end_step - 1
+    engine.ds.train()
+    first_step, stage, halted = state.step, None, False
+    last_saved = state.step if resume_path is not None else -1
+    mark = time.perf_counter()
+    while state.step < end_step:
+        step = state.step
         if stage is None or not stage.start_step <= step < stage.end_step:
             stage = schedule.stage_at(step)
-            enter_stage(engine, stage)
-            log(f"step {step}: stage {stage.index}, seq_len {stage.seq_len}, "
-                f"{stage.micro_batch} x {stage.grad_accum} x {world_size} = {stage.global_batch} "
-                f"sequences, peak LR {stage.peak_lr:.2e}, clip {stage.grad_clip:g}")
-        lr = schedule.lr_at(step) * guard.lr_factor(step)
-        set_lr(engine, lr)
-
-        micro_batches = sampler.step_micro_batches(stage, cursor, rank, schedule.mode)
-        step_hash = hashlib.sha256(data_sha256.encode())
-        for inputs, _ in micro_batches:
-            step_hash.update(inputs.numpy().tobytes())
-        step_loss = forward_backward(engine, micro_batches, device)
-
-        # one all-reduce per step, before the update: mean loss over ranks, tokens, whether any rank must stop
-        step_tokens = sum(inputs.numel() for inputs, _ in micro_batches)
-        totals = torch.tensor([0.0, float(step_tokens), float(stop_requested())], dtype=torch.float64,
-                              device=device)
-        totals[0] = step_loss
-        dist.all_reduce(totals)
-        loss_value = totals[0].item() / world_size
-
-        # the guard sees the loss, and (fp32 without ZeRO) the gradient norm, before the update
-        grad_norm = None if hasattr(engine.optimizer, "_global_grad_norm") else _grad_norm(engine.module)
-        spike = guard.check_loss(stage.index, loss_value) or guard.check_grad_norm(stage.index, grad_norm)
-        action = config.guard.action if spike is not None else None
-        if spike is not None:
-            guard.record(step, action)
-            if action == "scale_lr":
-                lr = schedule.lr_at(step) * guard.lr_factor(step)
-                set_lr(engine, lr)
-        # a non-finite loss or gradient is never applied, whatever the action
-        if action in ("skip", "rollback") or (spike is not None and spike.reason.startswith("non_finite")):
-            _drop_gradients(engine)
-        else:
-            engine.step()
-            if grad_norm is None:  # ZeRO and bf16 optimizers compute the norm inside the step
-                grad_norm = engine.get_global_grad_norm()
-                grad_norm = float(grad_norm) if grad_norm is not None else None
-                spike = guard.check_grad_norm(stage.index, grad_norm)
-                if spike is not None:  # too late to drop this update: scale the LR from the next step, or roll back
-                    rollback = config.guard.action == "rollback" or spike.reason == "non_finite_grad_norm"
-                    action = "rollback" if rollback else "scale_lr"
-                    guard.record(step, action)
-        if spike is None:
-            guard.accept(loss_value, grad_norm)
-        else:
-            event = {"kind": "guard", "step": step, "stage": stage.index, "seq_len": stage.seq_len,
-                     "loss": loss_value, "grad_norm": grad_norm, "reason": spike.reason, "value": spike.value,
-                     "running_average": spike.running_average, "action": action, "events": guard.events}
-            log(f"step {step}: {spike.reason} ({spike.value:.4g} vs running average "
-                f"{spike.running_average if spike.running_average is None else f'{spike.running_average:.4g}'}) "
-                f"in stage {stage.index} (seq_len {stage.seq_len}): {action} "
-                f"[event {guard.events} of at most {config.guard.max_events}]")
-            latest = checkpointer.latest() if action == "rollback" and not guard.exhausted else None
-            if action == "rollback" and latest is None:
-                event["action"] = ("stop (guard.max_events reached)" if guard.exhausted
+            engine.enter_stage(stage)
+            log(f"step {step}: stage {stage.index}, seq_len {stage.seq_len}, {stage.micro_batch} x "
+                f"{stage.grad_accum} x {world_size} = {stage.global_batch} sequences, peak LR {stage.peak_lr:.2e}, "
+                f"clip {stage.grad_clip:g}")
+        engine.set_lr(schedule.lr_at(step) * guard.lr_factor(step))
+        batch = prefetcher.get(step, state.cursor)
+        values, verdict = engine.train_step(batch, stop_requested(), _guarded_update(guard, engine, schedule, step,
+                                                                                     stage.index))
+        # a step's time runs from the previous step's synchronisation to its own (bookkeeping included)
+        step_time, mark = time.perf_counter() - mark, time.perf_counter()
+        lr = engine.lr  # the LR the update used (a spike verdict before the update may have scaled it)
+        if verdict.spike is not None:
+            event = _event_line(step, stage, values, verdict, guard)
+            log(_event_message(event, config.guard.max_events))
+            latest = checkpointer.latest() if verdict.action == "rollback" and not verdict.stop else None
+            if verdict.action == "rollback" and latest is None:
+                event["action"] = ("stop (guard.max_events reached)" if verdict.stop
                                    else "skip (no checkpoint to roll back to yet)")
             if latest is not None:
-                # back to the last checkpoint, and past the data of the steps since then, spike included
-                skip_to = cursor + stage.samples_per_step
-                state, rank_state = checkpointer.load(engine, latest)
-                event.update(restored_from=latest.name, restored_step=state["step"], skipped_samples=skip_to -
-                             state["cursor"], params_sha256=_params_sha256(engine.module),
-                             checkpoint_params_sha256=state.get("params_sha256"))
-                step, tokens, cursor, data_sha256 = state["step"], state["tokens"], skip_to, rank_state["data_sha256"]
-                stage = None
+                _roll_back(checkpointer, engine, latest, state, state.cursor + stage.samples_per_step, event)
                 if logger is not None:
-                    logger.rewind(step)
+                    logger.rewind(state.step)
                     logger.log(event)
-                progress.reset(total=schedule.total_steps)
-                progress.update(step)
+                progress.rewind(state.step)
+                stage, mark = None, time.perf_counter()
                 continue
             if logger is not None:
                 logger.log(event)
-            if guard.exhausted:
-                halted = True
-                if action != "scale_lr":  # the update was dropped: this step is not done
-                    break
+            halted = verdict.stop
+            if halted and not verdict.update_applies:  # the update was dropped: this step is not done
+                break
 
-        data_sha256 = step_hash.hexdigest()
-        step_tokens = int(totals[1].item())
-        tokens += step_tokens
-        cursor += stage.samples_per_step
-        if device.type == "cuda":
-            torch.cuda.synchronize()  # the step's kernels are done before its time is read
-        step_time = time.perf_counter() - step_start
-        elapsed = elapsed_before + time.perf_counter() - run_start
-        if kernels.compile and (stage.micro_batch, stage.seq_len) not in compiled_shapes:
-            compiled_shapes.add((stage.micro_batch, stage.seq_len))
-            log(f"step {step}: first step of shape {stage.micro_batch}x{stage.seq_len} (compiles unless warmed up): "
-                f"{step_time:.2f} s")
-        tok_per_s = step_tokens / step_time
-        mfu = (flops_per_token(n_matmul, n_layer, d_model, stage.seq_len) * tok_per_s
-               / (world_size * device_peak_flops) if device_peak_flops else None)
-        progress.update(1)
-        progress.set_postfix(stage=stage.index, seq=stage.seq_len, loss=f"{loss_value:.3f}",
-                             tok_s=f"{tok_per_s:,.0f}", events=guard.events, refresh=False)
+        # the step is done
+        step_tokens = batch.tokens * world_size  # every rank trains the same shape
+        state.data_sha256 = hashlib.sha256(state.data_sha256.encode() + batch.digest).hexdigest()
+        state.step, state.tokens = step + 1, state.tokens + step_tokens
+        state.cursor, state.train_s = state.cursor + stage.samples_per_step, state.train_s + step_time
+        record = {"kind": "train", "step": step, "tokens": state.tokens, "stage": stage.index,
+                  "seq_len": stage.seq_len, "global_batch": stage.global_batch, "lr": lr,
+                  "grad_clip": stage.grad_clip, "loss": values.loss, "grad_norm": values.grad_norm,
+                  "tok_per_s": step_tokens / step_time, "mfu": engine.mfu(stage.seq_len, step_tokens / step_time,
+                                                                          device_peak),
+                  "elapsed_s": elapsed(), "train_s": state.train_s}
         if logger is not None and (step % config.run.log_every == 0 or step == schedule.total_steps - 1):
-            logger.log({"kind": "train", "step": step, "tokens": tokens, "stage": stage.index,
-                        "seq_len": stage.seq_len, "global_batch": stage.global_batch, "lr": lr,
-                        "grad_clip": stage.grad_clip, "loss": loss_value, "grad_norm": grad_norm,
-                        "tok_per_s": tok_per_s, "mfu": mfu, "elapsed_s": elapsed})
-
-        step += 1
+            logger.log(record)
+        progress.update(record, guard.events)
+        for surprise in engine.monitor.surprises() if engine.monitor is not None else []:
+            log(f"step {step}: torch.compile: {surprise}")
+            if logger is not None:
+                logger.log({"kind": "compile", "step": step, "surprise": surprise})
         if halted:
             break
-        if config.run.eval_every and step % config.run.eval_every == 0 and step < schedule.total_steps:
-            eval_loss = evaluate(step - 1)
-            if config.run.keep_best and eval_loss < best_eval_loss:
-                best_eval_loss = eval_loss
-                save(step, name="best")
-        stopping = totals[2].item() > 0
-        if (config.run.checkpoint_every and step % config.run.checkpoint_every == 0) or stopping:
-            save(step)
-            last_saved = step
-        if stopping:
-            log(f"stop requested (signal): checkpoint saved at step {step}; resume with --resume auto")
+        paused = time.perf_counter()
+        if config.run.eval_every and state.step % config.run.eval_every == 0 and state.step < schedule.total_steps:
+            evaluate()
+        if (config.run.checkpoint_every and state.step % config.run.checkpoint_every == 0) or values.stop:
+            save()
+            last_saved = state.step
+        if values.stop:
+            log(f"stop requested (signal): checkpoint saved at step {state.step}; resume with --resume auto")
             break
+        mark += time.perf_counter() - paused  # evaluations and checkpoints are not step time
     progress.close()
+    prefetcher.close()
 
-    # ---------------------------------------------------------------------------------------- the end
-    steps_done = step
-    if steps_done < schedule.total_steps:  # stopped early: --stop-at-step, a signal, or the spike guard
-        if last_saved != steps_done:
-            save(steps_done)
+    # ------------------------------------------------------------------ the end
+    if state.step < schedule.total_steps:  # stopped early: --stop-at-step, a signal, or the spike guard
+        if last_saved != state.step:
+            save()
         if halted:
             log(f"error: stopped after {guard.events} spike events (guard.max_events = {config.guard.max_events}); "
-                f"the last good state is checkpointed at step {steps_done}. Lower the LR (see `curriculum-pretrain "
+                f"the last good state is checkpointed at step {state.step}. Lower the LR (see `curriculum-pretrain "
                 f"diagnose {run_dir}`) and resume with --resume auto")
         else:
-            log(f"stopped before step {steps_done} of {schedule.total_steps}; checkpoint in {checkpointer.directory}")
+            log(f"stopped before step {state.step} of {schedule.total_steps}; checkpoint in {checkpointer.directory}")
+    else:
+        if first_step < schedule.total_steps:  # a resumed finished run evaluated before its last checkpoint
+            evaluate()
+        if last_saved != state.step:
+            save()
+        replicas = engine.replica_report(state.data_sha256)
+        if not replicas["params_identical"]:
+            log("WARNING: parameters differ between data-parallel ranks (see summary.json: replicas)")
         if logger is not None:
-            logger.close()
-        dist.destroy_process_group()
-        return 1 if halted else 0
-    if start_step < schedule.total_steps:  # a resumed finished run evaluated before its last checkpoint
-        eval_loss = evaluate(schedule.total_steps - 1)
-        if config.run.keep_best and eval_loss < best_eval_loss:
-            best_eval_loss = eval_loss
-            save(steps_done, name="best")
-    if last_saved != steps_done:
-        save(steps_done)
-    replicas = _replica_report(engine.module, data_sha256, world_size)
-    if not replicas["params_identical"]:
-        log("WARNING: parameters differ between data-parallel ranks (see summary.json: replicas)")
-    if rank == 0:
-        assert logger is not None
+            _write_outputs(config, schedule, engine, run_dir, data.manifest, replicas, guard.events, elapsed())
+    if logger is not None:
         logger.close()
-        if config.run.export:
-            _export(engine.module.lm, run_dir / "final", Path(config.data.dir) / "tokenizer.json",
-                    manifest["tokenizer"]["eot_token"])
-        summary = write_summary(run_dir, {"name": config.name, "world_size": world_size,
-                                          "precision": "bf16" if bf16 else "fp32", "device": device.type,
-                                          "optimizer": optimizer_name, "replicas": replicas,
-                                          "guard_events": guard.events})
-        plot = plot_run(run_dir)
-        print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['elapsed_s']:.0f} s; "
-              f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}, eval loss "
-              f"{summary['final_eval_loss']:.3f} at seq_len {schedule.max_seq_len}"
-              + (f"; {guard.events} spike events" if guard.events else "") + "\n"
-              f"  metrics: {run_dir / 'metrics.jsonl'} (and .csv, tensorboard/)\n  plot:    {plot}\n"
-              f"  summary: {run_dir / 'summary.json'}\n  model:   {run_dir / 'final'}")
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+    close_processes()
+    return 1 if halted else 0
 
 
-# -------------------------------------------------------------------------------------------- helpers
+def _guarded_update(guard: Any, engine: Any, schedule: Schedule, step: int, stage: int) -> Callable[[Any], Any]:
+    """The spike guard between the step's synchronisation and its update (``Engine.train_step``'s ``decide``)."""
+
+    def decide(values: Any, after_update: bool = False) -> Any:
+        if after_update:
+            return guard.after_update(step, stage, values.loss, values.grad_norm)
+        verdict = guard.before_update(step, stage, values.loss, values.grad_norm, norm_follows=engine.norm_follows)
+        if verdict.action == "scale_lr":  # this step's update is applied at the lower LR
+            engine.set_lr(schedule.lr_at(step) * guard.lr_factor(step))
+        return verdict
+
+    return decide
 
 
-def enter_stage(engine: Any, stage: Stage) -> None:
-    """At a step boundary: the stage's micro-batch, gradient accumulation and clip."""
-    engine.set_train_micro_batch_size(stage.micro_batch)
-    engine.set_train_batch_size(stage.global_batch)  # grad_accum = global / (micro x world)
-    engine._config.gradient_clipping = stage.grad_clip  # read by the fp32 path at each step
-    if hasattr(engine.optimizer, "clip_grad"):  # ZeRO and bf16 optimizers keep their own copy
-        engine.optimizer.clip_grad = stage.grad_clip
+def _roll_back(checkpointer: Any, engine: Any, checkpoint: Path, state: Any, skip_to: int,
+               event: dict[str, Any]) -> None:
+    """Back to ``checkpoint`` and past the data of the steps since, the spike's included: the weights, optimizer
+    and RNG come from the checkpoint, the data cursor moves to ``skip_to``; the guard keeps its events, and the
+    time spent stays spent."""
+    restored = checkpointer.load_state(engine.ds, checkpoint)
+    event.update(restored_from=checkpoint.name, restored_step=restored.step,
+                 skipped_samples=skip_to - restored.cursor, params_sha256=engine.params_sha256(),
+                 checkpoint_params_sha256=restored.params_sha256)
+    state.step, state.tokens, state.data_sha256, state.cursor = (restored.step, restored.tokens,
+                                                                 restored.data_sha256, skip_to)
 
 
-def forward_backward(engine: Any, micro_batches: list[tuple[Any, Any]], device: Any) -> Any:
-    """Forward and backward over one step's micro-batches; DeepSpeed's ``step`` runs after each but the last, so
-    the gradients of the step are accumulated and reduced but not yet applied (the caller applies or drops them).
-    Returns the mean loss of the micro-batches on this rank, as a float64 tensor."""
-    import torch
+def _write_outputs(config: Config, schedule: Schedule, engine: Any, run_dir: Any, manifest: dict[str, Any],
+                   replicas: dict[str, Any], guard_events: int, elapsed_s: float) -> None:
+    """Rank 0 at the end of a run: the exported model, summary.json, training.png and the closing lines."""
+    from pipeline.metrics import plot_run, write_summary
 
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for i, (inputs, labels) in enumerate(micro_batches):
-        boundary = i == len(micro_batches) - 1
-        engine.set_gradient_accumulation_boundary(boundary)
-        loss = engine(inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True))
-        engine.backward(loss)
-        if not boundary:
-            engine.step()  # no update before the accumulation boundary; keeps DeepSpeed's counters in step
-        total += loss.detach()
-    return total / len(micro_batches)
-
-
-def set_lr(engine: Any, lr: float) -> None:
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
-
-
-def _drop_gradients(engine: Any) -> None:
-    """Discard the accumulated gradients of this step instead of applying them."""
-    engine.optimizer.zero_grad(set_to_none=True)
-    engine.zero_grad()
+    if config.run.export:
+        engine.export(run_dir.final, Path(config.data.dir) / "tokenizer.json", manifest["tokenizer"]["eot_token"],
+                      schedule.max_seq_len)
+    summary = write_summary(run_dir.path, {"name": config.name, "world_size": engine.processes.world_size,
+                                      "precision": engine.precision, "device": engine.device.type,
+                                      "optimizer": engine.optimizer_name, "replicas": replicas,
+                                      "guard_events": guard_events, "warmup_s": engine.warmup_s,
+                                      "wall_s": elapsed_s})
+    plot = plot_run(run_dir.path)
+    print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['elapsed_s']:.0f} s; "
+          f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}, eval loss "
+          f"{summary['final_eval_loss']:.3f} at seq_len {schedule.max_seq_len}"
+          + (f"; {guard_events} spike events" if guard_events else "") + "\n"
+          f"  metrics: {run_dir.metrics} (and .csv, tensorboard/)\n  plot:    {plot}\n"
+          f"  summary: {run_dir.summary}\n  model:   {run_dir.final}")
 
 
-def _params_sha256(module: Any) -> str:
-    import torch
-
-    params = hashlib.sha256()
-    for tensor in module.state_dict().values():
-        params.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return params.hexdigest()
+def _event_line(step: int, stage: Any, values: Any, verdict: Any, guard: Any) -> dict[str, Any]:
+    spike = verdict.spike
+    return {"kind": "guard", "step": step, "stage": stage.index, "seq_len": stage.seq_len, "loss": values.loss,
+            "grad_norm": values.grad_norm, "reason": spike.reason, "value": spike.value,
+            "running_average": spike.running_average, "action": verdict.action, "events": guard.events}
 
 
-def _replica_report(module: Any, data_sha256: str, world_size: int) -> dict[str, Any]:
-    """Every rank's parameter hash and data fingerprint: data-parallel replicas must hold identical parameters
-    after training on different data."""
-    import torch.distributed as dist
-
-    gathered: list[Any] = [None] * world_size
-    dist.all_gather_object(gathered, {"params_sha256": _params_sha256(module), "data_sha256": data_sha256})
-    return {"params_sha256": [g["params_sha256"] for g in gathered],
-            "data_sha256": [g["data_sha256"] for g in gathered],
-            "params_identical": len({g["params_sha256"] for g in gathered}) == 1}
-
-
-def _grad_norm(module: Any) -> float:
-    """Global L2 norm of the (already data-parallel averaged) gradients."""
-    import torch
-
-    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)).item()
-
-
-def _build_optimizer(model: Any, config: Config, fused_adam: bool, offload: bool) -> tuple[Any, str]:
-    """AdamW with weight decay on matrices only (biases and norm weights are not decayed)."""
-    import torch
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.optimizer.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    kwargs = {"lr": 0.0, "betas": config.optimizer.betas, "eps": config.optimizer.eps}
-    if offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs), "DeepSpeedCPUAdam (ZeRO-Offload)"
-    if fused_adam:
-        from deepspeed.ops.adam import FusedAdam
-
-        return FusedAdam(groups, adam_w_mode=True, **kwargs), "DeepSpeed FusedAdam"
-    return torch.optim.AdamW(groups, **kwargs), "torch AdamW"
-
-
-PEAK_BF16_FLOPS = {  # dense bf16 tensor-core FLOP/s of one device
-    "H100": 989e12,
-    "H200": 989e12,
-    "A100": 312e12,
-    "RTX 3090": 71e12,
-    "RTX 4090": 165e12,
-}
-
-
-def peak_flops(device: Any) -> Optional[float]:
-    if device.type != "cuda":
-        return None
-    import torch
-
-    name = torch.cuda.get_device_name()
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+def _event_message(event: dict[str, Any], max_events: int) -> str:
+    average = event["running_average"]
+    return (f"step {event['step']}: {event['reason']} ({event['value']:.4g} vs running average "
+            f"{average if average is None else f'{average:.4g}'}) in stage {event['stage']} (seq_len "
+            f"{event['seq_len']}): {event['action']} [event {event['events']} of at most {max_events}]")
 
 
 def _changed_fields(old: Any, new: Any, path: str) -> list[str]:
@@ -517,7 +324,7 @@ def _changed_fields(old: Any, new: Any, path: str) -> list[str]:
     return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
 
 
-def _install_stop_handler() -> Any:
+def _install_stop_handler() -> Callable[[], bool]:
     """SIGTERM/SIGUSR1 (schedulers send them before preemption): finish the step, checkpoint, exit."""
     requested = {"stop": False}
 
@@ -527,27 +334,6 @@ def _install_stop_handler() -> Any:
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, handler)
     return lambda: requested["stop"]
-
-
-def _rank0_printer(rank: int) -> Any:
-    """Print on rank 0 without breaking the progress bar."""
-    from tqdm import tqdm
-
-    def log(message: str) -> None:
-        if rank == 0:
-            tqdm.write(message)
-
-    return log
-
-
-def _export(module: Any, out_dir: Path, tokenizer_file: Path, eot_token: str) -> None:
-    """``save_pretrained`` + tokenizer, loadable with ``AutoModelForCausalLM.from_pretrained(out_dir)``."""
-    from transformers import PreTrainedTokenizerFast
-
-    module.save_pretrained(out_dir)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), eos_token=eot_token,
-                                        bos_token=eot_token, unk_token=eot_token)
-    tokenizer.save_pretrained(out_dir)
 
 
 if __name__ == "__main__":

@@ -239,8 +239,9 @@ def test_reshape_rank_starting_mid_sample() -> None:
 
 
 def test_eval_batches_at_full_length_disjoint_and_fixed() -> None:
+    """Batches of 4 windows over 2 ranks: each rank evaluates 2 rows of each of the 3 batches."""
     tokens = file_of(20 * 16 + 1)  # 20 windows of 16
-    per_rank = [eval_batches(tokens, seq_len=16, batch=2, num_batches=3, rank=rank, world_size=2)
+    per_rank = [eval_batches(tokens, seq_len=16, batch=4, num_batches=3, rank=rank, world_size=2)
                 for rank in range(2)]
     starts = []
     for batches in per_rank:
@@ -251,16 +252,33 @@ def test_eval_batches_at_full_length_disjoint_and_fixed() -> None:
             assert all(int(x) % 16 == 0 for x in inputs[:, 0])  # consecutive windows of the file
             starts += inputs[:, 0].tolist()
     assert len(starts) == len(set(starts)) == 12  # 2 ranks x 3 batches x 2 rows, no window twice
-    again = eval_batches(tokens, seq_len=16, batch=2, num_batches=3, rank=1, world_size=2)
+    again = eval_batches(tokens, seq_len=16, batch=4, num_batches=3, rank=1, world_size=2)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(again, per_rank[1]))
 
 
 def test_eval_batches_shrink_when_the_split_is_short() -> None:
-    # 5 windows of 16, 2 ranks: 5 // 2 = 2 windows each (one batch of 2), the fifth window unused
+    # 5 windows of 16, batches of 4 over 2 ranks: one whole batch (2 windows each), the fifth window unused
     tokens = file_of(5 * 16 + 1)
     for rank in range(2):
-        batches = eval_batches(tokens, seq_len=16, batch=2, num_batches=3, rank=rank, world_size=2)
+        batches = eval_batches(tokens, seq_len=16, batch=4, num_batches=3, rank=rank, world_size=2)
         assert [tuple(inputs.shape) for inputs, _ in batches] == [(2, 16)]
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_the_evaluation_set_does_not_depend_on_the_world_size(world_size: int) -> None:
+    """The windows all ranks evaluate together are the windows one rank evaluates alone: the first
+    ``batch x num_batches`` of the file, each once."""
+    tokens = file_of(40 * 16 + 1)
+    alone = torch.cat([x for x, _ in eval_batches(tokens, seq_len=16, batch=8, num_batches=3, rank=0, world_size=1)])
+    shared = torch.cat([x for rank in range(world_size)
+                        for x, _ in eval_batches(tokens, seq_len=16, batch=8, num_batches=3, rank=rank,
+                                                 world_size=world_size)])
+    assert sorted(alone[:, 0].tolist()) == sorted(shared[:, 0].tolist()) == [16 * k for k in range(24)]
+
+
+def test_an_evaluation_batch_must_split_over_the_ranks() -> None:
+    with pytest.raises(ConfigError, match="run.eval_batch = 6: must be divisible by the world size 4"):
+        eval_batches(file_of(40 * 16 + 1), seq_len=16, batch=6, num_batches=1, rank=0, world_size=4)
 
 
 @pytest.mark.parametrize(("num_tokens", "world_size"), [(16, 1), (16 + 1, 2), (2 * 16, 2)])

@@ -247,29 +247,22 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from pipeline.batches import TokenSampler
-from pipeline.guard import SpikeGuard
+from pipeline.batches import Prefetcher
 from pipeline.metrics import RunLogger
 
 # step -> factor for the training loss of that step's micro-batches, first pass over the step only
 PENDING = {{int(step): factor for step, factor in json.loads({inject!r}).items()}}
 MAX_EVENTS = {max_events}
-now = {{"step": None, "factor": None, "guard_lines": 0}}
+now = {{"factor": None, "guard_lines": 0}}
 
-_lr_factor = SpikeGuard.lr_factor
-_step_micro_batches = TokenSampler.step_micro_batches
+_get = Prefetcher.get
 _cross_entropy = F.cross_entropy
 _log = RunLogger.log
 
 
-def lr_factor(self, step):  # the loop asks for it at the top of every step, before drawing the step's batches
-    now["step"] = step
-    return _lr_factor(self, step)
-
-
-def step_micro_batches(self, *args, **kwargs):  # once per pass over a step
-    now["factor"] = PENDING.pop(now["step"], None)
-    return _step_micro_batches(self, *args, **kwargs)
+def get(self, step, cursor):  # the loop takes each pass over a step's batches once, before training on them
+    now["factor"] = PENDING.pop(step, None)
+    return _get(self, step, cursor)
 
 
 def cross_entropy(*args, **kwargs):
@@ -289,8 +282,7 @@ def log(self, record):  # a guard that never stops would loop forever: end the p
             os._exit({status})
 
 
-SpikeGuard.lr_factor = lr_factor
-TokenSampler.step_micro_batches = step_micro_batches
+Prefetcher.get = get
 F.cross_entropy = cross_entropy
 RunLogger.log = log
 

@@ -25,12 +25,37 @@ def test_on_cpu_every_auto_kernel_falls_back_with_one_note_each() -> None:
 
 
 def test_on_cuda_liger_is_llama_only_and_apex_yields_to_liger_rmsnorm() -> None:
-    """With CUDA and both packages: Llama gets Liger (and not apex, whose RMSNorm Liger replaces); GPT-2 gets apex."""
-    llama = choose_kernels(KernelsConfig(), "llama", on_cuda=True, is_importable=everything_importable)
+    """With CUDA and both packages, eager: Llama gets Liger (and not apex, whose RMSNorm Liger replaces); GPT-2
+    gets apex."""
+    eager = KernelsConfig(compile=False)
+    llama = choose_kernels(eager, "llama", on_cuda=True, is_importable=everything_importable)
     assert (llama.fused_adam, llama.liger, llama.apex) == (True, True, False)
-    gpt2 = choose_kernels(KernelsConfig(), "gpt2", on_cuda=True, is_importable=everything_importable)
+    gpt2 = choose_kernels(eager, "gpt2", on_cuda=True, is_importable=everything_importable)
     assert (gpt2.fused_adam, gpt2.liger, gpt2.apex) == (True, False, True)
     assert any("only for arch: llama" in note for note in gpt2.notes)
+
+
+def test_compiled_runs_leave_in_block_kernels_to_inductor_and_replay_cuda_graphs() -> None:
+    """``compile: auto`` on CUDA compiles, with CUDA graphs; Liger's in-block kernels and apex's norms (which break
+    the graph) are not used in ``auto``, each saying why; the fused cross-entropy (beside the graph) is off unless
+    asked for. On a CPU ``auto`` neither compiles nor replays graphs."""
+    gpu = choose_kernels(KernelsConfig(), "llama", on_cuda=True, is_importable=everything_importable)
+    assert (gpu.compile, gpu.cuda_graphs, gpu.liger, gpu.apex, gpu.fused_cross_entropy) == (
+        True, True, False, False, False)
+    assert any(note.startswith("kernels.liger: not used (its Triton kernels break") for note in gpu.notes)
+    assert any(note.startswith("kernels.apex: not used (its fused norms break") for note in gpu.notes)
+    asked = choose_kernels(KernelsConfig(fused_cross_entropy=True, liger=True), "llama", on_cuda=True,
+                           is_importable=everything_importable)
+    assert (asked.fused_cross_entropy, asked.liger, asked.compile) == (True, True, True)
+    cpu = choose_kernels(KernelsConfig(), "llama", on_cuda=False, is_importable=everything_importable)
+    assert (cpu.compile, cpu.cuda_graphs) == (False, False)
+
+
+def test_cuda_graphs_need_cuda_and_compile() -> None:
+    with pytest.raises(ConfigError, match="kernels.cuda_graphs = True: needs CUDA and kernels.compile"):
+        choose_kernels(KernelsConfig(compile=False, cuda_graphs=True), "gpt2", on_cuda=True)
+    with pytest.raises(ConfigError, match="kernels.cuda_graphs = True: needs CUDA"):
+        choose_kernels(KernelsConfig(compile=True, cuda_graphs=True), "gpt2", on_cuda=False)
 
 
 def test_missing_packages_fall_back_and_say_which() -> None:

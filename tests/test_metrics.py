@@ -14,9 +14,9 @@ import pytest
 
 from pipeline.metrics import RunLogger, plot_run, read_metrics, write_summary
 
-# the documented columns: every train field, then the eval ones, after ``kind``
+# the documented columns: every train field, then the eval ones, after ``kind``; then the time split
 COLUMNS = ["kind", "step", "tokens", "stage", "seq_len", "global_batch", "lr", "grad_clip", "loss", "grad_norm",
-           "tok_per_s", "mfu", "elapsed_s", "eval_loss", "eval_ppl"]
+           "tok_per_s", "mfu", "elapsed_s", "eval_loss", "eval_ppl", "train_s", "eval_s"]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -137,14 +137,18 @@ def test_ds_config_for_a_recipe() -> None:
     assert ds["zero_optimization"]["stage"] == 0
 
 
-@pytest.mark.parametrize(("precision", "flag", "enabled"), [
-    ("auto", [], False), ("auto", ["--bf16"], True), ("fp32", ["--bf16"], False), ("bf16", [], True),
+@pytest.mark.parametrize(("precision", "flag", "enabled", "autocast"), [
+    ("auto", [], False, False), ("auto", ["--bf16"], False, True), ("fp32", ["--bf16"], False, False),
+    ("bf16", [], True, False), ("bf16-autocast", [], False, True),
 ])
-def test_ds_config_bf16_follows_run_precision(precision: str, flag: list[str], enabled: bool) -> None:
-    """--bf16 decides only run.precision auto; fp32 and bf16 are what the config says."""
+def test_ds_config_bf16_follows_run_precision(precision: str, flag: list[str], enabled: bool, autocast: bool) -> None:
+    """--bf16 decides only run.precision auto (as on a bf16-capable GPU: fp32 weights under bf16 autocast);
+    fp32, bf16 (DeepSpeed's bf16 weights) and bf16-autocast are what the config says."""
     result = run_cli(["ds-config", "--config", "tiny-cpu", "--set", f"run.precision={precision}", *flag])
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["bf16"] == {"enabled": enabled}
+    ds = json.loads(result.stdout)
+    assert ds["bf16"] == {"enabled": enabled}
+    assert ds.get("torch_autocast") == ({"enabled": True, "dtype": "bfloat16"} if autocast else None)
 
 
 # --------------------------------------------------------------------------------------------------- no torch
@@ -165,3 +169,15 @@ def test_plan_command_does_not_import_torch() -> None:
             "assert rc == 0; assert 'torch' not in sys.modules, 'torch imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_plan_lists_the_shapes_a_compiled_run_builds() -> None:
+    """`plan` names the distinct (micro-batch x seq_len) training shapes and counts the graphs with evaluation;
+    `--json` lists them."""
+    result = run_cli(["plan", "--config", "gpt2-124m-curriculum"])
+    assert result.returncode == 0, result.stderr
+    assert ("shapes: 4 training (micro-batch x seq_len: 256x128, 128x256, 64x512, 32x1024) + 1 evaluation = 5 "
+            "graphs to compile with kernels.compile") in result.stdout
+    plan = json.loads(run_cli(["plan", "--config", "gpt2-124m-curriculum", "--json"]).stdout)
+    assert plan["shapes"] == [{"micro_batch": 256, "seq_len": 128}, {"micro_batch": 128, "seq_len": 256},
+                              {"micro_batch": 64, "seq_len": 512}, {"micro_batch": 32, "seq_len": 1024}]

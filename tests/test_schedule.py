@@ -420,3 +420,42 @@ def test_distinct_shapes_in_order() -> None:
     """The (micro_batch, seq_len) shapes of a run, first use first."""
     schedule = build_schedule(load_config("tiny-cpu", environ={}))
     assert schedule.distinct_shapes() == [(32, 64), (16, 128), (8, 256)]
+
+
+# --------------------------------------------------------------------------------------------------- pacing buckets
+
+LI_PACING = {"type": "fixed_linear", "min_seq_len": 64, "max_seq_len": 1024, "step_size": 8,
+             "total_curriculum_steps": 150, "global_batch": 64, "lr": 6e-4, "until_step": 450}
+
+
+def test_bucketed_pacing_trains_16_lengths_instead_of_121() -> None:
+    """Li et al.'s pacing (64 -> 1024, step 8, over 150 steps) has 121 lengths; ``bucket: 64`` rounds each down
+    to a multiple of 64: 64 for steps 0-9, 128 from step 10 (the unbucketed length reaches 128 at step 10), ...,
+    1024 from step 150 on."""
+    plain = build_schedule(make_config({"pacing": LI_PACING}))
+    bucketed = build_schedule(make_config({"pacing": {**LI_PACING, "bucket": 64}}))
+    assert len(plain.distinct_shapes()) == 121
+    assert [seq_len for _, seq_len in bucketed.distinct_shapes()] == list(range(64, 1025, 64))
+    assert [(s.start_step, s.seq_len) for s in bucketed.stages[:3]] == [(0, 64), (10, 128), (20, 192)]
+    assert bucketed.stage_at(149).seq_len == 960 and bucketed.stage_at(150).seq_len == 1024
+    for step in range(450):  # never longer than the unbucketed length, and on the bucket grid
+        assert bucketed.seq_len_at(step) <= plain.seq_len_at(step) and bucketed.seq_len_at(step) % 64 == 0
+
+
+def test_a_bucket_must_divide_the_full_length() -> None:
+    with pytest.raises(ConfigError, match=r"curriculum\.pacing\.bucket = 96: must divide the longest length 1024"):
+        build_schedule(make_config({"pacing": {**LI_PACING, "bucket": 96}}))
+
+
+def test_a_curriculum_of_10_to_the_11_steps_resolves_at_once() -> None:
+    """Plateaus are found per length by bisection, not by walking the steps: 10**11 curriculum steps resolve in
+    well under a second, with each length's first step where the formula puts it."""
+    import time
+
+    start = time.perf_counter()
+    schedule = build_schedule(make_config({"pacing": {**LI_PACING, "total_curriculum_steps": 10**11,
+                                                      "until_step": 2 * 10**11}}))
+    assert time.perf_counter() - start < 1.0
+    assert len(schedule.stages) == 121
+    # 64 + floor(s / 10**11 * 960) // 8 * 8 reaches 72 at s = ceil(8 / 960 * 10**11)
+    assert schedule.stages[1].start_step == math.ceil(8 * 10**11 / 960) and schedule.stages[1].seq_len == 72

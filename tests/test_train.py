@@ -305,6 +305,22 @@ def test_single_process_follows_the_plan_and_writes_every_output(straight_w1: Ru
     assert model.config.vocab_size == 512 and model.config.num_hidden_layers == 2
 
 
+def test_a_compiled_run_builds_each_graph_once_before_step_0(straight_w1: Run, config: Path, tmp_path: Path) -> None:
+    """``kernels.compile`` with a tracing-only backend (``eager``: the graphs dynamo captures run as they are) through
+    three stages with evaluations: the warm-up builds one graph per (micro-batch, seq_len) and one for evaluation,
+    nothing is built (or given up) afterwards, and the run trains exactly as the uncompiled one."""
+    run = Run(tmp_path / "run", cli_train(config, tmp_path / "run", "--set", "kernels.compile=true",
+                                          "--set", "kernels.compile_backend=eager"))
+    compiles = [r for r in run.records() if r["kind"] == "compile"]
+    assert len(compiles) == 1, compiles  # the warm-up's line, and no report of a later graph or fallback
+    assert compiles[0]["graphs"] == ["2x32", "2x64", "1x128", f"2x{MAX_SEQ_LEN} (no grad)"]
+    assert compiles[0]["warmup_s"] > 0 and compiles[0]["graph_breaks"] == 0
+    assert "compiled and warmed up 4 graphs before step 0" in run.output and "torch.compile:" not in run.output
+    assert_each_step_once(run)
+    assert run.losses() == straight_w1.losses()
+    assert [r["eval_loss"] for r in run.eval_rows()] == [r["eval_loss"] for r in straight_w1.eval_rows()]
+
+
 # --------------------------------------------------------------------------------------------------- two processes
 
 

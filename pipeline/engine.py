@@ -1,0 +1,528 @@
+"""The engine room: process setup, the DeepSpeed engine around the model and its loss, one training step,
+evaluation, compilation, and every touch of DeepSpeed internals. ``train``, ``bench`` and ``lr-find`` call it.
+
+One training step (``Engine.train_step``), the same wherever it runs:
+
+1. forward and backward over the step's micro-batches (DeepSpeed's ``step`` after each but the last keeps its
+   counters in step; the gradients are accumulated, and reduced over ranks at the last one);
+2. the step's one host synchronisation: one all-reduce of ``[loss, stop request, gradient norm]`` read back with
+   one ``.tolist()``, so the loop knows the mean loss over ranks before the update;
+3. the caller decides (``before_update``): apply the update (``engine.step()`` at the accumulation boundary) or
+   drop the gradients.
+
+With ``run.precision: bf16-autocast`` (the default on GPUs) and ZeRO stage 0 nothing else waits for the GPU: the
+gradient norm is computed on the device before the update and read with the loss, the clip is DeepSpeed's on-device
+fp32 clip, and the optimizer is stepped directly. DeepSpeed's bf16 mode and ZeRO read their overflow flags and
+gradient norms on the host inside ``engine.step()``; the loop then reads the norm they computed after the update.
+
+Compilation (``kernels.compile``): ``torch.compile`` with static shapes takes the model and its loss (or the decoder
+body when the loss is fused). Each distinct training shape is one graph, evaluation (no gradients, eval mode, full
+length) one more. ``warm_up`` builds them all before step 0 by running the real step and the real evaluation once
+per shape; dynamo's recompile limit is set to that count (plus a margin of two), and ``CompileMonitor`` reports any
+graph built after the warm-up and any fallback to eager in the log and as a ``kind: compile`` metrics line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from curriculum.config import Config
+from curriculum.errors import ConfigError
+from curriculum.schedule import Schedule, Stage
+from pipeline.batches import StepBatch
+from pipeline.ds_config import Precision
+from pipeline.guard import APPLY, Verdict
+from pipeline.kernels import KernelChoice
+
+Log = Callable[[str], None]
+
+PEAK_BF16_FLOPS = {  # dense bf16 tensor-core FLOP/s of one device
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "RTX 3090": 71e12,
+    "RTX 4090": 165e12,
+}
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in the job: rank, world size, its device, and a printer that prints on rank 0."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    log: Log
+
+
+def init_processes() -> Processes:
+    """Environment fixes, the process group (NCCL on GPUs, gloo on CPU) and this rank's device."""
+    from pipeline.environment import prepare_environment
+
+    notes = prepare_environment(os.environ, torch.cuda.is_available())
+    import deepspeed
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank()
+    log = _rank0_printer(rank)
+    for note in notes:
+        log(note)
+    return Processes(rank, dist.get_world_size(), device, log)
+
+
+def close_processes() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _rank0_printer(rank: int) -> Log:
+    """Print on rank 0 without breaking a progress bar."""
+    from tqdm import tqdm
+
+    def log(message: str) -> None:
+        if rank == 0:
+            tqdm.write(message)
+
+    return log
+
+
+def device_precision(config: Config, device: torch.device) -> Precision:
+    from pipeline.ds_config import resolve_precision
+
+    return resolve_precision(config.run.precision,
+                             bf16_gpu=device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+
+
+# --------------------------------------------------------------------------------------------------- compilation
+
+
+class CompileMonitor:
+    """The ``torch.compile`` backend of a run, wrapped to count the graphs dynamo hands it.
+
+    Before ``freeze()`` (the warm-up) every graph is expected; afterwards each new graph is a surprise, reported
+    once by ``surprises()`` together with dynamo's fallbacks to eager (a ``hit config.recompile_limit`` warning)
+    and graph breaks."""
+
+    def __init__(self, backend: str, cuda_graphs: bool) -> None:
+        from torch import _dynamo
+
+        self.graphs: list[str] = []  # one description per graph: the shapes of its tensor inputs
+        self.frozen_at: Optional[int] = None
+        self.fallbacks: list[str] = []
+        self._reported = 0
+        self._reported_fallbacks = 0
+        self._breaks_at_freeze = 0
+        if backend == "inductor":
+            from functools import partial
+
+            from torch._inductor.compile_fx import compile_fx
+
+            self._inner = partial(compile_fx, config_patches={"triton.cudagraphs": cuda_graphs})
+        else:
+            self._inner = _dynamo.lookup_backend(backend)
+        logging.getLogger("torch._dynamo").addHandler(_FallbackHandler(self.fallbacks))
+
+    def backend(self, graph: Any, example_inputs: Sequence[Any]) -> Any:
+        shapes = [tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor) and t.dim() == 2
+                  and not t.is_floating_point()]  # the token inputs; parameters are floating point
+        self.graphs.append(f"{'x'.join(map(str, shapes[0])) if shapes else '?'}"
+                           f"{'' if torch.is_grad_enabled() else ' (no grad)'}")
+        return self._inner(graph, example_inputs)
+
+    def freeze(self) -> None:
+        self.frozen_at = len(self.graphs)
+        self._reported = len(self.graphs)
+        self._reported_fallbacks = len(self.fallbacks)
+        self._breaks_at_freeze = _graph_breaks()
+
+    def surprises(self) -> list[str]:
+        """What happened since the warm-up (or the last call): graphs built, fallbacks to eager, graph breaks."""
+        if self.frozen_at is None:
+            return []
+        found = [f"graph built after the warm-up: {graph}" for graph in self.graphs[self._reported:]]
+        found += [f"dynamo gave up and runs eager: {fallback}" for fallback in self.fallbacks[self._reported_fallbacks:]]
+        breaks = _graph_breaks()
+        if breaks > self._breaks_at_freeze:
+            found.append(f"{breaks - self._breaks_at_freeze} new graph break(s) after the warm-up")
+        self._reported, self._reported_fallbacks, self._breaks_at_freeze = len(self.graphs), len(self.fallbacks), breaks
+        return found
+
+    def graph_breaks(self) -> int:
+        return _graph_breaks()
+
+
+class _FallbackHandler(logging.Handler):
+    """Catches dynamo's one warning when it stops compiling a function: ``torch._dynamo hit config.<limit>``."""
+
+    def __init__(self, sink: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "hit config." in message:
+            self.sink.append(message.splitlines()[0])
+
+
+def _graph_breaks() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
+# --------------------------------------------------------------------------------------------------- the engine
+
+
+@dataclass
+class StepValues:
+    """What the step's one host synchronisation read: means over ranks."""
+
+    loss: float
+    grad_norm: Optional[float]
+    """Before the update where the engine can tell (fp32 weights without ZeRO), else None."""
+    stop: bool
+    """Some rank was asked to stop (SIGTERM/SIGUSR1)."""
+
+
+@dataclass
+class Engine:
+    """The DeepSpeed engine around ``CausalLMWithLoss``, with what a run needs to know about it."""
+
+    ds: Any
+    lm: Any
+    """The transformers model (for ``save_pretrained`` and parameter counts)."""
+    optimizer_name: str
+    kernels: KernelChoice
+    precision: Precision
+    processes: Processes
+    monitor: Optional[CompileMonitor] = None
+    warmup_s: float = 0.0
+    grad_clip: float = 0.0
+    _stats: Optional[torch.Tensor] = field(default=None, repr=False)
+    _grad_buffers: Optional[list[torch.Tensor]] = field(default=None, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.processes.device
+
+    @property
+    def zero_stage(self) -> int:
+        return self.ds.zero_optimization_stage()
+
+    # --------------------------------------------------------------------------------------------- a step
+
+    def enter_stage(self, stage: Stage) -> None:
+        """At a step boundary: the stage's micro-batch, gradient accumulation and clip."""
+        self.ds.set_train_micro_batch_size(stage.micro_batch)
+        self.ds.set_train_batch_size(stage.global_batch)  # grad_accum = global / (micro x world)
+        self.grad_clip = stage.grad_clip
+        # DeepSpeed's fp32 path clips parameter by parameter (two kernels and a norm each); where the norm is
+        # known before the update the engine clips with it in one fused call instead (apply_update)
+        self.ds._config.gradient_clipping = stage.grad_clip if self.norm_follows else 0.0
+        if hasattr(self.ds.optimizer, "clip_grad"):  # DeepSpeed's bf16 and ZeRO optimizers keep their own copy
+            self.ds.optimizer.clip_grad = stage.grad_clip
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.ds.optimizer.param_groups:
+            group["lr"] = lr
+
+    @property
+    def lr(self) -> float:
+        return self.ds.optimizer.param_groups[0]["lr"]
+
+    def forward_backward(self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Forward and backward over one step's micro-batches; the update is neither applied nor dropped yet.
+        Returns this rank's mean micro-batch loss as a float64 device tensor (no host synchronisation)."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        if self.kernels.cuda_graphs and len(micro_batches) > 1:
+            self._give_gradients_buffers()
+        for i, (inputs, labels) in enumerate(micro_batches):
+            boundary = i == len(micro_batches) - 1
+            self.ds.set_gradient_accumulation_boundary(boundary)
+            loss = self.ds(inputs, labels)
+            self.ds.backward(loss)
+            if not boundary:
+                self.ds.step()  # no update before the accumulation boundary; keeps DeepSpeed's counters in step
+            total += loss.detach()
+        return total / len(micro_batches)
+
+    @property
+    def norm_follows(self) -> bool:
+        """Whether the gradient norm is known only after the update: DeepSpeed's bf16 and ZeRO optimizers hold
+        the gradients themselves and compute the norm inside their step."""
+        return self.zero_stage > 0 or self.precision == "bf16"
+
+    def _give_gradients_buffers(self) -> None:
+        """With CUDA graphs a backward writes its gradients into the graph's memory, which the next replay reuses.
+        A parameter without a ``.grad`` takes that memory as its ``.grad`` (autograd steals the tensor), and the next
+        micro-step would overwrite it; so when a step accumulates, every parameter starts it with a zeroed buffer
+        of its own, which autograd adds into."""
+        params = [p for p in self.ds.module.parameters() if p.requires_grad]
+        if self._grad_buffers is None:
+            self._grad_buffers = [torch.zeros_like(p) for p in params]
+        else:
+            torch._foreach_zero_(self._grad_buffers)
+        for param, buffer in zip(params, self._grad_buffers):
+            param.grad = buffer
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self.ds.module.parameters() if p.grad is not None]
+
+    def _grad_norm_before_update(self) -> Optional[torch.Tensor]:
+        """Global L2 norm of the (already averaged) gradients, on the device, where the engine can tell."""
+        if self.norm_follows:
+            return None
+        grads = self._grads()
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None
+
+    def synchronize(self, loss: torch.Tensor, grad_norm: Optional[torch.Tensor], stop: bool) -> StepValues:
+        """The step's one host synchronisation: mean loss, any stop request and the gradient norm over ranks."""
+        import torch.distributed as dist
+
+        if self._stats is None:
+            self._stats = torch.zeros(3, dtype=torch.float64, device=self.device)
+        stats = self._stats
+        stats[0].copy_(loss)
+        stats[1].fill_(float(stop))  # a kernel argument, not a host-to-device copy
+        if grad_norm is None:
+            stats[2].fill_(0.0)
+        else:
+            stats[2].copy_(grad_norm)
+        if self.processes.world_size > 1:
+            dist.all_reduce(stats)
+        loss_sum, stops, norm_sum = stats.tolist()
+        world = self.processes.world_size
+        return StepValues(loss_sum / world, None if grad_norm is None else norm_sum / world, stops > 0)
+
+    def apply_update(self, grad_norm: Optional[torch.Tensor] = None) -> Optional[float]:
+        """The optimizer update at the accumulation boundary, the gradients clipped to the stage's ``grad_clip``
+        first (with ``grad_norm``, on the device, where the norm is known before the update); returns the gradient
+        norm DeepSpeed computed inside its step where it did (``norm_follows``), else None."""
+        if grad_norm is not None and self.grad_clip > 0:
+            torch._foreach_mul_(self._grads(), (self.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0))
+        self.ds.step()
+        if not self.norm_follows:
+            return None
+        norm = self.ds.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def drop_update(self) -> None:
+        """Discard the accumulated gradients of this step instead of applying them."""
+        if self.norm_follows:  # DeepSpeed's bf16 and ZeRO optimizers hold gradients of their own
+            self.ds.optimizer.zero_grad(set_to_none=True)
+        self.ds.zero_grad()  # every parameter's .grad to None
+
+    def train_step(self, batch: StepBatch, stop: bool = False,
+                   decide: Optional[Callable[..., Verdict]] = None) -> tuple[StepValues, Verdict]:
+        """One optimizer step: forward/backward, the one synchronisation, then the update unless ``decide(values)``
+        (the spike guard) says no; where the gradient norm is known only after the update, ``decide(values,
+        after_update=True)`` judges it then. Without ``decide`` every update is applied."""
+        loss = self.forward_backward(batch.micro_batches)
+        norm = self._grad_norm_before_update()
+        values = self.synchronize(loss, norm, stop)
+        verdict = decide(values) if decide is not None else APPLY
+        if not verdict.update_applies:
+            self.drop_update()
+            return values, verdict
+        after = self.apply_update(norm)
+        if self.norm_follows:
+            values.grad_norm = after
+            if decide is not None and verdict.action == "apply":
+                verdict = decide(values, after_update=True)
+        return values, verdict
+
+    # --------------------------------------------------------------------------------------------- evaluation
+
+    def evaluate(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Mean loss over the evaluation set (every rank holds its share of each batch), one synchronisation."""
+        import torch.distributed as dist
+
+        self.ds.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # [sum of row losses, rows]
+        with torch.no_grad():
+            for inputs, labels in batches:
+                total[0] += self.ds(inputs, labels).double() * inputs.shape[0]
+                total[1] += inputs.shape[0]
+        dist.all_reduce(total)
+        self.ds.train()
+        loss_sum, rows = total.tolist()
+        return loss_sum / rows
+
+    # --------------------------------------------------------------------------------------------- warm-up
+
+    def warm_up(self, schedule: Schedule, load: Callable[[Stage, int], StepBatch],
+                eval_batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        """Build every compiled graph before step 0: per distinct training shape, the real step's micro-steps
+        (one before the accumulation boundary where the stage accumulates, and one at it) on real batches from
+        ``load``, gradients dropped; then one real evaluation batch. With CUDA graphs each runs three times (the
+        graph trees record on the second call). Returns seconds per shape; the total is ``warmup_s``."""
+        start = time.perf_counter()
+        repeats = 3 if self.kernels.cuda_graphs else 1
+        seconds: dict[str, float] = {}
+        for stage in first_stage_per_shape(schedule):
+            shape_start = time.perf_counter()
+            self.enter_stage(stage)
+            micro_batches = load(stage, 0).micro_batches[:2]
+            for _ in range(repeats):
+                self.forward_backward(micro_batches)
+                self.drop_update()
+            self._sync_device()
+            seconds[f"{stage.micro_batch}x{stage.seq_len}"] = time.perf_counter() - shape_start
+        eval_start = time.perf_counter()
+        for _ in range(repeats):
+            self.evaluate(eval_batches[:1])
+        seconds[f"eval {eval_batches[0][0].shape[0]}x{eval_batches[0][0].shape[1]}"] = time.perf_counter() - eval_start
+        if self.monitor is not None:
+            self.monitor.freeze()
+        self.warmup_s = time.perf_counter() - start
+        return seconds
+
+    def _sync_device(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    # --------------------------------------------------------------------------------------------- state
+
+    @functools.cached_property
+    def _flops_shape(self) -> tuple[int, int, int]:
+        from pipeline.model import matmul_params
+
+        return matmul_params(self.lm), self.lm.config.num_hidden_layers, self.lm.config.hidden_size
+
+    def mfu(self, seq_len: int, tok_per_s: float, peak: Optional[float]) -> Optional[float]:
+        """Model FLOPs utilisation of a step at ``seq_len`` (the length trained, never the maximum)."""
+        from pipeline.model import flops_per_token
+
+        if not peak:
+            return None
+        return flops_per_token(*self._flops_shape, seq_len) * tok_per_s / (self.processes.world_size * peak)
+
+    def export(self, out_dir: Path, tokenizer_file: Path, eot_token: str, max_seq_len: int) -> None:
+        """``save_pretrained`` + tokenizer, loadable with ``AutoModelForCausalLM.from_pretrained(out_dir)`` (the
+        attention implementation is not saved: a loaded model uses transformers' default)."""
+        from transformers import PreTrainedTokenizerFast
+
+        self.lm.save_pretrained(out_dir)
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), eos_token=eot_token,
+                                            bos_token=eot_token, unk_token=eot_token, model_max_length=max_seq_len)
+        tokenizer.save_pretrained(out_dir)
+
+    def params_sha256(self) -> str:
+        params = hashlib.sha256()
+        for tensor in self.ds.module.state_dict().values():
+            params.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return params.hexdigest()
+
+    def replica_report(self, data_sha256: str) -> dict[str, Any]:
+        """Every rank's parameter hash and data fingerprint: data-parallel replicas must hold identical parameters
+        after training on different data."""
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.processes.world_size
+        dist.all_gather_object(gathered, {"params_sha256": self.params_sha256(), "data_sha256": data_sha256})
+        return {"params_sha256": [g["params_sha256"] for g in gathered],
+                "data_sha256": [g["data_sha256"] for g in gathered],
+                "params_identical": len({g["params_sha256"] for g in gathered}) == 1}
+
+
+def first_stage_per_shape(schedule: Schedule) -> list[Stage]:
+    """The first stage of each distinct (micro-batch, seq_len), in order of use."""
+    return list({(s.micro_batch, s.seq_len): s for s in reversed(schedule.stages)}.values())[::-1]
+
+
+def expected_graphs(schedule: Schedule) -> int:
+    """Compiled graphs a run builds: one per distinct training shape and one for evaluation."""
+    return len(schedule.distinct_shapes()) + 1
+
+
+def build_engine(config: Config, schedule: Schedule, ds_config: dict[str, Any], manifest: dict[str, Any],
+                 processes: Processes) -> Engine:
+    """A freshly initialised model (the same weights on every rank and for every call with the same seed) with
+    the kernels the config asks for, wrapped with its loss, its optimizer and the DeepSpeed engine around them."""
+    import deepspeed
+
+    from pipeline.ds_config import cpu_offload
+    from pipeline.kernels import CausalLMWithLoss, choose_kernels, patch_model_classes, swap_apex_norms
+    from pipeline.model import build_model
+
+    device, log = processes.device, processes.log
+    choice = choose_kernels(config.kernels, config.model.arch, device.type == "cuda")
+    for note in choice.notes:
+        log(note)
+    patch_model_classes(choice)
+    torch.manual_seed(config.run.seed)
+    model = build_model(config.model, manifest["tokenizer"]["vocab_size"], schedule.max_seq_len,
+                        manifest["tokenizer"]["eot_id"])
+    if choice.apex:
+        log(f"kernels.apex: {swap_apex_norms(model)} norm layers replaced by apex fused ones")
+    module = CausalLMWithLoss(model, fused_cross_entropy=choice.fused_cross_entropy)
+    optimizer, optimizer_name = _build_optimizer(module, config, choice.fused_adam, cpu_offload(ds_config))
+    ds_engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+    if processes.world_size == 1 and ds_engine.zero_optimization_stage() == 0:
+        ds_engine.enable_backward_allreduce = False  # nothing to average: no flatten, all-reduce, unflatten per step
+    precision: Precision = ("bf16" if ds_config["bf16"]["enabled"]
+                            else "bf16-autocast" if "torch_autocast" in ds_config else "fp32")
+    if choice.cuda_graphs and ds_engine.zero_optimization_stage() > 0:
+        if config.kernels.cuda_graphs is True:
+            raise ConfigError("kernels.cuda_graphs", True, "verified with ZeRO stage 0 only; set it to auto or false")
+        log("kernels.cuda_graphs: not used (verified with ZeRO stage 0 only)")
+        choice = dataclasses.replace(choice, cuda_graphs=False)
+    monitor = None
+    if choice.compile:
+        from torch import _dynamo
+
+        monitor = CompileMonitor(config.kernels.compile_backend, choice.cuda_graphs)
+        # every train shape and the evaluation shape, and two spare: a later graph is reported, not refused
+        _dynamo.config.recompile_limit = expected_graphs(schedule) + 2
+        _dynamo.config.accumulated_recompile_limit = max(256, 4 * expected_graphs(schedule))
+        # the forward only: DeepSpeed's forward hooks on the module stay outside the graph (traced, they break it)
+        part = module.compiled_part
+        part.forward = torch.compile(part.forward, backend=monitor.backend, dynamic=False)
+    return Engine(ds_engine, model, optimizer_name, choice, precision, processes, monitor)
+
+
+def _build_optimizer(model: Any, config: Config, fused_adam: bool, offload: bool) -> tuple[Any, str]:
+    """AdamW with weight decay on matrices only (biases and norm weights are not decayed)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.optimizer.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    kwargs = {"lr": 0.0, "betas": config.optimizer.betas, "eps": config.optimizer.eps}
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs), "DeepSpeedCPUAdam (ZeRO-Offload)"
+    if fused_adam:
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, adam_w_mode=True, **kwargs), "DeepSpeed FusedAdam"
+    return torch.optim.AdamW(groups, **kwargs), "torch AdamW"

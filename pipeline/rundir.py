@@ -1,0 +1,93 @@
+"""A run directory: the names of what a run writes, one reader of its metrics, one meaning of "final loss".
+
+    config.json, ds_config.json   the run config and the DeepSpeed JSON the engine got
+    metrics.jsonl, metrics.csv    one line per logged step (``kind: train``), evaluation (``eval``), spike-guard
+                                  event (``guard``) and compile report (``compile``)
+    tensorboard/, wandb/          the same scalars
+    training.png, summary.json    written at the end
+    checkpoints/, final/          ``step<N>``/``latest``/``best``, and the exported model
+    train.log                     the trainer's output when a sweep started it
+
+Used by train, diagnose, sweep, bench and compare; nothing else spells these names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from curriculum.errors import ConfigError
+
+Record = dict[str, Any]
+
+FINAL_LOSS_STEPS = 5
+"""The final train loss of a run is the mean of its last 5 logged train losses."""
+
+
+class RunDir:
+    """The paths of one run directory."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    config = property(lambda self: self.path / "config.json")
+    ds_config = property(lambda self: self.path / "ds_config.json")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    metrics_csv = property(lambda self: self.path / "metrics.csv")
+    tensorboard = property(lambda self: self.path / "tensorboard")
+    summary = property(lambda self: self.path / "summary.json")
+    plot = property(lambda self: self.path / "training.png")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    final = property(lambda self: self.path / "final")
+    train_log = property(lambda self: self.path / "train.log")
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def read_records(path: Path, strict: bool = False) -> list[Record]:
+    """The JSON objects of a metrics.jsonl (blank lines skipped; none when the file does not exist).
+
+    A line that does not parse is dropped when it is the last one (a write torn by a kill) and ``strict`` is off;
+    any other bad line raises ``ConfigError`` naming the file and the line number."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if not strict and number == len(lines):
+                break
+            raise ConfigError(f"{path}:{number}", _shorten(line), f"not a JSON line ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise ConfigError(f"{path}:{number}", _shorten(line), "not a JSON object")
+        records.append(record)
+    return records
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def train_rows(records: Sequence[Record]) -> list[Record]:
+    """The train lines, one per step (the last one logged wins), in step order."""
+    by_step = {r["step"]: r for r in records if r.get("kind") == "train"}
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def eval_rows(records: Sequence[Record]) -> list[Record]:
+    return sorted((r for r in records if r.get("kind") == "eval"), key=lambda r: r["step"])
+
+
+def final_train_loss(train: Sequence[Record]) -> Optional[float]:
+    """Mean of the last ``FINAL_LOSS_STEPS`` train losses; None without train lines or with a non-finite one."""
+    last = [r["loss"] for r in train[-FINAL_LOSS_STEPS:]]
+    if not last or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in last):
+        return None
+    return sum(last) / len(last)
