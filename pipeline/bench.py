@@ -38,8 +38,11 @@ from curriculum.schedule import Stage, build_schedule
 PROCESS_START = time.perf_counter()
 
 
+HELP = "tok/s, MFU and memory of every stage shape, against a hand-written baseline loop"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipeline.cli import add_config_arguments
+    from pipeline.commands import add_config_arguments
 
     add_config_arguments(parser, required=False)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per stage shape (default 20)")
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
                           "steps must be >= 1 and warmup >= 0")
     if args.memory_fraction is not None and not 0 < args.memory_fraction <= 1:
         raise ConfigError("--memory-fraction", args.memory_fraction, "must be in (0, 1]")
-    from pipeline.cli import load_config_from_args
+    from pipeline.commands import load_config_from_args
 
     return bench(load_config_from_args(args), args)
 

@@ -82,6 +82,32 @@ SourceKind = Literal["text", "python", "jsonl", "parquet"]
 # --------------------------------------------------------------------------------------------------- the command
 
 
+HELP = "tokenize text into packed token files"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sources", nargs="*", default=[],
+                        help="files (.txt, .jsonl, .parquet), directories or glob patterns; or the built-in "
+                             "source python-stdlib (the running interpreter's standard library sources)")
+    parser.add_argument("--source", action="append", default=[], dest="named_sources", metavar="NAME",
+                        help="a built-in source (python-stdlib); same as giving it as a positional source")
+    parser.add_argument("--output", default=None,
+                        help="output directory (default data/python-stdlib for that source, else required)")
+    tokenizer = parser.add_mutually_exclusive_group()
+    tokenizer.add_argument("--tokenizer", default=None,
+                           help="a local tokenizer.json file or a directory holding one (default: train one)")
+    tokenizer.add_argument("--vocab-size", type=int, default=None,
+                           help="vocabulary size of the byte-level BPE trained on the training split (default 8192)")
+    parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet rows")
+    parser.add_argument("--val-fraction", type=float, default=0.01,
+                        help="share of whole documents held out for validation (default 0.01, at least one)")
+    parser.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto",
+                        help="token dtype (auto: uint16 when the vocabulary fits)")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the train/validation split")
+    parser.add_argument("--num-proc", type=int, default=None, help="tokenizer processes (default: CPU count, max 8)")
+    parser.add_argument("--max-files", type=int, default=None, help="use at most this many source files")
+
+
 def run(args: argparse.Namespace) -> int:
     """``curriculum-pretrain prepare-data``: check the flags, prepare the directory, print what it holds."""
     for name in args.named_sources:

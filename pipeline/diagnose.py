@@ -505,6 +505,18 @@ def plot_diagnosis(records: Sequence[Record], findings: Sequence[Finding], out: 
     return out
 
 
+HELP = "find spikes, plateaus and slowdowns in a run's metrics"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a run directory (holding metrics.jsonl)")
+    parser.add_argument("--window", type=int, default=50,
+                        help="steps over which a plateau (no improvement) and trends are judged (default 50)")
+    parser.add_argument("--spike-factor", type=float, default=2.0,
+                        help="a step whose loss exceeds this many times its running average is a spike (default 2)")
+    parser.add_argument("--json", action="store_true", help="print the findings as JSON")
+
+
 def run(args: argparse.Namespace) -> int:
     """The ``diagnose`` subcommand: print the report, write ``diagnose.json`` and ``diagnose.png`` in the run
     directory; 0 when no problem was found, 1 when one was."""

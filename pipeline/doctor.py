@@ -45,9 +45,8 @@ from typing import Any, Literal, Mapping, Optional
 
 from curriculum.config import Config, SegmentSettings
 from curriculum.errors import ConfigError
-from curriculum.loading import load_config
 from curriculum.schedule import LRWindow, Schedule, Stage, build_schedule
-from pipeline.cli import world_size_argument
+from pipeline.commands import load_config_from_args, world_size_argument
 from pipeline.data import MANIFEST_FILE, read_manifest
 from pipeline.ds_config import cpu_offload, derive_ds_config, resolve_precision
 from pipeline.environment import sanitize_cuda_arch_list
@@ -140,9 +139,22 @@ def _errors_first(findings: list[Finding]) -> list[Finding]:
     return sorted(findings, key=lambda f: f.severity != "error")
 
 
+HELP = "sanity-check a config before launch"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipeline.commands import add_config_arguments, add_world_size_argument
+
+    add_config_arguments(parser)
+    add_world_size_argument(parser)
+    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                        help="where the run will train (auto: this machine)")
+    parser.add_argument("--json", action="store_true", help="print the findings as JSON")
+
+
 def run(args: argparse.Namespace) -> int:
     """The CLI: load (a bad config raises ``ConfigError``: exit 2), check, print; exit 1 if any error."""
-    config = load_config(args.config, args.sets)
+    config = load_config_from_args(args)
     world_size = world_size_argument(args.world_size)
     device = resolve_device(args.device)
     findings = _errors_first(check_config(config, world_size, device, os.environ))

@@ -25,11 +25,25 @@ from typing import Any, Optional
 from curriculum.config import Config
 from curriculum.errors import ConfigError
 from curriculum.schedule import Schedule, Stage, build_schedule
-from pipeline.cli import load_config_from_args
+from pipeline.commands import load_config_from_args
 
 SMOOTHING = 0.9  # exponential moving average of the loss, bias-corrected (as fastai does)
 DIVERGENCE_FACTOR = 1.3
 CAP_FRACTION = 1.0 / 3.0
+
+
+HELP = "LR range test at each stage's sequence length"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipeline.commands import add_config_arguments
+
+    add_config_arguments(parser)
+    parser.add_argument("--output-dir", default=None, help="where results go (default runs/<name>-lr-find)")
+    parser.add_argument("--steps", type=int, default=200, help="ramp steps per sequence length (default 200)")
+    parser.add_argument("--min-lr", type=float, default=1e-6, help="first LR of the ramp (default 1e-6)")
+    parser.add_argument("--max-lr", type=float, default=1.0, help="last LR of the ramp (default 1)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:

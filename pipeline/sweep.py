@@ -685,10 +685,25 @@ def _cuda_device_count() -> int:
 # --------------------------------------------------------------------------------------------- the command
 
 
+HELP = "train once per LR and compare the runs"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipeline.commands import add_config_arguments
+
+    add_config_arguments(parser)
+    parser.add_argument("--lrs", default=None,
+                        help="comma-separated base LRs (default: 7 log-spaced values from base_lr/10 to base_lr*10)")
+    parser.add_argument("--output-dir", default=None, help="sweep directory (default runs/<name>-sweep)")
+    parser.add_argument("--gpus", default=None,
+                        help="comma-separated GPU ids to spread runs over, one run per GPU at a time "
+                             "(default: runs one after another)")
+
+
 def run(args: argparse.Namespace) -> int:
     from curriculum.loading import load_config
     from curriculum.schedule import build_schedule
-    from pipeline.cli import load_config_from_args
+    from pipeline.commands import load_config_from_args
 
     config = load_config_from_args(args)
     build_schedule(config)  # a bad config is one error line before any run starts

@@ -33,8 +33,11 @@ from curriculum.schedule import Schedule, build_schedule
 PROCESS_START = time.perf_counter()
 
 
+HELP = "run curriculum pretraining on the DeepSpeed engine"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipeline.cli import add_config_arguments
+    from pipeline.commands import add_config_arguments
 
     add_config_arguments(parser)
     parser.add_argument("--output-dir", default=None, help="run directory (default run.output_dir or runs/<name>)")
@@ -47,16 +50,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.cli import load_config_from_args
+    from pipeline.commands import load_config_from_args
 
     return train(load_config_from_args(args), output_dir=args.output_dir, resume=args.resume,
                  stop_at_step=args.stop_at_step)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from pipeline.cli import run_reporting_errors
+    from pipeline.commands import OneLineParser, run_reporting_errors
 
-    parser = argparse.ArgumentParser(prog="pipeline.train", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="pipeline.train", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run_reporting_errors(run, parser.parse_args(argv))
 

@@ -36,6 +36,18 @@ def run_cli(args: Sequence[str], env: Optional[Mapping[str, str]] = None) -> sub
 # --------------------------------------------------------------------------------------------------- training runs
 # Shared by the integration tests that start the real trainer in processes of their own.
 
+TINY_LLAMA_YAML = """\
+model:
+  arch: llama
+  preset: tiny
+  overrides: {{num_hidden_layers: 2, hidden_size: 64, intermediate_size: 128, num_attention_heads: 4,
+              num_key_value_heads: 4}}
+data:
+  dir: {data_dir}
+"""
+"""The model and data sections of the integration tests' configs (a ``str.format`` template: ``data_dir``): a
+Llama of 2 layers, d_model 64, on the session's data directory. Each test file adds its name, stages and run."""
+
 def process_env(extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
     """This environment without ``CPT_*`` overrides or launcher variables, with DeepSpeed's CPU accelerator and a
     shared JIT-extension cache inside the repository (kept when CI has set one)."""

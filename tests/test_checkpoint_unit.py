@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from curriculum.errors import ConfigError
-from pipeline.checkpoint import Checkpointer, resolve_resume, rng_state, set_rng_state, tag_for
+from pipeline.checkpoint import Checkpointer, RunState, resolve_resume, rng_state, set_rng_state, tag_for
 
 ENGINE_FILE = "engine_state.json"
 
@@ -252,3 +252,18 @@ def test_load_of_a_directory_that_is_not_a_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         checkpointer.load(FakeEngine(), tmp_path)
     assert err.value.field == "--resume"
+
+
+def test_a_run_state_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
+    """Every field of a ``RunState`` comes back from ``save_state`` / ``load_state``: the shared fields through the
+    engine's client state, this rank's data fingerprint through its own file."""
+    checkpointer = Checkpointer(tmp_path / "checkpoints", keep=2, rank=0)
+    engine = FakeEngine()
+    state = RunState(step=12, tokens=3072, cursor=96, elapsed_s=31.5, train_s=20.25, data_sha256="ab" * 32,
+                     guard={"stage": 1, "losses": [2.0, 3.0], "grad_norms": [0.5], "events": 1, "lr_factor": 0.5,
+                            "scale_until": 40},
+                     best_eval_loss=4.75, curriculum={"base_lr": 0.003}, params_sha256="cd" * 32)
+    path = checkpointer.save_state(engine, state)
+    assert path.name == "step00000012"
+    assert json.loads((path / ENGINE_FILE).read_text())["step"] == 12  # rank 0's client state holds the step
+    assert checkpointer.load_state(engine, path) == state

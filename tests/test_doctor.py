@@ -339,3 +339,19 @@ def test_a_compiled_run_with_many_shapes_is_a_warning_on_gpu() -> None:
     assert only(findings_of(many, device="cpu"), "compile-shapes") == []
     eager = make_config({"pacing": pacing}, data=NO_DATA, kernels={"compile": False})
     assert only(findings_of(eager, device="gpu"), "compile-shapes") == []
+
+
+def test_doctor_and_plan_read_the_same_config_under_an_overlay(tmp_path: Path) -> None:
+    """An overlay capping stage 0's LR at 1e-5 is in what `plan` shows and in what `doctor` checks (a peak LR far
+    below the usual one for the model), and neither sees it without the overlay."""
+    overlay = tmp_path / "caps.yaml"
+    overlay.write_text("curriculum:\n  stages:\n    - {lr_max: 1.0e-5}\n")
+    plan = run_cli(["plan", "--config", "tiny-cpu", "--overlay", str(overlay)])
+    assert plan.returncode == 0, plan.stderr
+    assert "1.00e-05 (cap)" in plan.stdout
+    capped = run_cli(["doctor", "--config", "tiny-cpu", "--overlay", str(overlay), "--json"])
+    fields = [f["field"] for f in json.loads(capped.stdout)["findings"] if f["check"] == "lr-range"]
+    assert fields == ["curriculum.stages.0.lr_max"], capped.stdout
+    plain = run_cli(["doctor", "--config", "tiny-cpu", "--json"])
+    assert [f for f in json.loads(plain.stdout)["findings"] if f["check"] == "lr-range"] == []
+    assert "1.00e-05" not in run_cli(["plan", "--config", "tiny-cpu"]).stdout

@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import pytest
 import torch
-from conftest import REPO_ROOT, process_env
+from conftest import REPO_ROOT, TINY_LLAMA_YAML, process_env
 
 from curriculum.config import GuardConfig
 from curriculum.loading import load_config
@@ -210,13 +210,7 @@ OVER_MAX_EVENTS_STATUS = 86  # the wrapper's own exit status when the guard logs
 
 CONFIG_YAML = """\
 name: guard-test
-model:
-  arch: llama
-  preset: tiny
-  overrides: {{num_hidden_layers: 2, hidden_size: 64, intermediate_size: 128, num_attention_heads: 4,
-              num_key_value_heads: 4}}
-data:
-  dir: {data_dir}
+""" + TINY_LLAMA_YAML + """\
 curriculum:
   base_lr: 3.0e-3
   lr_scaling: {{rule: none}}

@@ -14,16 +14,11 @@ import yaml
 from curriculum.loading import load_config
 from curriculum.schedule import build_schedule
 from pipeline.lr_find import analyse, lengths_to_test, ramp_lr, smooth, write_caps
-from conftest import REPO_ROOT, make_config, process_env
+from conftest import REPO_ROOT, TINY_LLAMA_YAML, make_config, process_env
 
 TINY_YAML = """\
 name: lr-find-test
-model:
-  arch: llama
-  preset: tiny
-  overrides: {{num_hidden_layers: 2, hidden_size: 64, intermediate_size: 128, num_attention_heads: 4,
-              num_key_value_heads: 4}}
-data: {{dir: {data_dir}}}
+""" + TINY_LLAMA_YAML + """\
 curriculum:
   stages:
     - {{until_step: 4, seq_len: 32, global_batch: 8}}

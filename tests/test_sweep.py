@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import pytest
-from conftest import REPO_ROOT, make_config, process_env
+from conftest import REPO_ROOT, TINY_LLAMA_YAML, make_config, process_env
 
 from curriculum.errors import ConfigError
 from curriculum.loading import apply_set_overrides, validate_config
@@ -330,13 +330,7 @@ def test_bad_input_on_the_first_run_aborts_with_the_trainers_error(tmp_path: Pat
 # Stage 0 follows base_lr (lr_scaling none), stage 1 is 0.5 x base_lr, stage 2 has an absolute lr the sweep scales.
 SWEEP_CONFIG_YAML = """\
 name: tiny-sweep
-model:
-  arch: llama
-  preset: tiny
-  overrides: {{num_hidden_layers: 2, hidden_size: 64, intermediate_size: 128, num_attention_heads: 4,
-              num_key_value_heads: 4}}
-data:
-  dir: {data_dir}
+""" + TINY_LLAMA_YAML + """\
 curriculum:
   base_lr: 3.0e-3
   lr_scaling: {{rule: none}}

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import pytest
-from conftest import REPO_ROOT, process_env, run_cli
+from conftest import REPO_ROOT, TINY_LLAMA_YAML, process_env, run_cli
 
 from pipeline.environment import free_port
 from pipeline.metrics import CSV_FIELDS
@@ -46,13 +46,7 @@ PROCESS_TIMEOUT_S = 300  # one run is 5-25 s; the first engine start on a fresh 
 
 CONFIG_YAML = """\
 name: tiny-test
-model:
-  arch: llama
-  preset: tiny
-  overrides: {{num_hidden_layers: 2, hidden_size: 64, intermediate_size: 128, num_attention_heads: 4,
-              num_key_value_heads: 4}}
-data:
-  dir: {data_dir}
+""" + TINY_LLAMA_YAML + """\
 curriculum:
   base_lr: 3.0e-3
   lr_scaling: {{rule: none}}

@@ -1,0 +1,66 @@
+"""What every command shares: the config arguments, loading the config they name, and bad input as one line.
+
+``--config`` names a recipe or a YAML file; ``--overlay`` files, ``CPT_*`` environment variables and ``--set``
+overrides apply in that order (``curriculum.loading``). Every command that reads a run config loads it through
+``load_config_from_args``, so ``plan``, ``doctor``, ``train`` and the rest read the same config from the same
+command line. A ``ConfigError`` anywhere becomes ``error: <field> = <value>: <what is allowed>`` on stderr and exit
+status 2 (``run_reporting_errors``); argparse's own errors (a missing argument, a value of the wrong type) take the
+same one-line form (``OneLineParser``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, NoReturn
+
+from curriculum.config import Config
+from curriculum.errors import ConfigError
+
+BAD_INPUT = 2
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """``--config``, ``--overlay`` and ``--set``."""
+    parser.add_argument("--config", required=required,
+                        help="recipe name (e.g. tiny-cpu, gpt2-124m-curriculum) or path to a YAML file")
+    parser.add_argument("--overlay", action="append", default=[], metavar="FILE", dest="overlays",
+                        help="a partial YAML config merged into the recipe (repeatable), e.g. the LR caps that "
+                             "lr-find writes")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                        help="override a config field, e.g. --set curriculum.stages.0.lr=1e-3 (repeatable); "
+                             "environment variables CPT_SECTION__FIELD=VALUE work the same way")
+
+
+def load_config_from_args(args: argparse.Namespace) -> Config:
+    """The config named by ``--config``, with ``--overlay`` files, ``CPT_*`` variables and ``--set`` applied."""
+    from curriculum.loading import load_config
+
+    return load_config(args.config, args.sets, overlays=args.overlays)
+
+
+def add_world_size_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--world-size", type=str, default="1", help="data-parallel ranks (default 1)")
+
+
+def world_size_argument(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError("--world-size", value, "must be a positive integer")
+    return int(value)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors in the project's form: one ``error:`` line on stderr, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(BAD_INPUT)
+
+
+def run_reporting_errors(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command; bad input becomes one line on stderr and exit status 2."""
+    try:
+        return run(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return BAD_INPUT
