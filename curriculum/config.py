@@ -226,16 +226,23 @@ class CurriculumConfig(Section):
 
 
 class GuardConfig(Section):
-    """Spike guard: checks every step's loss before the update and its gradient norm.
+    """Spike guard: checks every step's loss before the update and its gradient norm (``pipeline/spikes.py`` has
+    the definition, shared with ``diagnose`` and ``sweep``).
 
-    A step is a spike when its loss (mean over ranks) is non-finite or above ``loss_factor`` x the running average
-    of the last ``window`` accepted steps, or when its gradient norm is non-finite or above ``grad_norm_factor`` x
-    its running average. Detection starts after ``window`` steps of each stage (a stage switch changes the loss
-    level, so averages restart there).
+    ``robust`` (the default): a loss more than ``loss_spread`` robust spreads (1.4826 x the median absolute
+    deviation, at least 1 % of the level) above the median of the stage's last ``window`` accepted losses, judged
+    from 10 of them on (or the whole window when it is shorter); a gradient norm above ``grad_norm_factor`` x the
+    median of the last ``window`` accepted norms, across stages. ``ratio``: a loss above ``loss_factor`` x the mean of the stage's last ``window`` accepted losses (judged
+    once the stage has ``window``), a norm above ``grad_norm_factor`` x their mean. A non-finite loss or norm is
+    always a spike. A stage switch changes the loss level, so the loss history restarts there.
     """
 
     enabled: bool = True
+    method: Literal["robust", "ratio"] = "robust"
+    loss_spread: float = Field(default=6.0, gt=0.0)
+    """``robust``: how many spreads above the recent median a loss may be."""
     loss_factor: float = Field(default=2.0, gt=1.0)
+    """``ratio``: how many times the recent mean a loss may be."""
     grad_norm_factor: float = Field(default=10.0, gt=1.0)
     window: PositiveInt = 20
     action: Literal["skip", "scale_lr", "rollback"] = "skip"

@@ -7,10 +7,11 @@ length and so the loss level, the gradient norm and the throughput, so no compar
 
 What is looked for, with the thresholds (module constants) chosen:
 
-- spike: a loss above ``spike_factor`` x the mean of the previous ``max(window, 10)`` non-spike losses of the same
-  stage (judged from the stage's 11th line on, so there are at least 10 to average), or a non-finite loss
-  (judged always). Spike lines are left out of later references, so a run of bad steps cannot raise its own bar.
-  Consecutive spike lines are one finding.
+- spike: the spike guard's definition (``pipeline.spikes``, the guard's defaults: ``--spike-rule robust``), a loss
+  far above its stage's recent median in units of the recent spread, or a gradient norm far above its recent
+  median, or a non-finite value; replayed over the logged lines as the guard sees them, so spike lines are left
+  out of later references and a run of bad steps cannot raise its own bar. Consecutive spike lines are one
+  finding. ``--spike-rule ratio --spike-factor F`` is the earlier rule: a loss above F x the recent mean.
 - plateau: within a stage, ``window`` or more lines over which the smoothed loss (trailing median of 10, judged from
   the stage's 10th line on) never gets 1% below the best it had reached.
 - eval-plateau: the best of the last 3 evaluations not 1% below the best evaluation before them.
@@ -39,6 +40,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 from curriculum.errors import ConfigError
+from pipeline.spikes import Spike, SpikeRule, find_spike_steps
 
 MIN_ROWS = 10
 """Fewest lines a mean or a median is taken over before anything is judged by it."""
@@ -170,43 +172,51 @@ def _range_text(first: int, last: int) -> str:
 # ------------------------------------------------------------------------------------------------ detectors
 
 
-def find_spikes(train: Sequence[Record], window: int, spike_factor: float) -> list[Finding]:
-    """Loss spikes within each stage (see the module docstring), consecutive spike lines merged."""
-    reference_rows = max(window, MIN_ROWS)
+def find_spikes(train: Sequence[Record], rule: SpikeRule) -> list[Finding]:
+    """Spikes as the spike guard sees them (``pipeline.spikes``): losses far above the stage's recent level and
+    gradient norms far above their recent median, non-finite values always; consecutive spike lines merged."""
+    flagged = find_spike_steps(sorted(train, key=lambda r: r["step"]), rule)
     findings = []
     for stage, rows in split_stages(train).items():
-        spikes: dict[int, float] = {}  # line index -> reference mean (nan where the loss is non-finite)
-        kept: list[float] = []  # finite, non-spike losses of this stage so far
-        for i, row in enumerate(rows):
-            loss = row["loss"]
-            reference = float(np.mean(kept[-reference_rows:])) if len(kept) >= MIN_ROWS else math.nan
-            if not math.isfinite(loss):
-                spikes[i] = reference
-            elif math.isfinite(reference) and loss > spike_factor * reference:
-                spikes[i] = reference
-            else:
-                kept.append(loss)
-        for first, last in _spans(spikes):
+        indices = [i for i, row in enumerate(rows) if row["step"] in flagged]
+        for first, last in _spans(indices):
             span = rows[first:last + 1]
             first_step, last_step = span[0]["step"], span[-1]["step"]
             where = f"{_range_text(first_step, last_step)} (stage {stage}, seq_len {rows[0]['seq_len']})"
-            if any(not math.isfinite(r["loss"]) for r in span):
-                bad = [r for r in span if not math.isfinite(r["loss"])]
+            spikes = [flagged[r["step"]] for r in span]
+            if any(spike.non_finite for spike in spikes):
+                bad = [spike for spike in spikes if spike.non_finite]
                 findings.append(Finding(
                     "spike", first_step, last_step, stage,
-                    f"non-finite loss ({bad[0]['loss']}) at {len(bad)} of {len(span)} lines, {where}",
+                    f"non-finite {bad[0].reason.removeprefix('non_finite_').replace('_', ' ')} ({bad[0].value}) at "
+                    f"{len(bad)} of {len(span)} lines, {where}",
                     "the run diverged: lower this stage's peak LR or grad_clip, lengthen its warmup, and check for "
                     "overflow in reduced precision; resume from a checkpoint before the first bad step"))
                 continue
-            peak_index = max(range(first, last + 1), key=lambda i: rows[i]["loss"])
-            peak, reference = rows[peak_index], spikes[peak_index]
+            worst = max(zip(span, spikes), key=lambda pair: pair[1].value / (pair[1].running_average or 1.0))
+            row, spike = worst
             findings.append(Finding(
                 "spike", first_step, last_step, stage,
-                f"loss {peak['loss']:.4g} at step {peak['step']} is {peak['loss'] / reference:.2f}x the mean "
-                f"{reference:.4g} of the previous steps of the stage ({len(span)} spike line(s), {where})",
+                f"{_spike_text(row, spike, rows, rule)} ({len(span)} spike line(s), {where})",
                 "lower this stage's peak LR or grad_clip, or lengthen its warmup; look at the batches of these "
                 "steps for bad data"))
     return findings
+
+
+def _spike_text(row: Record, spike: Spike, rows: Sequence[Record], rule: SpikeRule) -> str:
+    """The numbers of one spike: the loss against the mean of the steps it was judged with, and for the robust
+    rule how many spreads above their median; or the gradient norm against its median."""
+    if spike.reason == "grad_norm_spike":
+        return (f"grad_norm {spike.value:.4g} at step {row['step']} is {spike.value / spike.running_average:.1f}x "
+                f"the median {spike.running_average:.4g} of the previous steps")
+    text = f"loss {spike.value:.4g} at step {row['step']}"
+    before = [r["loss"] for r in rows if r["step"] < row["step"] and math.isfinite(r["loss"])][-rule.window:]
+    if before:
+        mean = float(np.mean(before))
+        text += f" is {spike.value / mean:.2f}x the mean {mean:.4g} of the previous steps of the stage"
+    if spike.spreads is not None:
+        text += f" and {spike.spreads:.1f} robust spreads above their median {spike.running_average:.4g}"
+    return text
 
 
 def find_plateaus(train: Sequence[Record], window: int, tolerance: float = PLATEAU_TOLERANCE) -> list[Finding]:
@@ -397,13 +407,13 @@ def stage_summaries(train: Sequence[Record], findings: Sequence[Finding]) -> lis
     return summaries
 
 
-def diagnose(records: Sequence[Record], window: int = 50, spike_factor: float = 2.0
+def diagnose(records: Sequence[Record], window: int = 50, rule: SpikeRule = SpikeRule()
              ) -> tuple[list[dict[str, Any]], list[Finding]]:
     """The stage table and every finding of a run's metric lines, findings in step order."""
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
     guards = [r for r in records if r.get("kind") == "guard"]
-    findings = (find_spikes(train, window, spike_factor) + find_plateaus(train, window)
+    findings = (find_spikes(train, rule) + find_plateaus(train, window)
                 + find_eval_plateau(evals, train) + find_grad_norm_trends(train, window)
                 + find_throughput_drops(train) + find_guard_events(guards))
     findings.sort(key=lambda f: (f.first_step, f.last_step, f.kind))
@@ -512,8 +522,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run directory (holding metrics.jsonl)")
     parser.add_argument("--window", type=int, default=50,
                         help="steps over which a plateau (no improvement) and trends are judged (default 50)")
+    parser.add_argument("--spike-rule", choices=["robust", "ratio"], default="robust",
+                        help="what a spike is, as the spike guard's guard.method (default robust: far above the "
+                             "recent median in units of the recent spread)")
     parser.add_argument("--spike-factor", type=float, default=2.0,
-                        help="a step whose loss exceeds this many times its running average is a spike (default 2)")
+                        help="with --spike-rule ratio: a loss this many times the running mean is a spike (default 2)")
     parser.add_argument("--json", action="store_true", help="print the findings as JSON")
 
 
@@ -526,7 +539,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--spike-factor", args.spike_factor, "must be a number > 1 (times the running mean loss)")
     run_dir = Path(args.run_dir)
     records = read_records(run_dir)
-    stages, findings = diagnose(records, window=args.window, spike_factor=args.spike_factor)
+    rule = SpikeRule(method=args.spike_rule, loss_factor=args.spike_factor)
+    stages, findings = diagnose(records, window=args.window, rule=rule)
     report = report_dict(str(args.run_dir), stages, findings)
     (run_dir / "diagnose.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_diagnosis(records, findings, run_dir / "diagnose.png")

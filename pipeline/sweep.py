@@ -51,8 +51,6 @@ from pipeline.environment import LAUNCHER_VARIABLES, free_port
 DEFAULT_GRID_POINTS = 7
 DEFAULT_GRID_SPAN = 10.0  # the default grid runs from base_lr / 10 to base_lr * 10
 FINAL_LOSS_STEPS = 5  # "final train loss" is the mean of the last 5 logged steps
-SPIKE_FACTOR = 2.0  # a spike: loss above 2x the mean of the previous (up to) 20 steps of the same stage
-SPIKE_WINDOW = 20  # (judged as ``diagnose`` does, once the stage has 10 steps to compare with)
 BAD_INPUT_EXIT = 2  # the trainer's (and every subcommand's) exit status for bad input
 MANIFEST = "sweep_manifest.json"
 # variables a launcher sets for its workers: a run started by the sweep is one process of its own
@@ -162,7 +160,7 @@ class RunAnalysis:
     min_loss: Optional[float]
     """Lowest train loss."""
     spikes: list[int]
-    """Steps whose loss was above 2x the mean of the previous (up to) 20 steps of the same stage (``loss_spikes``)."""
+    """Steps with a spike, as the spike guard and ``diagnose`` define it (``loss_spikes``)."""
     guard_events: int
     """``kind: guard`` lines in metrics.jsonl."""
     non_finite: bool
@@ -223,18 +221,13 @@ def train_rows(records: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return [by_step[step] for step in sorted(by_step)]
 
 
-def loss_spikes(train: Sequence[Mapping[str, Any]], factor: float = SPIKE_FACTOR,
-                window: int = SPIKE_WINDOW) -> list[int]:
-    """Steps with a loss spike, as ``diagnose`` finds them (one definition of a spike for both commands): a loss
-    above ``factor`` x the mean of the previous (up to ``window``) non-spike losses of the same stage, judged once
-    the stage has 10 of them. A stage switch changes the loss level, so a stage is compared only with itself.
-    Non-finite losses are left out here: they make a run diverged."""
-    from pipeline.diagnose import find_spikes
+def loss_spikes(train: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Steps with a finite spike, as the spike guard and ``diagnose`` find them (``pipeline.spikes``, the guard's
+    default rule). Non-finite losses are left out here: they make a run diverged."""
+    from pipeline.spikes import SpikeRule, find_spike_steps
 
-    loss_at = {row["step"]: row["loss"] for row in train}
-    return [step for finding in find_spikes([dict(row) for row in train], window, factor)
-            for step in range(finding.first_step, finding.last_step + 1)
-            if step in loss_at and _finite(loss_at[step])]
+    return [step for step, spike in find_spike_steps([dict(row) for row in train], SpikeRule()).items()
+            if not spike.non_finite]
 
 
 def classify_run(records: Sequence[Mapping[str, Any]], failed: bool = False) -> tuple[Status, list[str]]:
@@ -367,9 +360,9 @@ def format_analysis(analysis: SweepAnalysis, title: str) -> str:
         return "n/a" if value is None else f"{value:.4f}"
 
     lines = [f"# LR sweep: {title}", "",
-             f"Final train loss: mean of the last {FINAL_LOSS_STEPS} logged steps. Spike: a step whose loss is above "
-             f"{SPIKE_FACTOR:g}x the mean of the previous (up to) {SPIKE_WINDOW} steps of its stage, judged from the "
-             f"stage's 11th step on (as `diagnose` does). Runs are compared by their {analysis.compared_by}.", "",
+             f"Final train loss: mean of the last {FINAL_LOSS_STEPS} logged steps. Spike: as the spike guard and "
+             f"`diagnose` define it (a loss far above its stage's recent median in units of the recent spread, or a "
+             f"gradient norm 10x its recent median). Runs are compared by their {analysis.compared_by}.", "",
              "| LR | final train loss | final eval loss | min loss | spikes | guard events | status |",
              "|---|---|---|---|---|---|---|"]
     for run in analysis.runs:

@@ -20,6 +20,7 @@ from conftest import run_cli
 
 from curriculum.errors import ConfigError
 from pipeline.cli import main
+from pipeline.spikes import SpikeRule
 from pipeline.diagnose import (Finding, diagnose, find_eval_plateau, find_grad_norm_trends, find_guard_events,
                                find_plateaus, find_spikes, find_throughput_drops, read_records, report_dict,
                                smoothed_losses)
@@ -28,6 +29,10 @@ STAGES = [(0, 64, 12000.0), (1, 128, 10000.0), (2, 256, 8000.0)]  # (stage, seq_
 STAGE_LINES = 150
 LOSS_LEVEL = {0: 1.0, 1: 2.5, 2: 2.5}  # the 2.5x jump at the switch to stage 1
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+RATIO_50 = SpikeRule("ratio", window=50, loss_factor=2.0)
+"""The earlier ratio rule over up to 50 steps, which these tests were written against (``diagnose --spike-rule
+ratio``)."""
 
 
 def synthetic_run(seed: int = 0) -> list[dict[str, Any]]:
@@ -91,9 +96,9 @@ def test_stage_switch_loss_jump_is_not_a_spike() -> None:
     """The 2.5x loss jump at step 150 is compared with nothing before it, as it starts stage 1; the same lines
     relabelled as one stage make it a spike, so it is the stage rule, not the threshold, that keeps it out."""
     records = train_lines(synthetic_run())
-    assert find_spikes(records, window=50, spike_factor=2.0) == []
+    assert find_spikes(records, RATIO_50) == []
     one_stage = [{**r, "stage": 0} for r in records]
-    spikes = find_spikes(one_stage, window=50, spike_factor=2.0)
+    spikes = find_spikes(one_stage, RATIO_50)
     assert spikes[0].kind == "spike" and spikes[0].first_step == 150
 
 
@@ -119,7 +124,7 @@ def test_consecutive_spikes_merge_and_do_not_raise_their_own_bar() -> None:
     records = synthetic_run()
     for step in (400, 401, 402):
         at_step(records, step)["loss"] *= 2.5
-    spikes = find_spikes(train_lines(records), window=50, spike_factor=2.0)
+    spikes = find_spikes(train_lines(records), RATIO_50)
     assert [(f.first_step, f.last_step, f.stage) for f in spikes] == [(400, 402, 2)]
 
 
@@ -138,8 +143,8 @@ def test_spike_factor_is_the_threshold() -> None:
     """A 1.5x loss is a spike at factor 1.4 and not at the default 2."""
     records = synthetic_run()
     at_step(records, 100)["loss"] *= 1.5
-    assert find_spikes(train_lines(records), window=50, spike_factor=2.0) == []
-    assert [f.first_step for f in find_spikes(train_lines(records), window=50, spike_factor=1.4)] == [100]
+    assert find_spikes(train_lines(records), RATIO_50) == []
+    assert [f.first_step for f in find_spikes(train_lines(records), SpikeRule("ratio", window=50, loss_factor=1.4))] == [100]
 
 
 # ------------------------------------------------------------------------------------------------ plateaus

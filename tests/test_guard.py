@@ -49,7 +49,8 @@ from pipeline.guard import SpikeGuard
 
 
 def make_guard(**fields: Any) -> SpikeGuard:
-    return SpikeGuard(GuardConfig(**{"window": 4, **fields}))
+    """A guard with the ratio rule these unit tests were written for (the robust rule has tests/test_spikes.py)."""
+    return SpikeGuard(GuardConfig(**{"window": 4, "method": "ratio", **fields}))
 
 
 def fill(guard: SpikeGuard, stage: int, losses: list[float], grad_norm: Optional[float] = 1.0) -> None:
@@ -391,13 +392,15 @@ def injected(config: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable
 
 @pytest.fixture(scope="module")
 def lr_event(config: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Run]:
-    """``lr_event(action)``: a run whose LR is multiplied by 300 from step 10 on, one per action."""
+    """``lr_event(action)``: a run whose LR is multiplied by 300 from step 10 on, one per action, with the ratio
+    rule, whose histories restart at every stage switch (the robust rule's gradient-norm history does not:
+    ``test_the_robust_rule_keeps_flagging_a_broken_model_into_the_next_stage``)."""
     runs: dict[str, Run] = {}
 
     def get(action: str) -> Run:
         if action not in runs:
             run_dir = tmp_path_factory.mktemp(f"lr-event-{action}") / "run"
-            runs[action] = train(config, run_dir, f"guard.action={action}",
+            runs[action] = train(config, run_dir, f"guard.action={action}", "guard.method=ratio",
                                  f"guard.max_events={LR_EVENT_MAX_EVENTS}",
                                  f"curriculum.lr_events=[{{at_step: {LR_EVENT_STEP}, "
                                  f"multiply: {LR_EVENT_MULTIPLY}}}]", max_events=LR_EVENT_MAX_EVENTS)
@@ -570,3 +573,19 @@ def test_a_resumed_run_keeps_the_guard_line_that_stopped_it(halted: Run, resumed
     metrics.jsonl, the one that stopped the run included."""
     events = [g["events"] for g in resumed.guard_rows()]
     assert events == list(range(1, resumed.summary()["guard_events"] + 1)), events
+
+
+def test_the_robust_rule_keeps_flagging_a_broken_model_into_the_next_stage(config: Path, tmp_path: Path) -> None:
+    """The 300x update of step 10 leaves the model broken (loss about 5x its level, gradient norm over 10x). The
+    robust rule (the default) flags steps 11-13 by their loss, then, in stage 2 where the loss history restarts,
+    by the gradient norm, whose history spans stages: ``skip`` cannot undo an update already applied, so the run
+    stops at max_events instead of training on a wrecked model as the ratio rule lets it."""
+    run = train(config, tmp_path / "run", "guard.action=skip", f"guard.max_events={LR_EVENT_MAX_EVENTS}",
+                f"curriculum.lr_events=[{{at_step: {LR_EVENT_STEP}, multiply: {LR_EVENT_MULTIPLY}}}]",
+                max_events=LR_EVENT_MAX_EVENTS)
+    guards = run.guard_rows()
+    assert run.returncode == 1, run.explain()
+    assert [g["step"] for g in guards] == list(range(LR_EVENT_STEP + 1, LR_EVENT_STEP + 1 + LR_EVENT_MAX_EVENTS))
+    assert {g["reason"] for g in guards if g["stage"] == 1} == {"loss_spike"}
+    assert {g["reason"] for g in guards if g["stage"] == 2} == {"grad_norm_spike"}
+    assert all(g["value"] > 10 * g["running_average"] for g in guards if g["stage"] == 2)
