@@ -22,9 +22,12 @@ What is looked for, with the thresholds (module constants) chosen:
 - guard: the lines the training loop's spike guard writes (``kind: guard``: step, stage, seq_len, reason, action and
   the numbers it judged), consecutive ones with the same reason and action merged.
 
-Every finding is a problem: ``run`` returns 1 when there is any, 0 when there is none, and bad input (no run
-directory, no ``metrics.jsonl``, an unreadable line, ``--window`` < 2, ``--spike-factor`` <= 1) raises
-``ConfigError``, which the CLI turns into exit status 2.
+Other tools' logs are read too (``load_records``): a HF Trainer ``trainer_state.json`` and TensorBoard event files
+become the same records (``pipeline.external``), as one stage without throughput or clipping figures.
+
+Every finding is a problem: ``run`` returns 1 when there is any, 0 when there is none, and bad input (nothing
+readable at the path, an unreadable line, ``--window`` < 2, ``--spike-factor`` <= 1) raises ``ConfigError``, which
+the CLI turns into exit status 2.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 from curriculum.errors import ConfigError
+from pipeline.external import READABLE, read_logs
 
 MIN_ROWS = 10
 """Fewest lines a mean or a median is taken over before anything is judged by it."""
@@ -121,6 +125,15 @@ def read_records(run_dir: Path) -> list[Record]:
     if not any(record.get("kind") == "train" for record in records):
         raise ConfigError("run_dir", str(run_dir), "metrics.jsonl has no train lines yet; nothing to diagnose")
     return records
+
+
+def load_records(path: Path) -> tuple[list[Record], str]:
+    """The records at ``path``, and what they were read from (the report's first line says it): a run directory of
+    this project or its ``metrics.jsonl``, else another tool's logs (``pipeline.external.read_logs``)."""
+    run_dir = path.parent if path.name == "metrics.jsonl" else path
+    if (run_dir / "metrics.jsonl").is_file():
+        return read_records(run_dir), "metrics.jsonl"
+    return read_logs(path)
 
 
 def _shorten(text: str, limit: int = 60) -> str:
@@ -410,10 +423,11 @@ def diagnose(records: Sequence[Record], window: int = 50, spike_factor: float = 
     return stage_summaries(train, findings), findings
 
 
-def report_dict(run_dir: str, stages: list[dict[str, Any]], findings: Sequence[Finding]) -> dict[str, Any]:
+def report_dict(run_dir: str, source: str, stages: list[dict[str, Any]], findings: Sequence[Finding]
+                ) -> dict[str, Any]:
     """The ``--json`` output and ``diagnose.json``; non-finite numbers become null (JSON has no NaN)."""
-    return json_safe({"run_dir": run_dir, "stages": stages, "findings": [f.to_dict() for f in findings],
-                       "problems": len(findings)})
+    return json_safe({"run_dir": run_dir, "source": source, "stages": stages,
+                      "findings": [f.to_dict() for f in findings], "problems": len(findings)})
 
 
 def json_safe(value: Any) -> Any:
@@ -427,7 +441,7 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def format_report(run_dir: str, stages: list[dict[str, Any]], findings: Sequence[Finding]) -> str:
+def format_report(run_dir: str, source: str, stages: list[dict[str, Any]], findings: Sequence[Finding]) -> str:
     """The stage table, then one paragraph per finding (or a line saying there are none)."""
 
     def number(value: Optional[float], spec: str) -> str:
@@ -435,10 +449,12 @@ def format_report(run_dir: str, stages: list[dict[str, Any]], findings: Sequence
 
     header = (f"{'stage':>5}  {'steps':>11}  {'seq_len':>7}  {'loss first':>10}  {'loss last':>9}  "
               f"{'tok/s':>10}  {'grad_norm':>9}  {'clipped':>7}  {'spikes':>6}")
-    lines = [f"{run_dir}: {sum(s['lines'] for s in stages)} train lines in {len(stages)} stage(s)", "", header]
+    lines = [f"{run_dir}: {source}, {sum(s['lines'] for s in stages)} train lines in {len(stages)} stage(s)", "",
+             header]
     for s in stages:
         steps = f"{s['steps'][0]}-{s['steps'][1]}"
-        lines.append(f"{s['stage']:>5}  {steps:>11}  {s['seq_len']:>7}  {number(s['loss_first'], '.4f'):>10}  "
+        seq_len = number(s["seq_len"], "d")  # None in another tool's logs
+        lines.append(f"{s['stage']:>5}  {steps:>11}  {seq_len:>7}  {number(s['loss_first'], '.4f'):>10}  "
                      f"{number(s['loss_last'], '.4f'):>9}  {number(s['median_tok_per_s'], ',.0f'):>10}  "
                      f"{number(s['median_grad_norm'], '.3g'):>9}  {number(s['clip_share'], '.0%'):>7}  "
                      f"{s['spikes']:>6}")
@@ -509,7 +525,7 @@ HELP = "find spikes, plateaus and slowdowns in a run's metrics"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", help="a run directory (holding metrics.jsonl)")
+    parser.add_argument("run_dir", help=READABLE)
     parser.add_argument("--window", type=int, default=50,
                         help="steps over which a plateau (no improvement) and trends are judged (default 50)")
     parser.add_argument("--spike-factor", type=float, default=2.0,
@@ -518,21 +534,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The ``diagnose`` subcommand: print the report, write ``diagnose.json`` and ``diagnose.png`` in the run
-    directory; 0 when no problem was found, 1 when one was."""
+    """The ``diagnose`` subcommand: print the report, write ``diagnose.json`` and ``diagnose.png`` in the directory
+    given (the file's directory when a file is given); 0 when no problem was found, 1 when one was."""
     if args.window < 2:
         raise ConfigError("--window", args.window, "must be an integer >= 2 (logged steps)")
     if not math.isfinite(args.spike_factor) or args.spike_factor <= 1:
         raise ConfigError("--spike-factor", args.spike_factor, "must be a number > 1 (times the running mean loss)")
-    run_dir = Path(args.run_dir)
-    records = read_records(run_dir)
+    path = Path(args.run_dir)
+    records, source = load_records(path)
+    run_dir = path if path.is_dir() else path.parent
     stages, findings = diagnose(records, window=args.window, spike_factor=args.spike_factor)
-    report = report_dict(str(args.run_dir), stages, findings)
+    report = report_dict(str(args.run_dir), source, stages, findings)
     (run_dir / "diagnose.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_diagnosis(records, findings, run_dir / "diagnose.png")
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(format_report(str(args.run_dir), stages, findings))
+        print(format_report(str(args.run_dir), source, stages, findings))
         print(f"\nwrote {run_dir / 'diagnose.json'} and {run_dir / 'diagnose.png'}")
     return 1 if findings else 0
