@@ -23,9 +23,12 @@ What is looked for, with the thresholds (module constants) chosen:
 - guard: the lines the training loop's spike guard writes (``kind: guard``: step, stage, seq_len, reason, action and
   the numbers it judged), consecutive ones with the same reason and action merged.
 
-Every finding is a problem: ``run`` returns 1 when there is any, 0 when there is none, and bad input (no run
-directory, no ``metrics.jsonl``, an unreadable line, ``--window`` < 2, ``--spike-factor`` <= 1) raises
-``ConfigError``, which the CLI turns into exit status 2.
+Other tools' logs are read too (``load_records``): a HF Trainer ``trainer_state.json`` and TensorBoard event files
+become the same records (``pipeline.external``), as one stage without throughput or clipping figures.
+
+Every finding is a problem: ``run`` returns 1 when there is any, 0 when there is none, and bad input (nothing
+readable at the path, an unreadable line, ``--window`` < 2, ``--spike-factor`` <= 1) raises ``ConfigError``, which
+the CLI turns into exit status 2.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 
 from curriculum.errors import ConfigError
+from pipeline.external import READABLE, read_logs
+from pipeline.rundir import RunDir, read_numbered
 from pipeline.spikes import Spike, SpikeRule, find_spike_steps
 
 MIN_ROWS = 10
@@ -97,20 +102,12 @@ def read_records(run_dir: Path) -> list[Record]:
     """
     if not run_dir.is_dir():
         raise ConfigError("run_dir", str(run_dir), "no such directory; give a run directory (holding metrics.jsonl)")
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         raise ConfigError("run_dir", str(run_dir), "holds no metrics.jsonl; give a run directory that has trained")
     records = []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, record in read_numbered(path, strict=True):
         where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(where, _shorten(line), f"not a JSON line ({err.msg})") from None
-        if not isinstance(record, dict):
-            raise ConfigError(where, _shorten(line), "not a JSON object")
         kind = record.get("kind")
         for field, nullable in (_REQUIRED.get(kind, {}) if isinstance(kind, str) else {}).items():
             value = record.get(field)
@@ -125,8 +122,13 @@ def read_records(run_dir: Path) -> list[Record]:
     return records
 
 
-def _shorten(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
+def load_records(path: Path) -> tuple[list[Record], str]:
+    """The records at ``path``, and what they were read from (the report's first line says it): a run directory of
+    this project or its ``metrics.jsonl``, else another tool's logs (``pipeline.external.read_logs``)."""
+    run_dir = path.parent if path.name == RunDir(path.parent).metrics.name else path
+    if RunDir(run_dir).metrics.is_file():
+        return read_records(run_dir), "metrics.jsonl"
+    return read_logs(path)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -420,10 +422,11 @@ def diagnose(records: Sequence[Record], window: int = 50, rule: SpikeRule = Spik
     return stage_summaries(train, findings), findings
 
 
-def report_dict(run_dir: str, stages: list[dict[str, Any]], findings: Sequence[Finding]) -> dict[str, Any]:
+def report_dict(run_dir: str, source: str, stages: list[dict[str, Any]], findings: Sequence[Finding]
+                ) -> dict[str, Any]:
     """The ``--json`` output and ``diagnose.json``; non-finite numbers become null (JSON has no NaN)."""
-    return json_safe({"run_dir": run_dir, "stages": stages, "findings": [f.to_dict() for f in findings],
-                       "problems": len(findings)})
+    return json_safe({"run_dir": run_dir, "source": source, "stages": stages,
+                      "findings": [f.to_dict() for f in findings], "problems": len(findings)})
 
 
 def json_safe(value: Any) -> Any:
@@ -437,7 +440,7 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def format_report(run_dir: str, stages: list[dict[str, Any]], findings: Sequence[Finding]) -> str:
+def format_report(run_dir: str, source: str, stages: list[dict[str, Any]], findings: Sequence[Finding]) -> str:
     """The stage table, then one paragraph per finding (or a line saying there are none)."""
 
     def number(value: Optional[float], spec: str) -> str:
@@ -445,10 +448,12 @@ def format_report(run_dir: str, stages: list[dict[str, Any]], findings: Sequence
 
     header = (f"{'stage':>5}  {'steps':>11}  {'seq_len':>7}  {'loss first':>10}  {'loss last':>9}  "
               f"{'tok/s':>10}  {'grad_norm':>9}  {'clipped':>7}  {'spikes':>6}")
-    lines = [f"{run_dir}: {sum(s['lines'] for s in stages)} train lines in {len(stages)} stage(s)", "", header]
+    lines = [f"{run_dir}: {source}, {sum(s['lines'] for s in stages)} train lines in {len(stages)} stage(s)", "",
+             header]
     for s in stages:
         steps = f"{s['steps'][0]}-{s['steps'][1]}"
-        lines.append(f"{s['stage']:>5}  {steps:>11}  {s['seq_len']:>7}  {number(s['loss_first'], '.4f'):>10}  "
+        seq_len = number(s["seq_len"], "d")  # None in another tool's logs
+        lines.append(f"{s['stage']:>5}  {steps:>11}  {seq_len:>7}  {number(s['loss_first'], '.4f'):>10}  "
                      f"{number(s['loss_last'], '.4f'):>9}  {number(s['median_tok_per_s'], ',.0f'):>10}  "
                      f"{number(s['median_grad_norm'], '.3g'):>9}  {number(s['clip_share'], '.0%'):>7}  "
                      f"{s['spikes']:>6}")
@@ -519,7 +524,7 @@ HELP = "find spikes, plateaus and slowdowns in a run's metrics"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", help="a run directory (holding metrics.jsonl)")
+    parser.add_argument("run_dir", help=READABLE)
     parser.add_argument("--window", type=int, default=50,
                         help="steps over which a plateau (no improvement) and trends are judged (default 50)")
     parser.add_argument("--spike-rule", choices=["robust", "ratio"], default="robust",
@@ -531,22 +536,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The ``diagnose`` subcommand: print the report, write ``diagnose.json`` and ``diagnose.png`` in the run
-    directory; 0 when no problem was found, 1 when one was."""
+    """The ``diagnose`` subcommand: print the report, write ``diagnose.json`` and ``diagnose.png`` in the directory
+    given (the file's directory when a file is given); 0 when no problem was found, 1 when one was."""
     if args.window < 2:
         raise ConfigError("--window", args.window, "must be an integer >= 2 (logged steps)")
     if not math.isfinite(args.spike_factor) or args.spike_factor <= 1:
         raise ConfigError("--spike-factor", args.spike_factor, "must be a number > 1 (times the running mean loss)")
-    run_dir = Path(args.run_dir)
-    records = read_records(run_dir)
+    path = Path(args.run_dir)
+    records, source = load_records(path)
+    run_dir = path if path.is_dir() else path.parent
     rule = SpikeRule(method=args.spike_rule, loss_factor=args.spike_factor)
     stages, findings = diagnose(records, window=args.window, rule=rule)
-    report = report_dict(str(args.run_dir), stages, findings)
+    report = report_dict(str(args.run_dir), source, stages, findings)
     (run_dir / "diagnose.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_diagnosis(records, findings, run_dir / "diagnose.png")
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(format_report(str(args.run_dir), stages, findings))
+        print(format_report(str(args.run_dir), source, stages, findings))
         print(f"\nwrote {run_dir / 'diagnose.json'} and {run_dir / 'diagnose.png'}")
     return 1 if findings else 0

@@ -24,6 +24,30 @@ YAML, unknown key) is bad input, like for every other command: one line and exit
     compile-shapes        warning   a compiled run (``kernels.compile`` on a GPU) with more than 32 graphs to build
                                     (distinct training shapes + evaluation; 20-60 s each for a 124M model)
 
+Another tool's settings are checked instead of a run config with ``--hf-args`` (a HF ``TrainingArguments`` JSON, as
+``TrainingArguments.to_json_string()`` writes it; fields it leaves out take the Trainer's defaults) and/or
+``--ds-config`` (a DeepSpeed JSON; with ``--hf-args``, its ``"auto"`` values are filled in as the Trainer fills them).
+The model size for the LR range comes from ``--params`` or from a HF model ``config.json`` (``--model-config``,
+gpt2 or llama):
+
+    check                 severity  flags
+    lr-range              error     ``learning_rate`` (or the DeepSpeed optimizer's ``lr``) outside ``[ref / 5,
+                                    ref * 5]``, ``ref`` the GPT-3 LR for the parameter count
+                          warning   not checked: the model size is unknown (no ``--params``, or a model type that
+                                    is not counted)
+    warmup-too-long       error     a warmup longer than training (``max_steps``, or the DeepSpeed scheduler's
+                                    ``total_num_steps``)
+    warmup-share          warning   a warmup over half of training (a ``warmup_ratio`` is judged without the length)
+    no-warmup             warning   no warmup at a peak LR above 1e-4
+    batch-mismatch        error     a DeepSpeed batch size the Trainer would refuse (not ``per_device_train_batch_size
+                                    x gradient_accumulation_steps x world size``); without ``--hf-args``, DeepSpeed's
+                                    own rule (train batch = micro-batch x accumulation x world size) broken
+    ds-config             error     a DeepSpeed clip, LR or precision value that differs from the Trainer's; a ZeRO
+                                    stage outside 0-3; bf16 and fp16 both enabled
+                          warning   ``"auto"`` values and no ``--hf-args`` to fill them: those keys are not checked
+    grad-clip             warning   no gradient clipping (``gradient_clipping`` absent or <= 0, ``max_grad_norm``
+                                    <= 0)
+
 The parameter count is computed from the transformers config fields (``pipeline.model.model_config_dict``) without
 building the model, so the command needs no torch. ``--device auto`` imports torch only to ask whether CUDA is
 available, and counts as CPU when torch is missing. ``lr_events`` (multiplicative LR changes) are not part of the LR
@@ -41,7 +65,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Callable, Literal, Mapping, Optional
 
 from curriculum.config import Config, SegmentSettings
 from curriculum.errors import ConfigError
@@ -50,6 +74,7 @@ from pipeline.commands import load_config_from_args, world_size_argument
 from pipeline.data import MANIFEST_FILE, read_manifest
 from pipeline.ds_config import cpu_offload, derive_ds_config, resolve_precision
 from pipeline.environment import sanitize_cuda_arch_list
+from pipeline.external import is_number, read_json_object
 from pipeline.model import model_config_dict
 
 Severity = Literal["error", "warning"]
@@ -75,6 +100,19 @@ TOKENS_PER_PARAM_RANGE = (5.0, 200.0)
 MAX_COMPILED_GRAPHS = 32
 DEFAULT_VOCAB_SIZE = 50257  # GPT-2's tokenizer, when the data is not prepared yet
 DEFAULT_CUDA_HOME = "/usr/local/cuda"  # where torch's extension builder looks when CUDA_HOME is unset
+HF_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 5e-5, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "max_steps": -1,
+    "warmup_steps": 0, "warmup_ratio": 0.0, "max_grad_norm": 1.0, "lr_scheduler_type": "linear", "bf16": False,
+    "fp16": False,
+}
+"""``TrainingArguments``' defaults of the fields checked, for argument files that give only what they change
+(transformers 5 has no ``warmup_ratio``: a ``warmup_steps`` below 1 is the ratio)."""
+NO_WARMUP_LR = 1e-4
+"""Above this peak LR a run without warmup is flagged: Adam's first updates, from second-moment estimates of a few
+batches, are the largest of the run (the reason for RAdam, Liu et al. 2020); fine-tuning LRs (5e-5) are below it."""
+ZERO_STAGES = (0, 1, 2, 3)
+COUNTED_MODEL_TYPES = ("gpt2", "llama")
+"""HF ``model_type`` values whose parameters ``parameter_count`` counts from a ``config.json``."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +132,15 @@ class Vocab:
 
     size: int
     eot_id: int
+    source: str
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """The parameter count another tool's settings are checked against, and where it came from (or why there is
+    none)."""
+
+    n_params: Optional[int]
     source: str
 
 
@@ -145,25 +192,75 @@ HELP = "sanity-check a config before launch"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from pipeline.commands import add_config_arguments, add_world_size_argument
 
-    add_config_arguments(parser)
+    add_config_arguments(parser, required=False)
     add_world_size_argument(parser)
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
-                        help="where the run will train (auto: this machine)")
+                        help="where the run will train (auto: this machine); for --config")
+    parser.add_argument("--hf-args", metavar="JSON",
+                        help="instead of --config: check a HF TrainingArguments JSON "
+                             "(TrainingArguments.to_json_string())")
+    parser.add_argument("--ds-config", metavar="JSON",
+                        help="instead of --config: check a DeepSpeed JSON (with --hf-args: as the Trainer fills its "
+                             "\"auto\" values)")
+    parser.add_argument("--params", type=float, metavar="N",
+                        help="with --hf-args/--ds-config: the model's parameter count for the LR range, e.g. 124e6")
+    parser.add_argument("--model-config", metavar="PATH",
+                        help="with --hf-args/--ds-config: a HF model config.json (or its directory) to count the "
+                             "parameters from (gpt2, llama)")
     parser.add_argument("--json", action="store_true", help="print the findings as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    """The CLI: load (a bad config raises ``ConfigError``: exit 2), check, print; exit 1 if any error."""
-    config = load_config_from_args(args)
+    """The CLI: load (bad input raises ``ConfigError``: exit 2), check, print; exit 1 if any error.
+
+    A run config (``--config``), or another tool's settings (``--hf-args`` and/or ``--ds-config``): one or the
+    other."""
     world_size = world_size_argument(args.world_size)
-    device = resolve_device(args.device)
-    findings = _errors_first(check_config(config, world_size, device, os.environ))
+    if args.hf_args is not None or args.ds_config is not None:
+        title, findings = _check_tool_files(args, world_size)
+    else:
+        title, findings = _check_run_config(args, world_size)
+    findings = _errors_first(findings)
     if args.json:
         print(json.dumps(report_dict(findings), indent=2))
     else:
-        print(f"{config.name}: {config.model.arch} {config.model.preset}, world size {world_size}, {device}")
+        print(title)
         print(format_report(findings))
     return 1 if any(f.severity == "error" for f in findings) else 0
+
+
+def _check_run_config(args: argparse.Namespace, world_size: int) -> tuple[str, list[Finding]]:
+    """``--config``: the title line and the findings."""
+    if args.config is None:
+        raise ConfigError("--config", None, "give a run config (a recipe name or a YAML file), or --hf-args and/or "
+                                            "--ds-config to check a HF Trainer's or DeepSpeed's settings")
+    for flag, value in (("--params", args.params), ("--model-config", args.model_config)):
+        if value is not None:
+            raise ConfigError(flag, value, "only with --hf-args or --ds-config (a run config's model section gives "
+                                           "the model size)")
+    config = load_config_from_args(args)
+    device = resolve_device(args.device)
+    title = f"{config.name}: {config.model.arch} {config.model.preset}, world size {world_size}, {device}"
+    return title, check_config(config, world_size, device, os.environ)
+
+
+def _check_tool_files(args: argparse.Namespace, world_size: int) -> tuple[str, list[Finding]]:
+    """``--hf-args`` and/or ``--ds-config``: the title line and the findings."""
+    given = [(flag, value) for flag, value in (("--config", args.config), ("--overlay", args.overlays),
+                                               ("--set", args.sets)) if value]
+    if given:
+        raise ConfigError(*given[0], "cannot be combined with --hf-args or --ds-config, which check another tool's "
+                                     "settings instead of a run config")
+    hf_path = Path(args.hf_args) if args.hf_args is not None else None
+    ds_path = Path(args.ds_config) if args.ds_config is not None else None
+    hf_args = read_hf_args(hf_path) if hf_path is not None else None
+    ds_config = read_json_object(ds_path, "--ds-config") if ds_path is not None else None
+    size = model_size(args.params, args.model_config)
+    files = [f"{path.name} ({kind})" for path, kind in ((hf_path, "TrainingArguments"), (ds_path, "DeepSpeed JSON"))
+             if path is not None]
+    names = (hf_path.name if hf_path else "", ds_path.name if ds_path else "")
+    return (f"{', '.join(files)}: world size {world_size}, {size.source}",
+            check_trainer_settings(hf_args, ds_config, world_size, size, names))
 
 
 def resolve_device(device: str) -> Device:
@@ -276,7 +373,7 @@ def check_lr_range(config: Config, schedule: Schedule, n_params: int, vocab: Voc
     return findings
 
 
-def _lr_range_suggestion(peak_lr: float, ref: float, boost: float, seq_len: int) -> str:
+def _lr_range_suggestion(peak_lr: float, ref: float, boost: float = 1.0, seq_len: int = 0) -> str:
     suggestion = f"use a peak LR near {_lr(ref)} (GPT-3 table 2.1, interpolated)"
     if boost > 1:
         suggestion += f"; sequence-length warmup allows up to {_lr(ref * boost)} at seq_len {seq_len}"
@@ -495,6 +592,303 @@ def check_precision(config: Config, device: Device) -> list[Finding]:
                     f"run.precision is {config.run.precision} on a CPU: without bf16 matmul units (most CPUs) it is "
                     "slower than fp32",
                     "use run.precision: auto (bf16 with fp32 weights on a capable GPU, fp32 on CPU)")]
+
+
+# --------------------------------------------------------------------------------------------------- other tools
+
+# The DeepSpeed keys checked, and what each may hold besides "auto" (the ZeRO stage is judged by a check of its own).
+DS_KEYS: dict[str, str] = {
+    "train_batch_size": "count", "train_micro_batch_size_per_gpu": "count", "gradient_accumulation_steps": "count",
+    "gradient_clipping": "number", "optimizer.params.lr": "number", "scheduler.params.warmup_max_lr": "number",
+    "scheduler.params.warmup_num_steps": "number", "scheduler.params.total_num_steps": "number",
+    "bf16.enabled": "switch", "fp16.enabled": "switch", "zero_optimization.stage": "any",
+}
+DS_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "count": (lambda value: isinstance(value, int) and not isinstance(value, bool) and value > 0,
+              "a positive integer"),
+    "number": (is_number, "a number"),
+    "switch": (lambda value: isinstance(value, bool), "true or false"),
+    "any": (lambda value: True, "anything"),
+}
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """A warmup as another tool sets it: in steps and as a share of training, None where that is not known."""
+
+    steps: Optional[int]
+    share: Optional[float]
+    total: Optional[int]
+    """Training steps."""
+    field: str
+    setting: str
+    """How it is set, for the messages: ``warmup_steps 40``, ``warmup_ratio 0.6``."""
+
+
+def read_hf_args(path: Path) -> dict[str, Any]:
+    """A ``TrainingArguments`` JSON, with the Trainer's defaults (``HF_DEFAULTS``) for checked fields it leaves out.
+
+    ``ConfigError`` when it holds none of those fields (not a TrainingArguments JSON) or one of the wrong type."""
+    given = read_json_object(path, "--hf-args")
+    if not any(key in given for key in HF_DEFAULTS):
+        raise ConfigError("--hf-args", str(path), f"holds none of the TrainingArguments fields checked "
+                                                  f"({', '.join(HF_DEFAULTS)}); give the JSON that "
+                                                  f"TrainingArguments.to_json_string() writes")
+    args = {**HF_DEFAULTS, **given}
+    for key, default in HF_DEFAULTS.items():
+        value = args[key]
+        if isinstance(default, bool):
+            accepted, allowed = isinstance(value, bool), "true or false"
+        elif isinstance(default, str):
+            accepted, allowed = isinstance(value, str), "a string"
+        else:
+            accepted, allowed = is_number(value), "a number"
+        if not accepted:
+            raise ConfigError(f"{path.name}: {key}", value, f"must be {allowed}")
+    return args
+
+
+def model_size(params: Optional[float], model_config: Optional[str]) -> ModelSize:
+    """The parameter count from ``--params``, or counted from a HF ``config.json`` (``--model-config``, the file or
+    its directory) of a ``COUNTED_MODEL_TYPES`` model; unknown (with the reason) otherwise."""
+    if params is not None and model_config is not None:
+        raise ConfigError("--params", params, "give --params or --model-config, not both")
+    if params is not None:
+        if not math.isfinite(params) or params < 1:
+            raise ConfigError("--params", params, "must be a parameter count, e.g. 124e6")
+        return ModelSize(int(params), f"{_human(params)} parameters (--params)")
+    if model_config is None:
+        return ModelSize(None, "model size unknown (no --params or --model-config)")
+    path = Path(model_config)
+    path = path / "config.json" if path.is_dir() else path
+    fields = read_json_object(path, "--model-config")
+    model_type = fields.get("model_type")
+    if model_type not in COUNTED_MODEL_TYPES:
+        return ModelSize(None, f"model size unknown: {path} is a {model_type!r} model, and parameters are counted "
+                               f"for {' and '.join(COUNTED_MODEL_TYPES)} only")
+    try:
+        n_params = parameter_count(fields)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError("--model-config", str(path), f"cannot count the parameters of this {model_type} config: "
+                                                       f"{type(err).__name__} {err}") from None
+    return ModelSize(n_params, f"{_human(n_params)} parameters ({model_type}, counted from {path})")
+
+
+def check_trainer_settings(hf: Optional[Mapping[str, Any]], ds: Optional[Mapping[str, Any]], world_size: int,
+                           size: ModelSize, names: tuple[str, str] = ("TrainingArguments", "DeepSpeed JSON")
+                           ) -> list[Finding]:
+    """Every check of a ``TrainingArguments`` JSON (``hf``, from ``read_hf_args``) and/or a DeepSpeed JSON (``ds``),
+    as the Trainer (or DeepSpeed alone) would run them; ``names`` (of the two files) start the findings' fields."""
+    hf_name, ds_name = names
+    findings: list[Finding] = []
+    values: dict[str, Any] = {}
+    if ds is not None:
+        values, findings = fill_auto(ds_values(ds, ds_name), hf, world_size, ds_name)
+        findings += check_ds_values(values, hf is None, world_size, ds_name)
+    lr: Optional[float] = None
+    lr_field = ""
+    if hf is not None:
+        lr, lr_field, warmup = hf["learning_rate"], f"{hf_name}: learning_rate", hf_warmup(hf, hf_name)
+    else:
+        for key in ("optimizer.params.lr", "scheduler.params.warmup_max_lr"):
+            if is_number(values[key]):
+                lr, lr_field = values[key], f"{ds_name}: {key}"
+                break
+        warmup = ds_warmup(values, ds_name)
+    if lr is not None:
+        findings += check_lr_band(lr, lr_field, size)
+    if warmup is not None:
+        findings += check_warmup(warmup, lr)
+    # the clip the run gets: DeepSpeed's when it steps the optimizer, else the Trainer's own
+    if ds is not None:
+        findings += check_grad_clip(values["gradient_clipping"], ds_name, "gradient_clipping")
+    elif hf is not None:
+        findings += check_grad_clip(hf["max_grad_norm"], hf_name, "max_grad_norm")
+    return findings
+
+
+def ds_values(ds: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The values of ``DS_KEYS`` in a DeepSpeed JSON (None where absent); ``ConfigError`` for one of a type that
+    DeepSpeed refuses."""
+    values = {}
+    for key, kind in DS_KEYS.items():
+        node: Any = ds
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        accepts, allowed = DS_KINDS[kind]
+        if node is not None and node != "auto" and not accepts(node):
+            raise ConfigError(f"{name}: {key}", node, f'must be {allowed} or "auto"')
+        values[key] = node
+    return values
+
+
+def trainer_values(hf: Mapping[str, Any], world_size: int) -> dict[str, tuple[Any, str]]:
+    """What the Trainer writes over a DeepSpeed key's ``"auto"`` and requires of a value set there (it stops at
+    launch on a mismatch; transformers' ``HfTrainerDeepSpeedConfig``), with the arguments it comes from."""
+    micro, accum, lr = hf["per_device_train_batch_size"], hf["gradient_accumulation_steps"], hf["learning_rate"]
+    return {
+        "train_micro_batch_size_per_gpu": (micro, f"per_device_train_batch_size {micro}"),
+        "gradient_accumulation_steps": (accum, f"gradient_accumulation_steps {accum}"),
+        "train_batch_size": (micro * accum * world_size,
+                             f"per_device_train_batch_size x gradient_accumulation_steps x world size = {micro} x "
+                             f"{accum} x {world_size} = {micro * accum * world_size}"),
+        "gradient_clipping": (hf["max_grad_norm"], f"max_grad_norm {hf['max_grad_norm']:g}"),
+        "optimizer.params.lr": (lr, f"learning_rate {_lr(lr)}"),
+        "scheduler.params.warmup_max_lr": (lr, f"learning_rate {_lr(lr)}"),
+        "bf16.enabled": (hf["bf16"], f"bf16 {json.dumps(hf['bf16'])}"),
+        "fp16.enabled": (hf["fp16"], f"fp16 {json.dumps(hf['fp16'])}"),
+    }
+
+
+def fill_auto(values: Mapping[str, Any], hf: Optional[Mapping[str, Any]], world_size: int, ds_name: str
+              ) -> tuple[dict[str, Any], list[Finding]]:
+    """DeepSpeed values as the Trainer hands them over: ``"auto"`` filled in, and an error finding for each value
+    set to something else than the Trainer's. Without ``hf``, unchanged (``"auto"`` stays)."""
+    filled, findings = dict(values), []
+    for key, (wanted, source) in (trainer_values(hf, world_size) if hf is not None else {}).items():
+        value = values[key]
+        if value == "auto":
+            filled[key] = wanted
+        elif value is not None and value != wanted:
+            findings.append(Finding(
+                "error", "batch-mismatch" if key in BATCH_KEYS else "ds-config", f"{ds_name}: {key}",
+                f"{key} {json.dumps(value)} is not the TrainingArguments' {source}: the Trainer stops at launch on "
+                f"the mismatch",
+                f'set {key} to "auto" (the Trainer fills it in) or to {json.dumps(wanted)}'))
+    return filled, findings
+
+
+def check_ds_values(values: Mapping[str, Any], alone: bool, world_size: int, ds_name: str) -> list[Finding]:
+    """A DeepSpeed JSON's own rules: a ZeRO stage that exists, not bf16 and fp16 together, and, used ``alone``
+    (without the Trainer to fill it in), no ``"auto"`` and DeepSpeed's batch rule."""
+    findings = []
+    stage = values["zero_optimization.stage"]
+    if stage is not None and (isinstance(stage, bool) or stage not in ZERO_STAGES):
+        findings.append(Finding(
+            "error", "ds-config", f"{ds_name}: zero_optimization.stage",
+            f"ZeRO stage {json.dumps(stage)} does not exist",
+            "use 0 (off), 1 (optimizer state sharded), 2 (and gradients) or 3 (and parameters)"))
+    if values["bf16.enabled"] is True and values["fp16.enabled"] is True:
+        findings.append(Finding(
+            "error", "ds-config", f"{ds_name}: bf16.enabled",
+            "bf16 and fp16 are both enabled: DeepSpeed refuses to start with both",
+            "enable one: bf16 on GPUs that have it (A100, H100 and later), fp16 (with loss scaling) on older ones"))
+    if not alone:
+        return findings
+    auto = [key for key, value in values.items() if value == "auto"]
+    if auto:
+        findings.append(Finding(
+            "warning", "ds-config", f"{ds_name}: {auto[0]}",
+            f"{', '.join(auto)} {'is' if len(auto) == 1 else 'are'} \"auto\", which only the HF Trainer fills in: "
+            f"not checked",
+            "give the Trainer's arguments with --hf-args to check them as it fills them in"))
+    if not any(values[key] == "auto" for key in BATCH_KEYS):
+        problem = deepspeed_batch_problem(*(values[key] for key in BATCH_KEYS), world_size)
+        if problem is not None:
+            findings.append(Finding(
+                "error", "batch-mismatch", f"{ds_name}: train_batch_size", problem,
+                "DeepSpeed needs train_batch_size = train_micro_batch_size_per_gpu x gradient_accumulation_steps x "
+                "world size; set two of them and it derives the third (check --world-size)"))
+    return findings
+
+
+def deepspeed_batch_problem(train: Optional[int], micro: Optional[int], accum: Optional[int], world_size: int
+                            ) -> Optional[str]:
+    """What DeepSpeed refuses in these batch settings (None when it accepts them): it derives the ones not set with
+    integer division (``DeepSpeedConfig._set_batch_related_parameters``), then requires train = micro x accum x
+    world size, all positive."""
+    if train is None:
+        if micro is None:
+            return "neither train_batch_size nor train_micro_batch_size_per_gpu is set: DeepSpeed needs one of them"
+        return None  # derived as micro x accum x world size: consistent by construction
+    derived = ""
+    if micro is None:
+        accum = accum or 1
+        micro, derived = train // world_size // accum, " (train_micro_batch_size_per_gpu derived)"
+    elif accum is None:
+        accum, derived = train // micro // world_size, " (gradient_accumulation_steps derived)"
+    if micro > 0 and accum > 0 and train == micro * accum * world_size:
+        return None
+    return (f"train_batch_size {train} is not train_micro_batch_size_per_gpu {micro} x gradient_accumulation_steps "
+            f"{accum} x world size {world_size} = {micro * accum * world_size}{derived}: DeepSpeed stops at "
+            f"initialize")
+
+
+def hf_warmup(hf: Mapping[str, Any], name: str) -> Warmup:
+    """The Trainer's warmup (``TrainingArguments.get_warmup_steps``): ``warmup_steps`` of 1 or more are steps, below
+    1 a share of training (transformers 5); else ``warmup_ratio`` (transformers 4). Training steps are known from
+    ``max_steps`` only: an epoch's steps depend on the dataset."""
+    total = int(hf["max_steps"]) if hf["max_steps"] > 0 else None
+    if hf["lr_scheduler_type"] == "constant":
+        return Warmup(0, 0.0, total, f"{name}: lr_scheduler_type", "lr_scheduler_type constant")
+    steps, ratio = hf["warmup_steps"], hf["warmup_ratio"]
+    if steps >= 1 or not (steps or ratio):
+        return Warmup(int(steps), steps / total if total else None, total, f"{name}: warmup_steps",
+                      f"warmup_steps {int(steps)}")
+    key, share = ("warmup_steps", steps) if steps > 0 else ("warmup_ratio", ratio)
+    return Warmup(math.ceil(share * total) if total else None, share, total, f"{name}: {key}", f"{key} {share:g}")
+
+
+def ds_warmup(values: Mapping[str, Any], name: str) -> Optional[Warmup]:
+    """The DeepSpeed scheduler's warmup (``WarmupLR``, ``WarmupDecayLR``, ...), when it sets ``warmup_num_steps``."""
+    steps, total = values["scheduler.params.warmup_num_steps"], values["scheduler.params.total_num_steps"]
+    if not is_number(steps):
+        return None
+    total = int(total) if is_number(total) and total > 0 else None
+    return Warmup(int(steps), steps / total if total else None, total, f"{name}: scheduler.params.warmup_num_steps",
+                  f"warmup_num_steps {int(steps)}")
+
+
+def check_grad_clip(clip: Any, name: str, key: str) -> list[Finding]:
+    """No gradient clipping: ``key`` of the file ``name`` not set (DeepSpeed's default is off), or 0 or less."""
+    if clip is not None and not (is_number(clip) and clip <= 0):
+        return []  # a positive clip, or "auto" that nothing fills in (reported once, as such)
+    what = f"{key} is not set, and DeepSpeed does not clip by default" if clip is None else f"{key} {clip:g} is off"
+    return [Finding("warning", "grad-clip", f"{name}: {key}",
+                    f"no gradient clipping ({what}): a single bad batch can take an update of any size",
+                    'clip the gradient norm at 1.0 (GPT-3\'s setting): gradient_clipping 1.0 (or "auto", the '
+                    "Trainer's max_grad_norm) in a DeepSpeed JSON, max_grad_norm 1.0 in TrainingArguments")]
+
+
+def check_lr_band(lr: float, field: str, size: ModelSize) -> list[Finding]:
+    """A peak LR against GPT-3's LR for the model size (no short-sequence allowance: no curriculum here)."""
+    if size.n_params is None:
+        return [Finding("warning", "lr-range", field,
+                        f"peak LR {_lr(lr)} not compared with the usual LR for the model size: {size.source}",
+                        "give the parameter count with --params (e.g. 124e6) or the model's config.json with "
+                        "--model-config")]
+    ref = reference_lr(size.n_params)
+    low, high = ref / LR_BAND, ref * LR_BAND
+    if low <= lr <= high:
+        return []
+    return [Finding("error", "lr-range", field,
+                    f"peak LR {_lr(lr)} is {_times(lr / ref)} the usual {_lr(ref)} for {size.source}; the allowed "
+                    f"band is {_lr(low)} .. {_lr(high)}",
+                    _lr_range_suggestion(lr, ref))]
+
+
+def check_warmup(warmup: Warmup, lr: Optional[float]) -> list[Finding]:
+    """A warmup longer than training (error), over half of it, or none at a large LR (warnings)."""
+    if warmup.steps is not None and warmup.total is not None and warmup.steps > warmup.total:
+        peak = f"; the LR ends at {warmup.total / warmup.steps:.0%} of its peak {_lr(lr)}" if lr is not None else ""
+        return [Finding("error", "warmup-too-long", warmup.field,
+                        f"{warmup.setting}: a warmup of {warmup.steps} steps is longer than training "
+                        f"({warmup.total} steps){peak}",
+                        f"warm up over a few percent of the steps, e.g. {max(warmup.total // 20, 1)} (5%)")]
+    if warmup.share is not None and warmup.share > WARMUP_SHARE:
+        length = f" ({warmup.total} steps)" if warmup.total is not None else ""
+        return [Finding("warning", "warmup-share", warmup.field,
+                        f"{warmup.setting}: the warmup is {warmup.share:.0%} of training{length}, leaving little "
+                        f"at the peak LR or decaying from it",
+                        f"keep warmup at most {WARMUP_SHARE:.0%} of training; a few percent is usual")]
+    if warmup.steps == 0 and lr is not None and lr > NO_WARMUP_LR:
+        return [Finding("warning", "no-warmup", warmup.field,
+                        f"{warmup.setting}: no warmup at peak LR {_lr(lr)} (above {_lr(NO_WARMUP_LR)}): the first, "
+                        f"largest Adam updates come at the full LR",
+                        "warm up over the first few percent of the steps (warmup_steps; for lr_scheduler_type "
+                        "constant, constant_with_warmup)")]
+    return []
 
 
 # --------------------------------------------------------------------------------------------------- GPU environment

@@ -15,10 +15,14 @@ given up after the warm-up; ``kind: guard`` lines are spike-guard events (``pipe
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+from pipeline.rundir import RunDir, final_train_loss, read_records
 
 CSV_FIELDS = ["kind", "step", "tokens", "stage", "seq_len", "global_batch", "lr", "grad_clip", "loss", "grad_norm",
               "tok_per_s", "mfu", "elapsed_s", "eval_loss", "eval_ppl", "train_s", "eval_s"]
@@ -30,15 +34,15 @@ class RunLogger:
     def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool, wandb_settings: Optional[dict[str, Any]],
                  keep_guard_events: int = 0) -> None:
         self.run_dir = run_dir
-        self.jsonl_path = run_dir / "metrics.jsonl"
-        self.csv_path = run_dir / "metrics.csv"
+        self.jsonl_path = RunDir(run_dir).metrics
+        self.csv_path = RunDir(run_dir).metrics_csv
         self._drop_lines_from(resume_step, keep=lambda r: r["kind"] == "guard" and r["events"] <= keep_guard_events)
         self._open()
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
+            self._tb = SummaryWriter(str(RunDir(run_dir).tensorboard), purge_step=resume_step or None)
         self._wandb = None
         if wandb_settings is not None:
             import wandb
@@ -63,16 +67,17 @@ class RunLogger:
         self._open()
 
     def _drop_lines_from(self, step: int, keep: Callable[[dict[str, Any]], bool]) -> None:
-        """Forget what was logged at or after ``step`` (it will be logged again), except the lines ``keep`` keeps."""
+        """Forget what was logged at or after ``step`` (it will be logged again), except the lines ``keep`` keeps;
+        a last line torn by a kill is dropped too. Both files are replaced atomically."""
         if not self.jsonl_path.exists():
             return
-        kept = [line for line in self.jsonl_path.read_text().splitlines()
-                if json.loads(line)["step"] < step or keep(json.loads(line))]
-        self.jsonl_path.write_text("".join(line + "\n" for line in kept))
-        with open(self.csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(json.loads(line) for line in kept)
+        kept = [r for r in read_records(self.jsonl_path) if r["step"] < step or keep(r)]
+        _replace(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in kept))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(kept)
+        _replace(self.csv_path, buffer.getvalue())
 
     def log(self, record: dict[str, Any]) -> None:
         self._jsonl.write(json.dumps(record) + "\n")
@@ -166,12 +171,20 @@ def _duration(seconds: float) -> str:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return read_records(RunDir(run_dir).metrics)
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a kill leaves the old or the new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def write_summary(run_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
-    """summary.json: final losses, tokens, time, and per-stage throughput, from metrics.jsonl."""
+    """summary.json from metrics.jsonl: tokens, time, the first and the last step's loss, the final train loss (the
+    run directory's definition, ``pipeline.rundir.final_train_loss``: what runs are compared by), the last
+    evaluation, and per-stage throughput."""
     records = read_metrics(run_dir)
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
@@ -190,6 +203,7 @@ def write_summary(run_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
         "eval_s": sum(r.get("eval_s") or 0.0 for r in evals),
         "first_loss": train[0]["loss"] if train else None,
         "final_loss": train[-1]["loss"] if train else None,
+        "final_train_loss": final_train_loss(train),
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
         "final_eval_ppl": evals[-1]["eval_ppl"] if evals else None,
         "stages": [
@@ -204,7 +218,7 @@ def write_summary(run_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
             for index, rows in sorted(stages.items())
         ],
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    RunDir(run_dir).summary.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -234,7 +248,7 @@ def plot_run(run_dir: Path) -> Path:
     ax_len.step(steps, [r["seq_len"] for r in train], where="post")
     ax_len.set(xlabel="step", ylabel="seq_len")
     fig.tight_layout()
-    out = run_dir / "training.png"
+    out = RunDir(run_dir).plot
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

@@ -52,6 +52,11 @@ def read_records(path: Path, strict: bool = False) -> list[Record]:
 
     A line that does not parse is dropped when it is the last one (a write torn by a kill) and ``strict`` is off;
     any other bad line raises ``ConfigError`` naming the file and the line number."""
+    return [record for _, record in read_numbered(path, strict)]
+
+
+def read_numbered(path: Path, strict: bool = False) -> list[tuple[int, Record]]:
+    """``read_records`` with each record's line number (from 1), for messages that point at a line."""
     if not path.is_file():
         return []
     lines = path.read_text(errors="replace").splitlines()
@@ -67,7 +72,7 @@ def read_records(path: Path, strict: bool = False) -> list[Record]:
             raise ConfigError(f"{path}:{number}", _shorten(line), f"not a JSON line ({err.msg})") from None
         if not isinstance(record, dict):
             raise ConfigError(f"{path}:{number}", _shorten(line), "not a JSON object")
-        records.append(record)
+        records.append((number, record))
     return records
 
 

@@ -136,7 +136,7 @@ def test_non_finite_loss_is_a_spike_even_early_in_a_stage() -> None:
     stages, findings = diagnose(records)
     assert [(f.kind, f.first_step, f.stage) for f in findings] == [("spike", 302, 2)]
     assert "non-finite" in findings[0].message
-    json.loads(json.dumps(report_dict("run", stages, findings), allow_nan=False))
+    json.loads(json.dumps(report_dict("run", "metrics.jsonl", stages, findings), allow_nan=False))
 
 
 def test_spike_factor_is_the_threshold() -> None:
@@ -272,7 +272,7 @@ def test_cli_problems_exit_1_with_json(tmp_path: Path) -> None:
     result = run_cli(["diagnose", str(run_dir), "--json"])
     assert result.returncode == 1, result.stderr
     report = json.loads(result.stdout)
-    assert set(report) == {"run_dir", "stages", "findings", "problems"}
+    assert set(report) == {"run_dir", "source", "stages", "findings", "problems"}
     assert report["problems"] == 2
     assert [(f["kind"], f["steps"], f["stage"]) for f in report["findings"]] == [
         ("spike", [200, 200], 1), ("throughput-drop", [400, 400], 2)]

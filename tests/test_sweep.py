@@ -24,9 +24,9 @@ from conftest import REPO_ROOT, TINY_LLAMA_YAML, make_config, process_env
 from curriculum.errors import ConfigError
 from curriculum.loading import apply_set_overrides, validate_config
 from curriculum.schedule import build_schedule
+from pipeline.rundir import train_rows
 from pipeline.sweep import (Job, RunAnalysis, SweepAborted, analyze_run, analyze_sweep, classify_run, default_lrs,
-                            format_analysis, loss_spikes, lr_overrides, parse_gpus, parse_lrs, run_jobs, run_name,
-                            train_rows)
+                            format_analysis, loss_spikes, lr_overrides, parse_gpus, parse_lrs, run_jobs, run_name)
 
 # --------------------------------------------------------------------------------------------------- the LR grid
 
