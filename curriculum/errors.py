@@ -15,3 +15,7 @@ class ConfigError(ValueError):
         self.value = value
         self.allowed = allowed
         super().__init__(f"{field} = {value!r}: {allowed}")
+
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[str, object, str]]:
+        """Pickled as its three parts, so an error raised in a worker process reaches the CLI whole."""
+        return type(self), (self.field, self.value, self.allowed)

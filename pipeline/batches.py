@@ -201,10 +201,14 @@ class RunData:
 
 
 def load_run_data(config: Any, schedule: Schedule, rank: int, world_size: int, device: torch.device) -> RunData:
-    """The data directory of ``config`` checked and opened; every problem is a ``ConfigError`` on ``data.dir``."""
-    from pipeline.data import load_tokens, read_manifest
+    """The data directory of ``config`` checked and opened, before anything is built or written: every problem is
+    a ``ConfigError`` on ``data.dir`` (``pipeline.data``: the manifest, the token files and their ids, and with
+    ``run.export`` the tokenizer the model is exported with)."""
+    from pipeline.data import check_tokenizer, load_tokens, read_manifest
 
     manifest = read_manifest(config.data.dir)
+    if config.run.export:
+        check_tokenizer(config.data.dir, manifest)
     sampler = TokenSampler(load_tokens(config.data.dir, "train"), schedule.max_seq_len, config.run.seed)
     # evaluation at the full length, never at the curriculum's current length
     batches = eval_batches(load_tokens(config.data.dir, "val"), schedule.max_seq_len, config.run.eval_batch,

@@ -30,9 +30,23 @@ the ``n`` documents for validation; the rest train, in corpus order. The tokeniz
 documents only. A document that contains the text ``<|endoftext|>`` gets that text's ordinary ids, so the end-of-text
 id only ever separates documents.
 
+Text must be UTF-8: a file that is not is an error naming the file, the line and the byte offset (convert it, e.g.
+with ``iconv -f latin1 -t utf-8``). Bytes are never replaced: U+FFFD in place of every byte of a wrongly encoded
+corpus would be trained on without a word (``python-stdlib`` excepted: a few of its test files are broken on purpose,
+see ``read_python_source``). An empty ``.txt`` file is an empty document (dropped); a ``.jsonl`` file
+without a JSON line and a ``.parquet`` file without rows are errors (most likely not the file meant).
+
 Loading and tokenizing go through ``datasets`` (local builders only, nothing is downloaded) with its cache in
-``<output>/.cache``, removed at the end. ``read_manifest`` and ``load_tokens`` are the training loop's readers: numpy
-only, no torch, no ``datasets``.
+``<output>/.cache``, removed at the end. The new files are written under temporary names and replace the old ones
+only once all three are complete, so a run that fails leaves an existing directory as it was (and removes the
+directories it created).
+
+``read_manifest`` and ``load_tokens`` are the training loop's readers: numpy only, no torch, no ``datasets``. They
+check the directory against what training reads before anything is built: a manifest that is a JSON object of this
+format, ``tokenizer.vocab_size`` an integer >= 1 and ``eot_id`` an id below it, ``dtype`` uint16 or uint32, each split's
+``file`` a file in the directory holding exactly ``tokens`` ids (at least one), and every id below ``vocab_size``;
+``check_tokenizer`` adds the ``tokenizer.json`` a run exports its model with. Each problem is a ``ConfigError`` on
+``data.dir`` that says to run prepare-data again.
 """
 
 from __future__ import annotations
@@ -56,12 +70,14 @@ from curriculum.errors import ConfigError
 
 if TYPE_CHECKING:  # imported lazily: the readers below must stay light for the training loop
     import datasets
+    import pyarrow as pa
     import tokenizers
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 SPLITS = ("train", "val")
+SPLIT_FILES = {split: f"{split}.bin" for split in SPLITS}
 EOT_TOKEN = "<|endoftext|>"
 DEFAULT_VOCAB_SIZE = 8192
 MIN_VOCAB_SIZE = 256 + 1  # byte-level BPE starts from the 256 byte tokens, plus <|endoftext|>
@@ -75,6 +91,9 @@ SUPPORTED = ".txt, .jsonl or .parquet"
 KIND_ORDER = ("text", "python", "jsonl", "parquet")  # the order documents are packed in
 BATCH_DOCUMENTS = 1000
 PREPARE_HINT = "run `curriculum-pretrain prepare-data` first"
+REPREPARE_HINT = "run `curriculum-pretrain prepare-data` again"
+TOKEN_DTYPES = ("uint16", "uint32")
+ID_CHECK_CHUNK = 2**24  # ids read at a time by the id check: 32 MiB of uint16
 
 SourceKind = Literal["text", "python", "jsonl", "parquet"]
 
@@ -101,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet rows")
     parser.add_argument("--val-fraction", type=float, default=0.01,
                         help="share of whole documents held out for validation (default 0.01, at least one)")
-    parser.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto",
+    parser.add_argument("--dtype", choices=["auto", *TOKEN_DTYPES], default="auto",
                         help="token dtype (auto: uint16 when the vocabulary fits)")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the train/validation split")
     parser.add_argument("--num-proc", type=int, default=None, help="tokenizer processes (default: CPU count, max 8)")
@@ -185,7 +204,7 @@ def prepare_data(
     source_files = [describe_file(f.path) for f in files]  # hashed before reading: the manifest names what was read
     cache_dir = output_dir / ".cache"
     shutil.rmtree(cache_dir, ignore_errors=True)  # left by a crashed run
-    output_dir.mkdir(parents=True, exist_ok=True)
+    created = _make_directory(output_dir)
     try:
         documents = load_documents(files, text_field, cache_dir)
         if len(documents) < 2:
@@ -196,14 +215,18 @@ def prepare_data(
         tok = train_tokenizer(documents, ~is_val, vocab_size) if trained else loaded
         eot = eot_id(tok, tokenizer)
         token_dtype_name = token_dtype(tok, dtype, tokenizer)
-
-        # From here on files are replaced: first drop the old manifest, so a crash leaves an incomplete directory
-        # rather than an old manifest describing new files.
-        (output_dir / MANIFEST_FILE).unlink(missing_ok=True)
-        with _replacing(output_dir / TOKENIZER_FILE) as tmp:
-            tok.save(str(tmp))
-        tokenized = tokenize_documents(documents, tok, eot, num_proc)
-        splits = write_splits(tokenized, is_val, output_dir, token_dtype_name)
+        names = (TOKENIZER_FILE, *SPLIT_FILES.values())
+        with _replacing(*(output_dir / name for name in names)) as (tokenizer_tmp, *split_tmps):
+            tok.save(str(tokenizer_tmp))
+            tokenized = tokenize_documents(documents, tok, eot, num_proc, tokenizer)
+            splits = write_splits(tokenized, is_val, dict(zip(SPLITS, split_tmps)), token_dtype_name)
+            # The old manifest goes before its files are replaced: a crash in between leaves an incomplete
+            # directory rather than an old manifest describing new files.
+            (output_dir / MANIFEST_FILE).unlink(missing_ok=True)
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
 
@@ -217,9 +240,19 @@ def prepare_data(
         "val_fraction": val_fraction,
         "splits": splits,
     }
-    with _replacing(output_dir / MANIFEST_FILE) as tmp:
+    with _replacing(output_dir / MANIFEST_FILE) as (tmp,):
         tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
+
+
+def _make_directory(path: Path) -> Optional[Path]:
+    """Create ``path`` and its missing parents; return the topmost directory created (``None``: it existed)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a parent is a file, no permission, read-only file system
+        raise ConfigError("--output", str(path), f"cannot be created: {err.strerror} ({err.filename})") from None
+    return missing[-1] if missing else None
 
 
 def check_arguments(*, tokenizer: Optional[str], vocab_size: int, val_fraction: float, dtype: str, seed: int,
@@ -230,7 +263,7 @@ def check_arguments(*, tokenizer: Optional[str], vocab_size: int, val_fraction: 
     if tokenizer is None and not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
         raise ConfigError("--vocab-size", vocab_size,
                           f"must be in [{MIN_VOCAB_SIZE}, 2**32]: 256 byte tokens + {EOT_TOKEN} at least")
-    if dtype not in ("auto", "uint16", "uint32"):
+    if dtype not in ("auto", *TOKEN_DTYPES):
         raise ConfigError("--dtype", dtype, "auto, uint16 or uint32")
     if tokenizer is None and dtype == "uint16" and vocab_size > UINT16_IDS:
         raise ConfigError("--dtype", dtype, f"--vocab-size {vocab_size} needs uint32 (uint16 holds {UINT16_IDS:,} ids)")
@@ -270,7 +303,7 @@ def _expand_source(source: str) -> list[SourceFile]:
         return [SourceFile(path, "python") for path in python_stdlib_files()]
     if glob.has_magic(source):
         matches = [Path(match) for match in sorted(glob.glob(source, recursive=True))]
-        found = [f for match in matches for f in (_files_under(match) if match.is_dir() else _supported(match))]
+        found = [f for match in matches for f in (_files_under(match) if match.is_dir() else _regular(match))]
         if not found:
             raise ConfigError("sources", source, f"the pattern matches no {SUPPORTED} files")
         return found
@@ -284,6 +317,8 @@ def _expand_source(source: str) -> list[SourceFile]:
         if not _supported(path):
             raise ConfigError("sources", source, f"unsupported file type {path.suffix!r}; use {SUPPORTED}")
         return _supported(path)
+    if path.is_symlink() or path.exists():
+        raise _not_regular(path)
     raise ConfigError("sources", source, f"no such file or directory (built-in sources: {', '.join(BUILTIN_SOURCES)})")
 
 
@@ -292,8 +327,22 @@ def _supported(path: Path) -> list[SourceFile]:
     return [SourceFile(path, kind)] if kind is not None else []
 
 
+def _regular(path: Path) -> list[SourceFile]:
+    """``_supported`` for a path that is not a directory; a corpus file that cannot be read as one is an error (a
+    FIFO would block the read for ever, a dangling link would drop a document without a word)."""
+    if path.is_file() or not _supported(path):
+        return _supported(path)
+    raise _not_regular(path)
+
+
+def _not_regular(path: Path) -> ConfigError:
+    if path.is_symlink() and not path.exists():
+        return ConfigError("sources", str(path), f"is a symbolic link to {os.readlink(path)}, which does not exist")
+    return ConfigError("sources", str(path), "is not a regular file (a FIFO, socket or device)")
+
+
 def _files_under(directory: Path) -> list[SourceFile]:
-    return [f for path in sorted(directory.rglob("*")) if path.is_file() for f in _supported(path)]
+    return [f for path in sorted(directory.rglob("*")) if not path.is_dir() for f in _regular(path)]
 
 
 def python_stdlib_files() -> list[Path]:
@@ -315,8 +364,11 @@ def read_python_source(path: str) -> str:
 
 def describe_file(path: Path) -> dict:
     """``{"path", "sha256", "bytes"}`` of one source file, for the manifest."""
-    with path.open("rb") as f:
-        sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    try:
+        with path.open("rb") as f:
+            sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as err:  # no permission, an I/O error
+        raise ConfigError("sources", str(path), f"cannot be read ({err.strerror})") from None
     return {"path": str(path), "sha256": sha256, "bytes": path.stat().st_size}
 
 
@@ -325,9 +377,11 @@ def describe_file(path: Path) -> dict:
 
 def load_documents(files: list[SourceFile], text_field: str, cache_dir: Path) -> datasets.Dataset:
     """One ``text`` column, one row per non-empty document, packed in ``KIND_ORDER`` then file order."""
-    for f in files:  # cheap checks first: a parquet file's schema is in its footer
+    for f in files:  # cheap checks first: a parquet file's schema is in its footer, a JSON line is at the top
         if f.kind == "parquet":
             check_parquet_schema(f.path, text_field)
+        elif f.kind == "jsonl":
+            check_jsonl_has_a_line(f.path)
     _offline()
     import datasets
 
@@ -354,11 +408,25 @@ def _load_text(paths: list[Path], text_field: str, cache_dir: str) -> datasets.D
                                      split="train", cache_dir=cache_dir)
     except datasets.exceptions.DatasetGenerationError:
         for path in paths:  # find the file to name; only on this error path is every file read a second time
-            try:
-                path.read_text(encoding="utf-8")
-            except UnicodeDecodeError as err:
-                raise ConfigError(str(path), f"byte {err.start}", "is not UTF-8 text") from None
+            for _ in utf8_lines(path):
+                pass
         raise
+
+
+def utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a text file, read in binary a line at a time; the first byte that is not UTF-8
+    raises ``ConfigError`` naming the file, the byte offset (from 0) and the line (from 1). Nothing is replaced:
+    see the module docstring."""
+    offset = 0
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):  # b"\n" never occurs inside a multi-byte UTF-8 sequence
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ConfigError(str(path), f"byte {offset + err.start}",
+                                  f"line {number} is not UTF-8 text ({err.reason}); convert the file to UTF-8, "
+                                  "e.g. with iconv") from None
+            offset += len(raw)
 
 
 def _load_python(paths: list[Path], text_field: str, cache_dir: str) -> datasets.Dataset:
@@ -394,38 +462,51 @@ def _load_rows(builder: str, paths: list[Path], text_field: str, cache_dir: str,
     except datasets.exceptions.DatasetGenerationError:
         find_bad(paths, text_field)
         raise
-    if not _is_text_column(rows, text_field):
+    # the json reader lets bytes that are not UTF-8 into string columns: validated here, under 0.1 s per GB
+    if not (_is_text_column(rows, text_field) and _is_utf8(rows.data.column(text_field))):
         find_bad(paths, text_field)
-        raise ConfigError("--text-field", text_field, f"is not a string in every {unit}")
+        raise ConfigError("--text-field", text_field, f"is not a UTF-8 string in every {unit}")
     return _only_text(rows, text_field)
 
 
+def check_jsonl_has_a_line(path: Path) -> None:
+    """The file has a line that is not blank (read up to the first one)."""
+    with path.open("rb") as f:
+        if any(line.strip() for line in f):
+            return
+    raise ConfigError(str(path), f"{path.stat().st_size} bytes",
+                      "holds no JSON lines (empty or blank); leave it out of the sources")
+
+
 def _find_bad_jsonl_line(paths: list[Path], text_field: str) -> None:
-    """Raise ``ConfigError`` naming the first line that is not a JSON object with a string ``text_field``."""
+    """Raise ``ConfigError`` naming the first line that is not UTF-8 or not a JSON object with a string
+    ``text_field``."""
     for path in paths:
-        with path.open(encoding="utf-8", errors="replace") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue  # blank lines are skipped, as the json loader does
-                where, excerpt = f"{path} line {number}", line.strip()[:80]
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ConfigError(where, excerpt, f"is not JSON ({err.msg})") from None
-                if not isinstance(row, dict):
-                    raise ConfigError(where, excerpt, "is not a JSON object")
-                if not isinstance(row.get(text_field), str):
-                    raise ConfigError(where, excerpt, f"has no string field {text_field!r} (see --text-field)")
+        for number, line in utf8_lines(path):
+            if not line.strip():
+                continue  # blank lines are skipped, as the json loader does
+            where, excerpt = f"{path} line {number}", line.strip()[:80]
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(where, excerpt, f"is not JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ConfigError(where, excerpt, "is not a JSON object")
+            if not isinstance(row.get(text_field), str):
+                raise ConfigError(where, excerpt, f"has no string field {text_field!r} (see --text-field)")
 
 
 def check_parquet_schema(path: Path, text_field: str) -> None:
-    """The file has a footer pyarrow can read and a string column ``text_field``."""
+    """The file has a footer pyarrow can read, at least one row and a string column ``text_field``."""
     import pyarrow.parquet as pq
 
     try:
-        schema = pq.read_schema(path)
+        footer = pq.ParquetFile(path)
+        schema, num_rows = footer.schema_arrow, footer.metadata.num_rows
     except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
         raise ConfigError(str(path), f"{path.stat().st_size} bytes", f"is not a readable parquet file: {err}") from None
+    if num_rows == 0:
+        raise ConfigError(str(path), "0 rows", "holds no rows; leave it out of the sources")
     if text_field not in schema.names:
         raise ConfigError("--text-field", text_field, f"{path} has no such column (columns: {schema.names})")
     if not _is_string_type(schema.field(text_field).type):
@@ -447,6 +528,18 @@ def _find_bad_parquet_row(paths: list[Path], text_field: str) -> None:
         if column.null_count:
             row = pc.index(pc.is_null(column), True).as_py()
             raise ConfigError(f"{path} row {row}", None, f"the {text_field!r} column is null here (rows count from 0)")
+        if not _is_utf8(column):
+            raise ConfigError(str(path), f"column {text_field!r}", "holds strings that are not UTF-8")
+
+
+def _is_utf8(column: pa.ChunkedArray) -> bool:
+    import pyarrow as pa
+
+    try:
+        column.validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
 
 
 def _is_string_type(arrow_type: object) -> bool:
@@ -564,9 +657,10 @@ def token_dtype(tok: tokenizers.Tokenizer, dtype: str, tokenizer: Optional[str])
 # --------------------------------------------------------------------------------------------------- tokenizing
 
 
-def tokenize_documents(documents: datasets.Dataset, tok: tokenizers.Tokenizer, eot: int,
-                       num_proc: int) -> datasets.Dataset:
-    """One ``ids`` row per document: its token ids followed by ``eot``."""
+def tokenize_documents(documents: datasets.Dataset, tok: tokenizers.Tokenizer, eot: int, num_proc: int,
+                       tokenizer: Optional[str]) -> datasets.Dataset:
+    """One ``ids`` row per document: its token ids followed by ``eot``. ``tokenizer`` (``--tokenizer``) is named
+    when a loaded tokenizer cannot encode a document (a word-level vocabulary without an unknown token)."""
     import datasets
 
     num_proc = min(num_proc, len(documents))  # more processes than documents would idle
@@ -576,29 +670,33 @@ def tokenize_documents(documents: datasets.Dataset, tok: tokenizers.Tokenizer, e
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return documents.map(
         _encode_batch, batched=True, num_proc=num_proc if num_proc > 1 else None,
-        fn_kwargs={"tok": tok, "eot": eot}, remove_columns=["text"],
+        fn_kwargs={"tok": tok, "eot": eot, "tokenizer": tokenizer}, remove_columns=["text"],
         features=datasets.Features({"ids": datasets.Sequence(datasets.Value("uint32"))}),
         desc="tokenizing", load_from_cache_file=False,
         new_fingerprint="tokenized",  # the cache is private to this run: no need to hash the tokenizer
     )
 
 
-def _encode_batch(batch: dict[str, list[str]], tok: tokenizers.Tokenizer, eot: int) -> dict[str, list[list[int]]]:
+def _encode_batch(batch: dict[str, list[str]], tok: tokenizers.Tokenizer, eot: int,
+                  tokenizer: Optional[str]) -> dict[str, list[list[int]]]:
     # Special-token text inside a document is encoded as plain text, so eot ids only mark document ends. The flag
     # is set here because pickling the tokenizer into a worker process does not carry it.
     tok.encode_special_tokens = True
-    encodings = tok.encode_batch(batch["text"], add_special_tokens=False)  # no BOS/EOS from a post-processor
+    try:
+        encodings = tok.encode_batch(batch["text"], add_special_tokens=False)  # no BOS/EOS from a post-processor
+    except Exception as err:  # tokenizers raises a bare Exception; a ConfigError crosses back from a worker whole
+        raise ConfigError("--tokenizer", tokenizer, f"cannot encode every document: {err}") from None
     return {"ids": [encoding.ids + [eot] for encoding in encodings]}
 
 
-def write_splits(tokenized: datasets.Dataset, is_val: np.ndarray, output_dir: Path, dtype: str) -> dict:
-    """Pack every document's ids into ``train.bin`` or ``val.bin``; return the manifest's ``splits``."""
+def write_splits(tokenized: datasets.Dataset, is_val: np.ndarray, paths: dict[str, Path], dtype: str) -> dict:
+    """Pack every document's ids into ``paths["train"]`` or ``paths["val"]`` (staged ``train.bin`` and ``val.bin``);
+    return the manifest's ``splits``."""
     import pyarrow.compute as pc
 
     token_type = np.dtype(dtype).newbyteorder("<")
     tokens = {"train": 0, "val": 0}
-    with _replacing(output_dir / "train.bin") as train_tmp, _replacing(output_dir / "val.bin") as val_tmp, \
-            open(train_tmp, "wb") as train_file, open(val_tmp, "wb") as val_file:
+    with open(paths["train"], "wb") as train_file, open(paths["val"], "wb") as val_file:
         start = 0
         for batch in tokenized.with_format("arrow").iter(batch_size=BATCH_DOCUMENTS):
             ids = batch.column("ids")
@@ -612,50 +710,142 @@ def write_splits(tokenized: datasets.Dataset, is_val: np.ndarray, output_dir: Pa
             start += len(lengths)
     n_val = int(is_val.sum())
     documents = {"train": len(is_val) - n_val, "val": n_val}
-    return {split: {"file": f"{split}.bin", "documents": documents[split], "tokens": tokens[split]}
+    return {split: {"file": SPLIT_FILES[split], "documents": documents[split], "tokens": tokens[split]}
             for split in SPLITS}
 
 
 @contextmanager
-def _replacing(path: Path) -> Iterator[Path]:
-    """A temporary sibling of ``path`` to write to; it replaces ``path`` only when the block completes."""
-    tmp = path.with_name(f".{path.name}.tmp")
+def _replacing(*paths: Path) -> Iterator[tuple[Path, ...]]:
+    """Temporary siblings of ``paths`` to write to; they replace ``paths`` only when the block completes, so a
+    failure inside it leaves every old file as it was."""
+    tmps = tuple(path.with_name(f".{path.name}.tmp") for path in paths)
     try:
-        yield tmp
-        os.replace(tmp, path)
+        yield tmps
+        for tmp, path in zip(tmps, paths):
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------------- readers
 
 
 def read_manifest(data_dir: Union[str, Path]) -> dict:
-    """The manifest of a prepared data directory; ``ConfigError`` on ``data.dir`` when there is none."""
+    """The manifest of a prepared data directory, with what every reader takes from it checked: a JSON object of
+    this format whose ``tokenizer.vocab_size`` is an integer >= 1 and ``tokenizer.eot_id`` an id below it.
+    ``ConfigError`` on ``data.dir`` otherwise, or when there is no manifest."""
     path = Path(data_dir) / MANIFEST_FILE
     if not path.is_file():
         reason = "does not exist" if not Path(data_dir).is_dir() else f"has no {MANIFEST_FILE} (incomplete?)"
         raise ConfigError("data.dir", str(data_dir), f"{reason}; {PREPARE_HINT}")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ConfigError("data.dir", str(data_dir), f"{MANIFEST_FILE} is not JSON ({err}); {PREPARE_HINT}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
-        raise ConfigError("data.dir", str(data_dir), f"{MANIFEST_FILE} is not format {FORMAT_VERSION}; {PREPARE_HINT}")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _prepare_again(data_dir, f"{MANIFEST_FILE} is not readable JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise _prepare_again(data_dir, f"{MANIFEST_FILE} is {json.dumps(manifest)[:60]}, not a JSON object")
+    if manifest.get("format") != FORMAT_VERSION:
+        raise _prepare_again(data_dir, f"{MANIFEST_FILE} is not format {FORMAT_VERSION}")
+    vocab_size = _manifest_value(manifest, "tokenizer.vocab_size", data_dir, "an integer >= 1",
+                                 lambda v: _is_int(v) and v >= 1)
+    _manifest_value(manifest, "tokenizer.eot_id", data_dir, f"an integer in [0, {vocab_size}) (below vocab_size)",
+                    lambda v: _is_int(v) and 0 <= v < vocab_size)
     return manifest
 
 
+def _manifest_value(manifest: dict, key: str, data_dir: Union[str, Path], expected: str,
+                    valid: Callable[[Any], bool]) -> Any:
+    """``manifest[a][b]`` for ``key = "a.b"``; ``ConfigError`` on ``data.dir`` naming the key when it is missing or
+    not ``valid`` (described by ``expected``)."""
+    parts = key.split(".")
+    value: Any = manifest
+    for depth, part in enumerate(parts):
+        if not isinstance(value, dict):
+            raise _prepare_again(data_dir, f"{MANIFEST_FILE} has {'.'.join(parts[:depth])} = "
+                                           f"{json.dumps(value)[:60]}, expected an object")
+        if part not in value:
+            raise _prepare_again(data_dir, f"{MANIFEST_FILE} has no {'.'.join(parts[:depth + 1])}")
+        value = value[part]
+    if not valid(value):
+        raise _prepare_again(data_dir, f"{MANIFEST_FILE} has {key} = {json.dumps(value)[:60]}, expected {expected}")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a count
+
+
 def load_tokens(data_dir: Union[str, Path], split: Literal["train", "val"]) -> np.memmap:
-    """The split's token ids as a read-only 1-D memmap (dtype from the manifest); nothing is read into memory."""
+    """The split's token ids as a read-only 1-D memmap (dtype from the manifest), checked against the manifest.
+
+    ``ConfigError`` on ``data.dir`` unless ``dtype`` is uint16 or uint32, the split's ``file`` names a file in the
+    directory of exactly ``tokens`` (at least 1) ids of that dtype, and every id is below ``tokenizer.vocab_size``
+    (a larger id would be an index error at the first forward pass). The id check reads the file once,
+    ``ID_CHECK_CHUNK`` ids at a time, nothing kept in memory: about 0.04 s per GB from the page cache on one core,
+    else the time the disk takes to read it; none when every id of the dtype is below ``vocab_size``.
+    """
     if split not in SPLITS:
         raise ConfigError("split", split, "train or val")
     manifest = read_manifest(data_dir)
-    entry = manifest["splits"][split]
-    path = Path(data_dir) / entry["file"]
-    token_type = np.dtype(manifest["dtype"]).newbyteorder("<")
-    expected_bytes = entry["tokens"] * token_type.itemsize
+    dtype = _manifest_value(manifest, "dtype", data_dir, " or ".join(TOKEN_DTYPES), lambda v: v in TOKEN_DTYPES)
+    name = _manifest_value(manifest, f"splits.{split}.file", data_dir, "the name of a file in the directory",
+                           lambda v: isinstance(v, str) and v not in ("", ".", "..") and Path(v).name == v)
+    count = _manifest_value(manifest, f"splits.{split}.tokens", data_dir, f"an integer >= 1 ({name} must not be empty)",
+                            lambda v: _is_int(v) and v >= 1)
+    path = Path(data_dir) / name
+    token_type = np.dtype(dtype).newbyteorder("<")
+    expected_bytes = count * token_type.itemsize
     if not path.is_file() or path.stat().st_size != expected_bytes:
-        raise ConfigError("data.dir", str(data_dir),
-                          f"{entry['file']} is missing or not the {expected_bytes:,} bytes the manifest says; "
-                          f"{PREPARE_HINT}")
-    return np.memmap(path, dtype=token_type, mode="r")
+        found = (f"{path.stat().st_size:,} bytes" if path.is_file() else
+                 "not a regular file" if path.exists() else "no such file")
+        raise _prepare_again(data_dir, f"{name} is missing or not the {expected_bytes:,} bytes the manifest says "
+                                       f"({count:,} {dtype} ids): {found}")
+    try:
+        tokens = np.memmap(path, dtype=token_type, mode="r")
+    except OSError as err:
+        raise _prepare_again(data_dir, f"{name} cannot be read: {err.strerror}") from None
+    _check_ids(tokens, manifest["tokenizer"]["vocab_size"], data_dir, name)
+    return tokens
+
+
+def _check_ids(tokens: np.ndarray, vocab_size: int, data_dir: Union[str, Path], name: str) -> None:
+    """Every id in ``tokens`` is below ``vocab_size``: the largest of each ``ID_CHECK_CHUNK`` ids, vectorised."""
+    if vocab_size > np.iinfo(tokens.dtype).max:
+        return  # every id the dtype can hold is below it
+    for start in range(0, len(tokens), ID_CHECK_CHUNK):
+        chunk = tokens[start:start + ID_CHECK_CHUNK]
+        if chunk.max() >= vocab_size:
+            index = start + int(np.argmax(chunk >= vocab_size))
+            raise _prepare_again(data_dir, f"{name} holds token id {int(tokens[index]):,} at index {index:,}, "
+                                           f"not below tokenizer.vocab_size {vocab_size:,}")
+
+
+def check_tokenizer(data_dir: Union[str, Path], manifest: dict) -> None:
+    """The directory's ``tokenizer.json``, which an exported model is saved with, loads and agrees with the
+    manifest: its ``eot_token`` has ``eot_id`` and its largest id + 1 is ``vocab_size``. Checked when a run opens
+    the directory, not when it ends."""
+    from tokenizers import Tokenizer
+
+    eot_token = _manifest_value(manifest, "tokenizer.eot_token", data_dir, "a token",
+                                lambda v: isinstance(v, str) and v != "")
+    path = Path(data_dir) / TOKENIZER_FILE
+    if not path.is_file():
+        raise _prepare_again(data_dir, f"has no {TOKENIZER_FILE}, which the exported model needs "
+                                       "(or set run.export=false)")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise _prepare_again(data_dir, f"{TOKENIZER_FILE} is not a tokenizers JSON file ({err})") from None
+    eot, vocab_size = manifest["tokenizer"]["eot_id"], manifest["tokenizer"]["vocab_size"]
+    if tok.token_to_id(eot_token) != eot:
+        raise _prepare_again(data_dir, f"{TOKENIZER_FILE} gives {eot_token} the id {tok.token_to_id(eot_token)}, "
+                                       f"{MANIFEST_FILE} says tokenizer.eot_id {eot}")
+    if id_bound(tok) != vocab_size:
+        raise _prepare_again(data_dir, f"{TOKENIZER_FILE} has ids up to {id_bound(tok) - 1:,}, {MANIFEST_FILE} says "
+                                       f"tokenizer.vocab_size {vocab_size:,}")
+
+
+def _prepare_again(data_dir: Union[str, Path], problem: str) -> ConfigError:
+    """``data.dir`` holds something other than what prepare-data wrote."""
+    return ConfigError("data.dir", str(data_dir), f"{problem}; {REPREPARE_HINT}")
