@@ -509,10 +509,12 @@ HELP = "find spikes, plateaus and slowdowns in a run's metrics"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipeline.commands import finite_float
+
     parser.add_argument("run_dir", help="a run directory (holding metrics.jsonl)")
     parser.add_argument("--window", type=int, default=50,
                         help="steps over which a plateau (no improvement) and trends are judged (default 50)")
-    parser.add_argument("--spike-factor", type=float, default=2.0,
+    parser.add_argument("--spike-factor", type=finite_float, default=2.0,
                         help="a step whose loss exceeds this many times its running average is a spike (default 2)")
     parser.add_argument("--json", action="store_true", help="print the findings as JSON")
 
@@ -522,7 +524,7 @@ def run(args: argparse.Namespace) -> int:
     directory; 0 when no problem was found, 1 when one was."""
     if args.window < 2:
         raise ConfigError("--window", args.window, "must be an integer >= 2 (logged steps)")
-    if not math.isfinite(args.spike_factor) or args.spike_factor <= 1:
+    if args.spike_factor <= 1:
         raise ConfigError("--spike-factor", args.spike_factor, "must be a number > 1 (times the running mean loss)")
     run_dir = Path(args.run_dir)
     records = read_records(run_dir)
