@@ -11,20 +11,59 @@
                 ``pipeline/ds_config.py`` and nowhere else
     run         budget, seed, precision, eval, checkpoints, logging
 
-Every model forbids unknown keys, so a typo is an error naming the key. Checks that need more than one field
-(stages in order, warmup shorter than its stage, batch divisible by world size x micro-batch) live in
-``curriculum.schedule.build_schedule``, which resolves the config into concrete per-step values.
+Every model forbids unknown keys, so a typo is an error naming the key. Numbers are finite and never ``true`` or
+``false`` (pydantic alone reads ``true`` as 1 and accepts ``.inf``); counts have upper bounds (``MAX_STEPS``,
+``MAX_TOKENS``, ``MAX_SEQ_LEN``, ``MAX_BATCH``, ``MAX_SEED``) far beyond any real run, so a slipped exponent is an
+error instead of a run that never ends. Checks that need more than one field (stages in order, warmup shorter than
+its stage, batch divisible by world size x micro-batch) live in ``curriculum.schedule.build_schedule``, which
+resolves the config into concrete per-step values.
 
 This module imports no torch.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, NonNegativeInt, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 SEQ_LEN_MULTIPLE = 8  # tensor cores want multiples of 8 for bf16/fp16 (DeepSpeed's curriculum tutorial)
+
+MAX_STEPS = 10**12
+"""Most optimizer steps anything may count (stage ends, warmups, the run, intervals): 10**12 steps of even one
+token each is beyond any run, and the schedule still resolves that many at once."""
+MAX_TOKENS = 10**15
+"""Most tokens a budget may name: 1,000 T, 60x the largest published pretraining runs (15 T)."""
+MAX_SEQ_LEN = 2**20
+"""Longest sequence: 1,048,576 tokens."""
+MAX_BATCH = 2**20
+"""Most sequences in one batch: 1,048,576 (8 M tokens per step at seq_len 8, the shortest there is)."""
+MAX_SEED = 2**32 - 1
+"""Largest seed: 32 bits, which every common generator takes (numpy's legacy ``RandomState`` no more)."""
+
+
+def _not_a_boolean(value: Any) -> Any:
+    """pydantic reads ``true`` in a number field as 1: a boolean where a number belongs is a mistake."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not {str(value).lower()}")
+    return value
+
+
+_NUMBER = BeforeValidator(_not_a_boolean)
+
+# The field types: every number is finite and no boolean; every count has its bound.
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False), _NUMBER]
+"""A real number: not ``.inf``, ``.nan``, ``true`` or ``false``."""
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False), _NUMBER]
+PositiveInt = Annotated[int, Field(gt=0), _NUMBER]
+Steps = Annotated[int, Field(ge=0, le=MAX_STEPS), _NUMBER]
+PositiveSteps = Annotated[int, Field(gt=0, le=MAX_STEPS), _NUMBER]
+Tokens = Annotated[int, Field(ge=0, le=MAX_TOKENS), _NUMBER]
+PositiveTokens = Annotated[int, Field(gt=0, le=MAX_TOKENS), _NUMBER]
+SeqLen = Annotated[int, Field(gt=0, le=MAX_SEQ_LEN), _NUMBER]
+Batch = Annotated[int, Field(gt=0, le=MAX_BATCH), _NUMBER]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0, allow_inf_nan=False), _NUMBER]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED), _NUMBER]
 
 
 class Section(BaseModel):
@@ -74,9 +113,9 @@ class LRScalingConfig(Section):
     """
 
     rule: Literal["seed", "linear", "sqrt", "none"] = "seed"
-    ref_batch: PositiveInt = 32
+    ref_batch: Batch = 32
     """Global batch (sequences) at which ``base_lr`` was tuned."""
-    ref_seq_len: PositiveInt = 2048
+    ref_seq_len: SeqLen = 2048
     """Sequence length at which ``base_lr`` was tuned (``seed`` rule only)."""
     seq_cap: PositiveFloat = 4.0
     """Largest LR boost the ``seed`` rule gives for short sequences."""
@@ -85,7 +124,7 @@ class LRScalingConfig(Section):
 class ClipRule(Section):
     """``grad_clip: auto`` uses ``clip`` for stages with ``seq_len <= max_seq_len``."""
 
-    max_seq_len: PositiveInt
+    max_seq_len: SeqLen
     clip: PositiveFloat
 
 
@@ -102,7 +141,7 @@ class GradClipAutoConfig(Section):
 class LREvent(Section):
     """A multiplicative LR change from ``at_step`` on (inclusive); a "two-stage LR" is one event."""
 
-    at_step: NonNegativeInt
+    at_step: Steps
     multiply: PositiveFloat
 
 
@@ -118,13 +157,13 @@ class SegmentSettings(Section):
     tokens). Only the last stage may give neither; then ``run.total_steps`` or ``run.total_tokens`` ends it.
     """
 
-    until_step: Optional[PositiveInt] = None
-    until_tokens: Optional[PositiveInt] = None
-    global_batch: Optional[PositiveInt] = None
+    until_step: Optional[PositiveSteps] = None
+    until_tokens: Optional[PositiveTokens] = None
+    global_batch: Optional[Batch] = None
     """Sequences per optimizer step, over all ranks (micro-batch x grad-accum x world size)."""
-    global_batch_tokens: Optional[PositiveInt] = None
+    global_batch_tokens: Optional[PositiveTokens] = None
     """Alternative to ``global_batch``: tokens per optimizer step (must be a multiple of ``seq_len``)."""
-    micro_batch: Optional[PositiveInt] = None
+    micro_batch: Optional[Batch] = None
     """Sequences per rank per forward pass. Default: the largest divisor of the per-rank batch whose tokens fit
     in ``curriculum.micro_batch_tokens``."""
     lr: Optional[LRValue] = None
@@ -134,16 +173,17 @@ class SegmentSettings(Section):
     lr_max: Optional[PositiveFloat] = None
     """Upper bound on the peak LR however it is set (e.g. the caps ``lr-find`` writes); ``plan`` marks where it
     applies."""
-    warmup_steps: Optional[NonNegativeInt] = None
+    warmup_steps: Optional[Steps] = None
     """Linear warmup length in optimizer steps."""
-    warmup_tokens: Optional[NonNegativeInt] = None
+    warmup_tokens: Optional[Tokens] = None
     """Warmup length in tokens: ``ceil(warmup_tokens / tokens_per_step)`` steps, at most
     ``curriculum.warmup_cap_steps``."""
     grad_clip: ClipValue = "auto"
     """Max global gradient norm, or ``auto`` (``curriculum.grad_clip_auto``)."""
     decay: Literal["cosine", "linear", "constant"] = "cosine"
     """LR shape after warmup, within this stage, from the peak to ``min_lr_ratio * peak``."""
-    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    min_lr_ratio: FiniteFloat = Field(default=0.1, ge=0.0, le=1.0)
+    """The LR at the end of the decay, as a fraction of the peak."""
 
     @model_validator(mode="after")
     def _one_of_each(self) -> "SegmentSettings":
@@ -157,7 +197,7 @@ class SegmentSettings(Section):
 class StageConfig(SegmentSettings):
     """One discrete curriculum stage at a fixed sequence length."""
 
-    seq_len: PositiveInt
+    seq_len: SeqLen
     """Tokens per training sequence in this stage (a multiple of 8)."""
 
 
@@ -171,18 +211,18 @@ class PacingConfig(SegmentSettings):
     """
 
     type: Literal["fixed_linear", "fixed_root", "fixed_discrete"]
-    min_seq_len: Optional[PositiveInt] = None
-    max_seq_len: Optional[PositiveInt] = None
-    step_size: PositiveInt = 8
-    total_curriculum_steps: Optional[PositiveInt] = None
+    min_seq_len: Optional[SeqLen] = None
+    max_seq_len: Optional[SeqLen] = None
+    step_size: SeqLen = 8
+    total_curriculum_steps: Optional[PositiveSteps] = None
     root_degree: PositiveInt = 2
     """Only for ``fixed_root``; ``fixed_linear`` is root degree 1."""
-    difficulty: list[PositiveInt] = Field(default_factory=list)
+    difficulty: list[SeqLen] = Field(default_factory=list)
     """Only for ``fixed_discrete``: the lengths, in order."""
-    max_step: list[NonNegativeInt] = Field(default_factory=list)
+    max_step: list[Steps] = Field(default_factory=list)
     """Only for ``fixed_discrete``: one fewer than ``difficulty``; ``difficulty[i]`` up to and including
     ``max_step[i]``."""
-    bucket: Optional[PositiveInt] = None
+    bucket: Optional[SeqLen] = None
     """Round each length down to a multiple of ``bucket`` (never below ``min_seq_len``), so a compiled run builds
     few graphs: ``fixed_linear`` 64 -> 1024 with ``step_size: 8`` has 121 lengths, with ``bucket: 64`` 16. A
     multiple of 8 that divides ``max_seq_len``."""
@@ -202,12 +242,12 @@ class CurriculumConfig(Section):
     """The LR that ``lr_mult`` multiplies and the ``lr_scaling`` rule starts from."""
     lr_scaling: LRScalingConfig = Field(default_factory=LRScalingConfig)
     grad_clip_auto: GradClipAutoConfig = Field(default_factory=GradClipAutoConfig)
-    warmup_cap_steps: Optional[PositiveInt] = None
+    warmup_cap_steps: Optional[PositiveSteps] = None
     """Upper bound on warmup steps computed from ``warmup_tokens``."""
     warmup_start: Literal["previous", "zero"] = "previous"
     """Where each stage's warmup starts: the LR the previous stage ended at (continuous LR), or zero.
     The first stage always warms up from zero."""
-    micro_batch_tokens: PositiveInt = 16384
+    micro_batch_tokens: PositiveTokens = 16384
     """Token budget of one micro-batch per rank when a stage does not set ``micro_batch``."""
     stages: Optional[list[StageConfig]] = None
     pacing: Optional[PacingConfig] = None
@@ -239,19 +279,19 @@ class GuardConfig(Section):
 
     enabled: bool = True
     method: Literal["robust", "ratio"] = "robust"
-    loss_spread: float = Field(default=6.0, gt=0.0)
+    loss_spread: FiniteFloat = Field(default=6.0, gt=0.0)
     """``robust``: how many spreads above the recent median a loss may be."""
-    loss_factor: float = Field(default=2.0, gt=1.0)
+    loss_factor: FiniteFloat = Field(default=2.0, gt=1.0)
     """``ratio``: how many times the recent mean a loss may be."""
-    grad_norm_factor: float = Field(default=10.0, gt=1.0)
-    window: PositiveInt = 20
+    grad_norm_factor: FiniteFloat = Field(default=10.0, gt=1.0)
+    window: PositiveSteps = 20
     action: Literal["skip", "scale_lr", "rollback"] = "skip"
     """``skip``: drop the update (a gradient-norm spike, known only after DeepSpeed's step, scales the LR instead).
     ``scale_lr``: multiply the LR by ``lr_scale`` for ``lr_scale_steps`` steps (compounding per event).
     ``rollback``: reload the last checkpoint and skip the batches from there up to the spike."""
-    lr_scale: float = Field(default=0.5, gt=0.0, lt=1.0)
-    lr_scale_steps: PositiveInt = 50
-    max_events: PositiveInt = 20
+    lr_scale: FiniteFloat = Field(default=0.5, gt=0.0, lt=1.0)
+    lr_scale_steps: PositiveSteps = 50
+    max_events: PositiveSteps = 20
     """Stop the run (with a checkpoint of the last good state) after this many events."""
 
 
@@ -299,10 +339,12 @@ class KernelsConfig(Section):
 class OptimizerConfig(Section):
     """AdamW. On CUDA, DeepSpeed's FusedAdam; on CPU, ``torch.optim.AdamW`` (no JIT build needed)."""
 
-    weight_decay: float = Field(default=0.1, ge=0.0)
+    weight_decay: FiniteFloat = Field(default=0.1, ge=0.0)
     """Applied to matrices only; biases, norms and embeddings of size 1-D are not decayed."""
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
+    """Decay rates of the gradient's running mean and of its square, each in [0, 1)."""
     eps: PositiveFloat = 1e-8
+    """Added to the denominator of the update."""
 
 
 # --------------------------------------------------------------------------------------------------- deepspeed
@@ -331,29 +373,30 @@ class WandbConfig(Section):
 class RunConfig(Section):
     """Budget, seed, precision, evaluation, checkpoints and logging."""
 
-    total_steps: Optional[PositiveInt] = None
+    total_steps: Optional[PositiveSteps] = None
     """End of the last stage when it gives no ``until_step``/``until_tokens``."""
-    total_tokens: Optional[PositiveInt] = None
+    total_tokens: Optional[PositiveTokens] = None
     """Same, as a token budget."""
-    seed: NonNegativeInt = 1234
+    seed: Seed = 1234
+    """Model initialisation and data order; 0 .. 2**32 - 1."""
     precision: Literal["auto", "fp32", "bf16", "bf16-autocast"] = "auto"
     """``bf16``: DeepSpeed's bf16 mode (bf16 weights and gradients, fp32 master weights in the optimizer).
     ``bf16-autocast``: fp32 weights and gradients, matmuls in bf16 under ``torch.autocast`` (DeepSpeed's
     ``torch_autocast``). ``auto``: bf16-autocast on a CUDA device that supports bf16, fp32 otherwise (CPU)."""
     output_dir: Optional[str] = None
     """Run directory; default ``runs/<name>``. ``train --output-dir`` overrides it."""
-    eval_every: NonNegativeInt = 100
+    eval_every: Steps = 100
     """Evaluate every N steps (0: only at the end). Evaluation is always at the full sequence length."""
-    eval_batches: PositiveInt = 8
+    eval_batches: Batch = 8
     """Batches of ``eval_batch`` full-length sequences in each evaluation: the evaluation set is the first
     ``eval_batch x eval_batches`` windows of ``val.bin``, the same for every world size."""
-    eval_batch: PositiveInt = 8
+    eval_batch: Batch = 8
     """Sequences per evaluation batch over all ranks (each rank takes ``eval_batch / world size`` of them)."""
-    checkpoint_every: NonNegativeInt = 100
+    checkpoint_every: Steps = 100
     """Save every N steps (0: only at the end)."""
-    keep_checkpoints: PositiveInt = 2
+    keep_checkpoints: PositiveSteps = 2
     """How many of the newest checkpoints to keep."""
-    log_every: PositiveInt = 1
+    log_every: PositiveSteps = 1
     """Write a metrics line every N steps."""
     tensorboard: bool = True
     wandb: WandbConfig = Field(default_factory=WandbConfig)

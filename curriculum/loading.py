@@ -9,9 +9,14 @@ any other value replaces. ``lr-find`` writes such a file.
 Environment variables: ``CPT_`` + the field path in capitals with ``__`` between levels, for example
 ``CPT_CURRICULUM__BASE_LR=1e-3`` or ``CPT_CURRICULUM__STAGES__0__GLOBAL_BATCH=64`` (the same idea as
 ``LEARNING_RATE=1e-5 python train.py``, under one prefix so nothing else in the environment is taken for config).
+Every ``CPT_*`` variable is read: one that names no config section is an error naming the variable, and an error
+about a value a variable set names the variable too (``env_variables_behind``).
 
 ``--set``: ``curriculum.stages.0.lr=1e-3``; numbers in a path index lists. Values are read as YAML
-(``1e-3`` is a float, ``auto`` a string, ``[1, 2]`` a list).
+(``1e-3`` is a float, ``auto`` a string, ``[1, 2]`` a list). Files and values alike are read with two departures
+from YAML 1.1: only ``true`` and ``false`` are booleans (``on``, ``yes``, ``no`` are strings, so
+``CPT_CURRICULUM__BASE_LR=on`` is not a base LR of 1), and a key given twice in one mapping is an error (YAML 1.1
+lets the last one win).
 """
 
 from __future__ import annotations
@@ -33,9 +38,30 @@ ENV_PREFIX = "CPT_"
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads ``1e-3`` as a string; read it as the float it means."""
+    """YAML 1.1 with three fixes: ``1e-3`` is the float it means (YAML 1.1 reads a string), only ``true`` and
+    ``false`` are booleans (YAML 1.1 also reads ``on``, ``yes``, ``n``...), and a mapping may not give a key twice
+    (YAML 1.1 keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # a key that is a list or a mapping: SafeLoader rejects it itself
+            key = self.construct_object(key_node)
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"duplicate key {key!r} (first given on line {first_line[key]})", key_node.start_mark)
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:\d[\d_]*(?:\.\d*)?|\.\d+)[eE][-+]?\d+$|^[-+]?(?:\d[\d_]*)?\.\d+$|^[-+]?\d[\d_]*\.$"),
@@ -115,11 +141,14 @@ def validate_config(raw: dict[str, Any]) -> Config:
 
 
 def apply_env_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-    overrides = []
-    for key in sorted(environ):
-        if key.startswith(ENV_PREFIX) and len(key) > len(ENV_PREFIX):
-            path = ".".join(part.lower() for part in key[len(ENV_PREFIX):].split("__"))
-            overrides.append((key, path, environ[key]))
+    overrides = _env_overrides(environ)
+    for variable, dotted, text in overrides:
+        keys = dotted.split(".")
+        if "" in keys:
+            raise ConfigError(variable, text, f"has an empty level ({dotted}): one __ between levels")
+        if keys[0] not in Config.model_fields:
+            raise ConfigError(variable, text, f"not a config field ({dotted}); allowed sections: "
+                                              f"{', '.join(Config.model_fields)}")
     return _apply(raw, overrides)
 
 
@@ -131,6 +160,34 @@ def apply_set_overrides(raw: dict[str, Any], sets: Iterable[str]) -> dict[str, A
             raise ConfigError("--set", item, "expected KEY.PATH=VALUE, e.g. curriculum.stages.0.lr=1e-3")
         overrides.append(("--set", path.strip(), value))
     return _apply(raw, overrides)
+
+
+def env_variables_behind(err: ConfigError, environ: Mapping[str, str], sets: Iterable[str] = ()) -> list[str]:
+    """The ``CPT_*`` variables an error is about: each set the error's field, a section holding it, or a key inside
+    it that the message names (``give until_step or until_tokens, not both``), and no ``--set`` replaced it."""
+    replaced = [item.partition("=")[0].strip() for item in sets]
+    found = []
+    for variable, dotted, _ in _env_overrides(environ):
+        if any(_within(dotted, path) for path in replaced):
+            continue
+        if _within(err.field, dotted):
+            found.append(variable)
+        elif _within(dotted, err.field):
+            named = dotted.split(".")[len(err.field.split("."))]
+            if re.search(rf"\b{re.escape(named)}\b", err.allowed):
+                found.append(variable)
+    return found
+
+
+def _within(dotted: str, section: str) -> bool:
+    """Whether the field path ``dotted`` is ``section`` or lies inside it."""
+    return dotted == section or dotted.startswith(section + ".")
+
+
+def _env_overrides(environ: Mapping[str, str]) -> list[tuple[str, str, str]]:
+    """``(variable, field path, value)`` of each ``CPT_*`` variable, in name order."""
+    return [(key, ".".join(part.lower() for part in key[len(ENV_PREFIX):].split("__")), environ[key])
+            for key in sorted(environ) if key.startswith(ENV_PREFIX) and len(key) > len(ENV_PREFIX)]
 
 
 def _apply(raw: dict[str, Any], overrides: list[tuple[str, str, str]]) -> dict[str, Any]:

@@ -13,11 +13,14 @@ step. No torch.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
 
 from curriculum.config import (
+    MAX_BATCH,
+    MAX_STEPS,
     SEQ_LEN_MULTIPLE,
     Config,
     CurriculumConfig,
@@ -29,8 +32,9 @@ from curriculum.config import (
 from curriculum.errors import ConfigError
 
 LRSource = Literal["absolute", "multiplier", "auto"]
-_FOREVER = 10**12
-"""A step past the end of any pacing function: ``pacing_seq_len(pacing, _FOREVER)`` is its full length."""
+_FOREVER = MAX_STEPS + 1
+"""A step past the end of any pacing function (no step count exceeds ``MAX_STEPS``):
+``pacing_seq_len(pacing, _FOREVER)`` is its full length."""
 
 
 # --------------------------------------------------------------------------------------------------- pure rules
@@ -194,11 +198,14 @@ class Schedule:
     def total_tokens(self) -> int:
         return self.stages[-1].end_tokens
 
+    @functools.cached_property
+    def _start_steps(self) -> list[int]:
+        return [stage.start_step for stage in self.stages]
+
     def stage_at(self, step: int) -> Stage:
         if not 0 <= step < self.total_steps:
             raise ValueError(f"step {step} is outside the run (steps 0 .. {self.total_steps - 1})")
-        starts = [stage.start_step for stage in self.stages]
-        return self.stages[bisect.bisect_right(starts, step) - 1]
+        return self.stages[bisect.bisect_right(self._start_steps, step) - 1]
 
     def seq_len_at(self, step: int) -> int:
         return self.stage_at(step).seq_len
@@ -436,6 +443,10 @@ def _shape(cur: CurriculumConfig, spec: SegmentSettings, path: str, seq_len: int
         global_batch = reshape_tokens // seq_len
     else:
         raise ConfigError(f"{path}.global_batch", None, "required: give global_batch or global_batch_tokens")
+    if global_batch > MAX_BATCH:
+        field = f"{path}.global_batch_tokens" if spec.global_batch_tokens is not None else f"{path}.global_batch"
+        raise ConfigError(field, spec.global_batch_tokens or global_batch,
+                          f"gives {global_batch:,} sequences of {seq_len} tokens per step; at most {MAX_BATCH:,}")
 
     if cur.mode == "reshape":
         if (global_batch * seq_len) % max_seq_len:
@@ -456,9 +467,16 @@ def _shape(cur: CurriculumConfig, spec: SegmentSettings, path: str, seq_len: int
                               f"size {world_size}) so that micro-batch x grad-accum x world = global batch")
         micro_batch = spec.micro_batch
     else:
-        fitting = [d for d in range(1, per_rank + 1) if per_rank % d == 0 and d * seq_len <= cur.micro_batch_tokens]
+        fitting = [d for d in _divisors(per_rank) if d * seq_len <= cur.micro_batch_tokens]
         micro_batch = max(fitting, default=1)
     return _Shape(seq_len, global_batch, micro_batch, per_rank // micro_batch, samples_per_step)
+
+
+@functools.lru_cache(maxsize=64)
+def _divisors(n: int) -> tuple[int, ...]:
+    """The divisors of ``n``, found up to its square root (a pacing function asks once per length)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return tuple(sorted({*small, *(n // d for d in small)}))
 
 
 def _end_step(config: Config, spec: SegmentSettings, path: str, is_last: bool, start_step: int, start_tokens: int,
@@ -498,6 +516,10 @@ def _end_step(config: Config, spec: SegmentSettings, path: str, is_last: bool, s
         span = None if next_start is None else next_start - step
         needed = math.ceil((until_tokens - tokens) / shape.tokens_per_step)
         if span is None or needed <= span:
+            if step + needed > MAX_STEPS:
+                raise ConfigError(token_field, until_tokens,
+                                  f"takes {step + needed:,} steps at {shape.tokens_per_step:,} tokens per step; at "
+                                  f"most {MAX_STEPS:,}")
             return step + needed
         step, tokens = step + span, tokens + span * shape.tokens_per_step
     raise AssertionError("the last shape has no end")
@@ -532,6 +554,10 @@ def _peak_lr(cur: CurriculumConfig, spec: SegmentSettings, path: str, shape: _Sh
         peak, source = rule_lr(cur.lr_scaling, cur.base_lr, shape.global_batch, shape.seq_len), "auto"
     else:
         peak, source = float(spec.lr), "absolute"
+    if not math.isfinite(peak):  # base_lr: 1e308 times a batch ratio
+        field = f"{path}.lr_mult" if source == "multiplier" else "curriculum.base_lr"
+        raise ConfigError(field, spec.lr_mult if source == "multiplier" else cur.base_lr,
+                          f"gives {path} a peak LR of {peak}; it must be finite")
     return (peak if spec.lr_max is None else min(peak, spec.lr_max)), source  # type: ignore[return-value]
 
 

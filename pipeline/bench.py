@@ -42,14 +42,14 @@ HELP = "tok/s, MFU and memory of every stage shape, against a hand-written basel
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipeline.commands import add_config_arguments
+    from pipeline.commands import add_config_arguments, finite_float
 
     add_config_arguments(parser, required=False)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per stage shape (default 20)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false",
                         help="skip the hand-written baseline loop")
-    parser.add_argument("--memory-fraction", type=float, default=None,
+    parser.add_argument("--memory-fraction", type=finite_float, default=None,
                         help="cap this process's GPU memory (e.g. 0.17 of a 141 GB H200 = a 24 GB card)")
     parser.add_argument("--output", default=None, help="JSON path (default runs/<name>-bench.json)")
     parser.add_argument("--profile", action="store_true",

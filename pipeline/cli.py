@@ -29,12 +29,16 @@ from curriculum.errors import ConfigError
 from pipeline.commands import (OneLineParser, add_config_arguments, add_world_size_argument, load_config_from_args,
                                run_reporting_errors, world_size_argument)
 
+MAX_PER_STEP = 1_000_000
+"""Most steps ``plan --json --per-step`` lists (a million JSON rows are 140 MB)."""
+
 
 def _add_plan(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     add_world_size_argument(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--per-step", action="store_true", help="with --json: add every step's values")
+    parser.add_argument("--per-step", action="store_true",
+                        help=f"with --json: add every step's values (runs of at most {MAX_PER_STEP:,} steps)")
 
 
 def _run_plan(args: argparse.Namespace) -> int:
@@ -45,6 +49,9 @@ def _run_plan(args: argparse.Namespace) -> int:
         raise ConfigError("--per-step", True, "only with --json")
     config = load_config_from_args(args)
     schedule = build_schedule(config, world_size_argument(args.world_size))
+    if args.per_step and schedule.total_steps > MAX_PER_STEP:
+        raise ConfigError("--per-step", True, f"lists every step, at most {MAX_PER_STEP:,}; this run has "
+                                              f"{schedule.total_steps:,} (the stages in --json give the same values)")
     if args.json:
         print(json.dumps(plan_dict(schedule, per_step=args.per_step), indent=2))
     else:

@@ -4,13 +4,16 @@
 overrides apply in that order (``curriculum.loading``). Every command that reads a run config loads it through
 ``load_config_from_args``, so ``plan``, ``doctor``, ``train`` and the rest read the same config from the same
 command line. A ``ConfigError`` anywhere becomes ``error: <field> = <value>: <what is allowed>`` on stderr and exit
-status 2 (``run_reporting_errors``); argparse's own errors (a missing argument, a value of the wrong type) take the
-same one-line form (``OneLineParser``).
+status 2 (``run_reporting_errors``), followed by ``(set by CPT_...)`` when an environment variable set that value;
+argparse's own errors (a missing argument, a value of the wrong type, ``nan`` for a number: ``finite_float``) take
+the same one-line form (``OneLineParser``).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from typing import Callable, NoReturn
 
@@ -33,14 +36,29 @@ def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True)
 
 
 def load_config_from_args(args: argparse.Namespace) -> Config:
-    """The config named by ``--config``, with ``--overlay`` files, ``CPT_*`` variables and ``--set`` applied."""
+    """The config named by ``--config``, with ``--overlay`` files, ``CPT_*`` variables and ``--set`` applied, and its
+    ``model.overrides`` checked (no command starts work on a model that cannot be built)."""
     from curriculum.loading import load_config
+    from pipeline.model import check_model_overrides
 
-    return load_config(args.config, args.sets, overlays=args.overlays)
+    config = load_config(args.config, args.sets, overlays=args.overlays)
+    check_model_overrides(config.model)
+    return config
 
 
 def add_world_size_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world-size", type=str, default="1", help="data-parallel ranks (default 1)")
+
+
+def finite_float(text: str) -> float:
+    """argparse ``type`` of a float option: ``nan`` and ``inf`` are not values any option takes."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+    return value
 
 
 def world_size_argument(value: str) -> int:
@@ -62,5 +80,8 @@ def run_reporting_errors(run: Callable[[argparse.Namespace], int], args: argpars
     try:
         return run(args)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        from curriculum.loading import env_variables_behind
+
+        variables = env_variables_behind(err, os.environ, getattr(args, "sets", ()))
+        print(f"error: {err}" + (f" (set by {', '.join(variables)})" if variables else ""), file=sys.stderr)
         return BAD_INPUT

@@ -105,6 +105,8 @@ HELP = "tokenize text into packed token files"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipeline.commands import finite_float
+
     parser.add_argument("sources", nargs="*", default=[],
                         help="files (.txt, .jsonl, .parquet), directories or glob patterns; or the built-in "
                              "source python-stdlib (the running interpreter's standard library sources)")
@@ -118,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tokenizer.add_argument("--vocab-size", type=int, default=None,
                            help="vocabulary size of the byte-level BPE trained on the training split (default 8192)")
     parser.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet rows")
-    parser.add_argument("--val-fraction", type=float, default=0.01,
+    parser.add_argument("--val-fraction", type=finite_float, default=0.01,
                         help="share of whole documents held out for validation (default 0.01, at least one)")
     parser.add_argument("--dtype", choices=["auto", *TOKEN_DTYPES], default="auto",
                         help="token dtype (auto: uint16 when the vocabulary fits)")

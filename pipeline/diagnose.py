@@ -524,13 +524,15 @@ HELP = "find spikes, plateaus and slowdowns in a run's metrics"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipeline.commands import finite_float
+
     parser.add_argument("run_dir", help=READABLE)
     parser.add_argument("--window", type=int, default=50,
                         help="steps over which a plateau (no improvement) and trends are judged (default 50)")
     parser.add_argument("--spike-rule", choices=["robust", "ratio"], default="robust",
                         help="what a spike is, as the spike guard's guard.method (default robust: far above the "
                              "recent median in units of the recent spread)")
-    parser.add_argument("--spike-factor", type=float, default=2.0,
+    parser.add_argument("--spike-factor", type=finite_float, default=2.0,
                         help="with --spike-rule ratio: a loss this many times the running mean is a spike (default 2)")
     parser.add_argument("--json", action="store_true", help="print the findings as JSON")
 
@@ -540,7 +542,7 @@ def run(args: argparse.Namespace) -> int:
     given (the file's directory when a file is given); 0 when no problem was found, 1 when one was."""
     if args.window < 2:
         raise ConfigError("--window", args.window, "must be an integer >= 2 (logged steps)")
-    if not math.isfinite(args.spike_factor) or args.spike_factor <= 1:
+    if args.spike_factor <= 1:
         raise ConfigError("--spike-factor", args.spike_factor, "must be a number > 1 (times the running mean loss)")
     path = Path(args.run_dir)
     records, source = load_records(path)

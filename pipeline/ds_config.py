@@ -3,12 +3,16 @@
 A template from ``ds_configs/`` (or a JSON path) supplies ZeRO and communication settings; the run config owns
 batch sizes, gradient clipping, precision and the optimizer, so those keys may not come from the template or its
 overrides. Batch and clip are set for the first stage here and changed by the training loop at stage boundaries.
+What DeepSpeed would reject only when the engine starts is an error here: a template that is not a UTF-8 JSON
+object (or gives a key twice, or ``NaN``), a section that is not a mapping, an unknown offload device, a ZeRO stage
+other than 0-2, a non-finite number in the overrides.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +35,22 @@ OWNED_KEYS = {
     "data_efficiency": "the curriculum section",
 }
 
+
+SECTIONS: dict[str, str] = {
+    "zero_optimization": "{stage: 1}",
+    "zero_optimization.offload_optimizer": "{device: cpu}",
+    "zero_optimization.offload_param": "{device: cpu}",
+    "activation_checkpointing": "{partition_activations: true}",
+    "flops_profiler": "{enabled: true}",
+    "comms_logger": "{enabled: true}",
+    "tensorboard": "{enabled: true}",
+    "wandb": "{enabled: true}",
+    "csv_monitor": "{enabled: true}",
+    "aio": "{block_size: 1048576}",
+}
+"""DeepSpeed settings that must be mappings (DeepSpeed fails on anything else when the engine starts), with an
+example of each for the error message."""
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
 Precision = Literal["fp32", "bf16", "bf16-autocast"]
 
@@ -59,12 +79,30 @@ def load_template(name_or_path: str) -> dict[str, Any]:
         raise ConfigError("deepspeed.template", name_or_path,
                           f"no such JSON file, and no template of that name (templates: {', '.join(template_names())})")
     try:
-        template = json.loads(source.read_text())
-    except json.JSONDecodeError as err:
+        template = json.loads(source.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys,
+                              parse_constant=_no_constant)
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError("deepspeed.template", name_or_path, f"cannot read it as UTF-8 text: {err}") from None
+    except ValueError as err:  # JSONDecodeError, or a duplicate key or NaN from the hooks
         raise ConfigError("deepspeed.template", name_or_path, f"not valid JSON: {err}") from None
     if not isinstance(template, dict):
-        raise ConfigError("deepspeed.template", name_or_path, "must be a JSON object")
+        raise ConfigError("deepspeed.template", name_or_path,
+                          f"must be a JSON object of DeepSpeed settings, not a {type(template).__name__}")
     return template
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object that gives no key twice (``json`` alone keeps the last)."""
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise ValueError(f"duplicate key {key!r}")
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> None:
+    """``NaN``, ``Infinity`` and ``-Infinity``: Python's ``json`` reads them, JSON has no such values."""
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def derive_ds_config(config: Config, schedule: Schedule, precision: Precision) -> dict[str, Any]:
@@ -78,15 +116,25 @@ def derive_ds_config(config: Config, schedule: Schedule, precision: Precision) -
     for key, value in config.deepspeed.overrides.items():
         if key in OWNED_KEYS:
             raise ConfigError(f"deepspeed.overrides.{key}", value, f"derived from {OWNED_KEYS[key]}; set it there")
+    _check_numbers(config.deepspeed.overrides, "deepspeed.overrides")
     _merge(ds, copy.deepcopy(config.deepspeed.overrides))
-    # Say where a bad ZeRO setting came from: the overrides, or else the template.
+    # Say where a bad setting came from: the overrides, or else the template.
     template = config.deepspeed.template
+    for section, example in SECTIONS.items():
+        value = _get(ds, section)
+        if value is not _ABSENT and not isinstance(value, dict):
+            if _get(config.deepspeed.overrides, section) is not _ABSENT:
+                raise ConfigError(f"deepspeed.overrides.{section}", value, f"must be a mapping, e.g. {example}")
+            raise ConfigError("deepspeed.template", template, f"sets {section} = {value!r}; it must be a mapping")
+    for section in ("zero_optimization.offload_optimizer", "zero_optimization.offload_param"):
+        device = _get(ds, f"{section}.device")
+        if device is not _ABSENT and device not in OFFLOAD_DEVICES:
+            allowed = f"must be one of {', '.join(OFFLOAD_DEVICES)}"
+            if _get(config.deepspeed.overrides, f"{section}.device") is not _ABSENT:
+                raise ConfigError(f"deepspeed.overrides.{section}.device", device, allowed)
+            raise ConfigError("deepspeed.template", template, f"sets {section}.device = {device!r}; {allowed}")
     zero_override = config.deepspeed.overrides.get("zero_optimization")
     zero = ds.get("zero_optimization", {})
-    if not isinstance(zero, dict):
-        if zero_override is not None:
-            raise ConfigError("deepspeed.overrides.zero_optimization", zero, "must be a mapping, e.g. {stage: 1}")
-        raise ConfigError("deepspeed.template", template, f"sets zero_optimization = {zero!r}; it must be a mapping")
     zero_stage = zero.get("stage", 0)
     if isinstance(zero_stage, bool) or zero_stage not in (0, 1, 2):
         allowed = "must be 0, 1 or 2 (ZeRO-3 is not supported by this pipeline yet)"
@@ -105,6 +153,28 @@ def derive_ds_config(config: Config, schedule: Schedule, precision: Precision) -
     if precision == "bf16-autocast":
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return ds
+
+
+_ABSENT = object()
+
+
+def _get(tree: dict[str, Any], dotted: str) -> Any:
+    """The value at a dotted path of nested mappings, or ``_ABSENT``."""
+    node: Any = tree
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return _ABSENT
+        node = node[key]
+    return node
+
+
+def _check_numbers(value: Any, path: str) -> None:
+    """No ``.inf`` or ``.nan`` anywhere: the JSON the engine gets cannot hold them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(path, value, "must be a finite number")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        _check_numbers(item, f"{path}.{key}")
 
 
 def cpu_offload(ds: dict[str, Any]) -> bool:

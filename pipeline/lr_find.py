@@ -36,13 +36,13 @@ HELP = "LR range test at each stage's sequence length"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipeline.commands import add_config_arguments
+    from pipeline.commands import add_config_arguments, finite_float
 
     add_config_arguments(parser)
     parser.add_argument("--output-dir", default=None, help="where results go (default runs/<name>-lr-find)")
     parser.add_argument("--steps", type=int, default=200, help="ramp steps per sequence length (default 200)")
-    parser.add_argument("--min-lr", type=float, default=1e-6, help="first LR of the ramp (default 1e-6)")
-    parser.add_argument("--max-lr", type=float, default=1.0, help="last LR of the ramp (default 1)")
+    parser.add_argument("--min-lr", type=finite_float, default=1e-6, help="first LR of the ramp (default 1e-6)")
+    parser.add_argument("--max-lr", type=finite_float, default=1.0, help="last LR of the ramp (default 1)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 

@@ -2,7 +2,9 @@
 
 Presets follow the usual shapes: GPT-2 124M/350M/1.3B (GPT-3 paper table 2.1 widths) and Llama-style models of
 the same width and depth (RoPE, RMSNorm, SwiGLU with ``intermediate_size ~ 8/3 d`` rounded to 64). ``tiny`` trains
-on a laptop CPU. Every field of the transformers config can be overridden from the YAML (``model.overrides``).
+on a laptop CPU. Every field of the transformers config can be overridden from the YAML (``model.overrides``); the
+sizes, rates and switches the presets and the parameter count use are checked here, without torch, before any
+command starts (``check_model_overrides``).
 
 Attention is PyTorch SDPA called with ``is_causal=True`` and no mask tensor (``causal_sdpa``, registered with
 transformers below). Training rows are never padded and always start at position 0, so the causal mask is all a
@@ -13,6 +15,7 @@ An exported model is saved with the stock ``sdpa`` implementation.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 from curriculum.config import ModelConfig
@@ -33,8 +36,30 @@ GPT2_ALIASES: dict[str, str] = {"hidden_size": "n_embd", "num_hidden_layers": "n
                                 "num_attention_heads": "n_head", "max_position_embeddings": "n_positions"}
 
 
+MAX_MODEL_SIZE = 2**24
+"""Largest size an override may give (width, depth, heads, vocabulary, positions): 16,777,216."""
+
+# What the fields that the presets set, or that the parameter count reads, must be. They are checked here, without
+# transformers (``plan`` and ``doctor`` need no torch), before any model is built; transformers checks the rest.
+OVERRIDE_KINDS: dict[str, str] = {
+    **dict.fromkeys(("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "max_position_embeddings", "vocab_size", "n_embd", "n_layer", "n_head", "n_positions"), "size"),
+    **dict.fromkeys(("num_key_value_heads", "head_dim", "n_inner"), "size or null"),  # null: derived
+    **dict.fromkeys(("rope_theta", "rms_norm_eps", "layer_norm_epsilon", "initializer_range"), "positive"),
+    **dict.fromkeys(("attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"), "probability"),
+    **dict.fromkeys(("tie_word_embeddings", "attention_bias", "mlp_bias", "scale_attn_weights"), "switch"),
+}
+
+
 def padded_vocab_size(tokenizer_vocab_size: int) -> int:
     return -(-tokenizer_vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def check_model_overrides(model: ModelConfig) -> None:
+    """Every check of ``model.overrides`` that needs no data: each value of the right kind (``hidden_size: -1``,
+    ``num_hidden_layers: big``), no field set twice through an alias, and a head layout the model can be built
+    with. Raises ``ConfigError`` naming ``model.overrides.<key>``."""
+    _apply_overrides(model, _preset_fields(model))
 
 
 def model_config_dict(model: ModelConfig, vocab_size: int, max_seq_len: int, eot_id: int) -> dict[str, Any]:
@@ -43,32 +68,11 @@ def model_config_dict(model: ModelConfig, vocab_size: int, max_seq_len: int, eot
     The position range covers the longest stage: RoPE's cache and GPT-2's learned position table must reach it
     (Megatron-DeepSpeed PR #285: RoPE with sequence warmup needs the rotary cache to cover the current length).
     """
-    hidden, layers, heads, intermediate = SHAPES[model.preset]
-    if model.arch == "llama":
-        fields: dict[str, Any] = {
-            "model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers,
-            "num_attention_heads": heads, "num_key_value_heads": heads, "intermediate_size": intermediate,
-            "max_position_embeddings": max_seq_len, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
-            "tie_word_embeddings": False,
-        }
-        position_field = "max_position_embeddings"
-    else:
-        fields = {
-            "model_type": "gpt2", "n_embd": hidden, "n_layer": layers, "n_head": heads, "n_positions": max_seq_len,
-            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-        }
-        position_field = "n_positions"
-    fields.update(vocab_size=padded_vocab_size(vocab_size), bos_token_id=eot_id, eos_token_id=eot_id)
-    # an alias is stored under the field it sets, so the checks below see the value the model will get
-    aliases = GPT2_ALIASES if model.arch == "gpt2" else {}
-    given: dict[str, str] = {}  # field -> the override key that set it, for error messages
-    for key, value in model.overrides.items():
-        field = aliases.get(key, key)
-        if field in given:
-            raise ConfigError(f"model.overrides.{key}", value,
-                              f"sets the same field as model.overrides.{given[field]}: give one of them")
-        given[field] = key
-        fields[field] = value
+    fields = _preset_fields(model)
+    position_field = "max_position_embeddings" if model.arch == "llama" else "n_positions"
+    fields.update({position_field: max_seq_len, "vocab_size": padded_vocab_size(vocab_size),
+                   "bos_token_id": eot_id, "eos_token_id": eot_id})
+    given = _apply_overrides(model, fields)
     if fields[position_field] < max_seq_len:
         raise ConfigError(f"model.overrides.{given.get(position_field, position_field)}", fields[position_field],
                           f"must cover the longest stage ({max_seq_len} tokens)")
@@ -76,6 +80,83 @@ def model_config_dict(model: ModelConfig, vocab_size: int, max_seq_len: int, eot
         raise ConfigError("model.overrides.vocab_size", fields["vocab_size"],
                           f"must be at least the tokenizer's vocabulary ({vocab_size})")
     return fields
+
+
+def _preset_fields(model: ModelConfig) -> dict[str, Any]:
+    """The preset's transformers config fields, before the vocabulary, the position range and the overrides."""
+    hidden, layers, heads, intermediate = SHAPES[model.preset]
+    if model.arch == "llama":
+        return {
+            "model_type": "llama", "hidden_size": hidden, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": heads, "intermediate_size": intermediate,
+            "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+        }
+    return {
+        "model_type": "gpt2", "n_embd": hidden, "n_layer": layers, "n_head": heads,
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+    }
+
+
+def _apply_overrides(model: ModelConfig, fields: dict[str, Any]) -> dict[str, str]:
+    """``model.overrides`` checked and written into ``fields``; returns field -> the override key that set it."""
+    # an alias is stored under the field it sets, so the checks below see the value the model will get
+    aliases = GPT2_ALIASES if model.arch == "gpt2" else {}
+    given: dict[str, str] = {}
+    for key, value in model.overrides.items():
+        field = aliases.get(key, key)
+        if field in given:
+            raise ConfigError(f"model.overrides.{key}", value,
+                              f"sets the same field as model.overrides.{given[field]}: give one of them")
+        problem = _kind_problem(OVERRIDE_KINDS.get(field), value)
+        if problem:
+            raise ConfigError(f"model.overrides.{key}", value, problem)
+        given[field] = key
+        fields[field] = value
+    _check_heads(model, fields, given)
+    return given
+
+
+def _kind_problem(kind: Optional[str], value: Any) -> Optional[str]:
+    """What is wrong with ``value`` for a field of ``kind`` (``OVERRIDE_KINDS``), or None."""
+    if kind is None:
+        return None  # a field transformers checks when the model is built
+    if kind == "switch":
+        return None if isinstance(value, bool) else "must be true or false"
+    if kind.startswith("size"):
+        if (value is None and kind == "size or null") or (type(value) is int and 1 <= value <= MAX_MODEL_SIZE):
+            return None
+        return f"must be a whole number from 1 to {MAX_MODEL_SIZE:,}" + (" or null" if kind == "size or null" else "")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == "positive":
+        return None if number and value > 0 else "must be a finite number > 0"
+    return None if number and 0 <= value <= 1 else "must be a number from 0 to 1"
+
+
+def _check_heads(model: ModelConfig, fields: dict[str, Any], given: dict[str, str]) -> None:
+    """Attention heads that split the width evenly, grouped KV heads that divide the heads, and (Llama) an even
+    head size for RoPE's rotation: transformers would fail on these only when the model is built or run."""
+    llama = model.arch == "llama"
+    hidden_field, heads_field = ("hidden_size", "num_attention_heads") if llama else ("n_embd", "n_head")
+    hidden, heads = fields[hidden_field], fields[heads_field]
+    if hidden % heads:
+        if heads_field in given:
+            raise ConfigError(f"model.overrides.{given[heads_field]}", heads, f"must divide {hidden_field} {hidden}")
+        raise ConfigError(f"model.overrides.{given[hidden_field]}", hidden,
+                          f"must be a multiple of {heads_field} {heads}")
+    if not llama:
+        return
+    kv_heads = fields.get("num_key_value_heads") or heads
+    if heads % kv_heads:
+        if "num_key_value_heads" in given:
+            raise ConfigError(f"model.overrides.{given['num_key_value_heads']}", kv_heads,
+                              f"must divide num_attention_heads {heads}")
+        raise ConfigError(f"model.overrides.{given[heads_field]}", heads,
+                          f"must be a multiple of num_key_value_heads {kv_heads}")
+    head_dim = fields.get("head_dim") or hidden // heads
+    if head_dim % 2:
+        field = "head_dim" if "head_dim" in given else heads_field if heads_field in given else hidden_field
+        raise ConfigError(f"model.overrides.{given[field]}", fields[field],
+                          f"gives an odd head size {head_dim}; RoPE rotates pairs of dimensions")
 
 
 CAUSAL_SDPA = "causal_sdpa"
@@ -111,10 +192,13 @@ def build_model(model: ModelConfig, vocab_size: int, max_seq_len: int, eot_id: i
 
     fields = model_config_dict(model, vocab_size, max_seq_len, eot_id)
     model_type = fields.pop("model_type")
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         hf_config = AutoConfig.for_model(model_type, **fields)
-    except (TypeError, ValueError) as err:
-        raise ConfigError("model.overrides", model.overrides, f"rejected by transformers: {err}") from None
+    except (TypeError, ValueError, StrictDataclassError) as err:
+        raise ConfigError("model.overrides", model.overrides,
+                          f"rejected by transformers: {' '.join(str(err).split())}") from None
     # A config stores any keyword it does not know as an attribute, so the built config has every key, typos
     # included. Unknown: not a field of the class's defaults (aliases count) and merely stored, not consumed
     # (LlamaConfig folds rope_theta into rope_parameters).
