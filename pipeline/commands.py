@@ -62,7 +62,7 @@ def finite_float(text: str) -> float:
 
 
 def world_size_argument(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
         raise ConfigError("--world-size", value, "must be a positive integer")
     return int(value)
 
