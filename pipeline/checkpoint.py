@@ -7,6 +7,10 @@ Layout of ``<run dir>/checkpoints``::
     latest                 the name of the newest complete checkpoint (replaced atomically)
     step00000300.partial/  a save in progress; never read, removed at the next start
 
+Each checkpoint holds the engine's files, ``rank<r>.pt`` for every rank and ``run_state.json``, the shared part of
+the ``RunState`` in a form that can be read without loading the engine (``Checkpointer.peek``): a resume checks
+that the checkpoint fits the run (its model, its step) before anything is built from it.
+
 A save writes into ``<tag>.partial``, waits for every rank, then rank 0 renames it to ``<tag>`` and replaces
 ``latest``. A kill at any moment leaves ``latest`` pointing at a complete checkpoint. The checkpoint is named by
 the number of steps done, which is also the step the resumed run starts at.
@@ -20,13 +24,14 @@ DeepSpeed); what differs between ranks (RNG states, the fingerprint of the data 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -36,6 +41,7 @@ from curriculum.errors import ConfigError
 
 LATEST = "latest"
 PARTIAL = ".partial"
+RUN_STATE = "run_state.json"
 
 
 @dataclass
@@ -64,6 +70,9 @@ class RunState:
     params_sha256: Optional[str] = None
     """The parameters' hash at the save (written when the guard may roll back, so a rollback can prove it restored
     exactly these)."""
+    model: dict[str, Any] = field(default_factory=dict)
+    """The model's transformers config fields (``pipeline.model.model_config_dict``): a checkpoint only fits a model
+    of the same shape."""
 
     RANK_FIELDS = ("data_sha256",)
 
@@ -102,11 +111,12 @@ class Checkpointer:
     """Saves and finds checkpoints of one run; every rank calls ``save`` and ``load``."""
 
     def __init__(self, directory: Path, keep: int, rank: int) -> None:
+        """Nothing is created here (the directory appears with the first save); rank 0 removes the ``.partial``
+        directories a killed save left behind (never complete, never read)."""
         self.directory = directory
         self.keep = keep
         self.rank = rank
         if rank == 0:
-            directory.mkdir(parents=True, exist_ok=True)
             for leftover in directory.glob(f"*{PARTIAL}"):
                 shutil.rmtree(leftover, ignore_errors=True)
         _barrier()
@@ -119,23 +129,41 @@ class Checkpointer:
         return path if path.is_dir() else None
 
     def save_state(self, engine: Any, state: RunState, name: Optional[str] = None) -> Path:
-        """The engine and ``state``, as ``step<state.step>`` or under ``name`` (see ``save``)."""
+        """The engine and ``state``, as ``step<state.step>`` or under ``name`` (see ``save``), with
+        ``run_state.json``."""
         client_state, rank_state = state.to_checkpoint()
-        return self.save(engine, state.step, client_state, rank_state, name)
+        return self.save(engine, state.step, client_state, rank_state, name,
+                         readable=json.dumps(client_state, indent=2, default=str) + "\n")
+
+    @staticmethod
+    def peek(path: Path) -> Optional[RunState]:
+        """The run state saved at ``path`` (without this rank's part), read without the engine; None for a checkpoint
+        without ``run_state.json``."""
+        readable = path / RUN_STATE
+        if not readable.is_file():
+            return None
+        try:
+            return RunState.from_checkpoint(json.loads(readable.read_text()), {})
+        except (ValueError, TypeError) as err:
+            raise ConfigError("--resume", str(path), f"{RUN_STATE} is damaged ({err}); resume from another "
+                                                     "checkpoint") from None
 
     def load_state(self, engine: Any, path: Path) -> RunState:
         """Restore engine, optimizer and this rank's RNG from ``path``; the run state saved with them."""
         return RunState.from_checkpoint(*self.load(engine, path))
 
     def save(self, engine: Any, steps_done: int, client_state: dict[str, Any], rank_state: dict[str, Any],
-             name: Optional[str] = None) -> Path:
+             name: Optional[str] = None, readable: Optional[str] = None) -> Path:
         """Save as ``step<N>`` (then ``latest`` names it and old ones are pruned), or under ``name`` (e.g. ``best``),
-        which neither ``latest`` nor pruning touch."""
+        which neither ``latest`` nor pruning touch; ``readable``: the text of ``run_state.json``."""
         tag = name or tag_for(steps_done)
         partial = self.directory / f"{tag}{PARTIAL}"
+        self.directory.mkdir(parents=True, exist_ok=True)
         engine.save_checkpoint(str(self.directory), tag=partial.name, client_state=client_state, save_latest=False)
         partial.mkdir(parents=True, exist_ok=True)  # DeepSpeed creates it only on ranks that write engine files
         torch.save({"rng": rng_state(), **rank_state}, partial / self._rank_file)
+        if readable is not None and self.rank == 0:
+            (partial / RUN_STATE).write_text(readable)
         _barrier()
         if self.rank == 0:
             self._commit(partial, self.directory / tag, update_latest=name is None)
@@ -182,12 +210,29 @@ class Checkpointer:
         return client_state, rank_state
 
 
-def resolve_resume(arg: str, checkpointer: Checkpointer) -> Optional[Path]:
-    """``auto``: the run's latest checkpoint if any; ``none``: start fresh; else a checkpoint directory."""
+def resolve_resume(arg: str, checkpointer: Checkpointer, log: Optional[Callable[[str], None]] = None
+                   ) -> Optional[Path]:
+    """``auto``: the run's latest checkpoint if any; ``none``: start fresh; else a checkpoint directory.
+
+    A ``latest`` that names a checkpoint that is not there (deleted, or the directory copied without it) is never
+    a silent fresh start: ``auto`` resumes from the newest complete ``step<N>`` checkpoint and says so (``log``),
+    and is an error when there is none."""
     if arg == "none":
         return None
     if arg == "auto":
-        return checkpointer.latest()
+        latest = checkpointer.latest()
+        pointer = checkpointer.directory / LATEST
+        if latest is not None or not pointer.is_file():
+            return latest
+        named = pointer.read_text().strip()
+        complete = sorted(p for p in checkpointer.directory.glob("step*") if p.is_dir() and not p.name.endswith(PARTIAL))
+        if not complete:
+            raise ConfigError("--resume", arg, f"{pointer} names {named}, which is not there, and no complete "
+                                               "checkpoint is: restore it, or train into another --output-dir")
+        if log is not None:
+            log(f"{pointer} names {named}, which is not there: resuming from the newest complete checkpoint, "
+                f"{complete[-1].name}")
+        return complete[-1]
     path = Path(arg)
     if path.is_dir() and (path / LATEST).is_file():
         path = path / (path / LATEST).read_text().strip()

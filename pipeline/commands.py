@@ -15,6 +15,7 @@ import argparse
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Callable, NoReturn
 
 from curriculum.config import Config
@@ -65,6 +66,14 @@ def world_size_argument(value: str) -> int:
     if not (value.isascii() and value.isdigit()) or int(value) < 1:
         raise ConfigError("--world-size", value, "must be a positive integer")
     return int(value)
+
+
+def output_directory(flag: str, value: "str | Path") -> Path:
+    """An output directory argument: created if missing, but never a file."""
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(flag, str(path), "is a file; give a directory (it is created if missing)")
+    return path
 
 
 class OneLineParser(argparse.ArgumentParser):

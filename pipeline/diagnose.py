@@ -550,8 +550,12 @@ def run(args: argparse.Namespace) -> int:
     rule = SpikeRule(method=args.spike_rule, loss_factor=args.spike_factor)
     stages, findings = diagnose(records, window=args.window, rule=rule)
     report = report_dict(str(args.run_dir), source, stages, findings)
-    (run_dir / "diagnose.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot_diagnosis(records, findings, run_dir / "diagnose.png")
+    try:
+        (run_dir / "diagnose.json").write_text(json.dumps(report, indent=2) + "\n")
+        plot_diagnosis(records, findings, run_dir / "diagnose.png")
+    except OSError as err:
+        raise ConfigError("run_dir", str(args.run_dir), f"cannot write diagnose.json and diagnose.png there "
+                          f"({err.strerror or err}); run it on a copy in a directory you can write to") from None
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -11,7 +11,7 @@ YAML, unknown key) is bad input, like for every other command: one line and exit
                                     ZeRO stage 0 (offload needs stage 1 or 2)
                           warning   ``run.precision: bf16`` on a CPU (slow); optimizer offload on a CPU-only device
     model                 error     the model section does not resolve (``model_config_dict`` rejects it)
-    data                  error     ``<data.dir>/manifest.json`` exists but cannot be read
+    data                  error     ``data.dir`` does not exist, has no ``manifest.json``, or it cannot be read
     lr-range              error     a peak LR outside ``[ref / 5, ref * 5 * boost]``: ``ref`` is the GPT-3 LR for the
                                     parameter count, ``boost = min(max_seq_len / seq_len, 4)`` for short stages
     lr-vs-rule            warning   a hand-set LR (``lr: <number>`` or ``lr_mult``) over 2x away from the scaling rule's
@@ -290,10 +290,16 @@ def format_report(findings: list[Finding]) -> str:
 
 
 def read_vocab(config: Config) -> tuple[Vocab, list[Finding]]:
-    """The prepared data's vocabulary, or GPT-2's 50,257 when ``data.dir`` has no manifest yet."""
+    """The prepared data's vocabulary; without prepared data (an error: ``train`` refuses it), GPT-2's 50,257 for
+    the checks that need a vocabulary."""
     manifest_path = Path(config.data.dir) / MANIFEST_FILE
     if not manifest_path.is_file():
-        return Vocab(DEFAULT_VOCAB_SIZE, 0, f"vocab {DEFAULT_VOCAB_SIZE:,}, GPT-2's: no {manifest_path}"), []
+        missing = "does not exist" if not Path(config.data.dir).is_dir() else f"has no {MANIFEST_FILE}"
+        return Vocab(DEFAULT_VOCAB_SIZE, 0, f"vocab {DEFAULT_VOCAB_SIZE:,}, GPT-2's: no {manifest_path}"), [
+            Finding("error", "data", "data.dir", f"{config.data.dir} {missing}: train would stop there; the checks "
+                    f"below assume GPT-2's vocabulary of {DEFAULT_VOCAB_SIZE:,}",
+                    f"prepare it: curriculum-pretrain prepare-data <your files> --output {config.data.dir} (or "
+                    "--source python-stdlib), or set data.dir")]
     try:
         tokenizer = read_manifest(config.data.dir)["tokenizer"]
         return Vocab(int(tokenizer["vocab_size"]), int(tokenizer["eot_id"]),

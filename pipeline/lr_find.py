@@ -25,7 +25,7 @@ from typing import Any, Optional
 from curriculum.config import Config
 from curriculum.errors import ConfigError
 from curriculum.schedule import Schedule, Stage, build_schedule
-from pipeline.commands import load_config_from_args
+from pipeline.commands import load_config_from_args, output_directory
 
 SMOOTHING = 0.9  # exponential moving average of the loss, bias-corrected (as fastai does)
 DIVERGENCE_FACTOR = 1.3
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.min_lr < args.max_lr:
         raise ConfigError("--min-lr", args.min_lr, f"must be positive and below --max-lr {args.max_lr}")
     config = load_config_from_args(args)
-    output_dir = Path(args.output_dir or Path("runs") / f"{config.name}-lr-find")
+    output_dir = output_directory("--output-dir", args.output_dir or Path("runs") / f"{config.name}-lr-find")
     return lr_find(config, output_dir, args.steps, args.min_lr, args.max_lr)
 
 

@@ -68,10 +68,12 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
           stop_at_step: Optional[int] = None) -> int:
     from pipeline.batches import Prefetcher, load_run_data
     from pipeline.checkpoint import Checkpointer, RunState, resolve_resume
+    from pipeline.commands import output_directory
     from pipeline.ds_config import derive_ds_config
     from pipeline.engine import build_engine, close_processes, device_precision, init_processes, peak_flops
     from pipeline.guard import SpikeGuard
     from pipeline.metrics import Progress, RunLogger, wandb_settings
+    from pipeline.model import model_config_dict
     from pipeline.rundir import RunDir
 
     # ------------------------------------------------------------------ plan, data, checkpoint: checked before writing
@@ -81,12 +83,15 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     end_step = schedule.total_steps if stop_at_step is None else stop_at_step
     if not 0 < end_step <= schedule.total_steps:
         raise ConfigError("--stop-at-step", stop_at_step, f"must be in 1 .. {schedule.total_steps}")
-    run_dir = RunDir(output_dir or config.run.output_dir or Path("runs") / config.name)
+    run_dir = RunDir(output_directory("--output-dir", output_dir or config.run.output_dir or Path("runs") / config.name))
     data = load_run_data(config, schedule, rank, world_size, processes.device)
     precision = device_precision(config, processes.device)
     ds_config = derive_ds_config(config, schedule, precision)
+    model_fields = model_config_dict(config.model, data.manifest["tokenizer"]["vocab_size"], schedule.max_seq_len,
+                                     data.manifest["tokenizer"]["eot_id"])
     checkpointer = Checkpointer(run_dir.checkpoints, config.run.keep_checkpoints, rank)
-    resume_path = resolve_resume(resume, checkpointer)
+    resume_path = resolve_resume(resume, checkpointer, log)
+    _check_resume(run_dir, resume_path, config, schedule, model_fields)
 
     # ------------------------------------------------------------------ the engine, compiled graphs, the run state
     engine = build_engine(config, schedule, ds_config, data.manifest, processes)
@@ -100,12 +105,10 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
         shapes = engine.warm_up(schedule, lambda stage, cursor: prefetcher.load(stage, -1, cursor), data.eval_batches)
         log(f"compiled and warmed up {len(engine.monitor.graphs)} graphs before step 0 in {engine.warmup_s:.1f} s: "
             + ", ".join(f"{shape} {seconds:.1f} s" for shape, seconds in shapes.items()))
-    state = RunState(curriculum=config.curriculum.model_dump(mode="json"))
+    state = RunState(curriculum=config.curriculum.model_dump(mode="json"), model=model_fields)
     if resume_path is not None:
         state = checkpointer.load_state(engine.ds, resume_path)
-        if state.step > schedule.total_steps:
-            raise ConfigError("--resume", str(resume_path),
-                              f"checkpoint is at step {state.step}, past this config's {schedule.total_steps} steps")
+        state.model = model_fields
         log(f"resumed from {resume_path} at step {state.step} ({state.tokens:,} tokens, data cursor {state.cursor})")
         for change in _changed_fields(state.curriculum, config.curriculum.model_dump(mode="json"), "curriculum"):
             log(f"resuming with a changed hyperparameter: {change}")
@@ -253,6 +256,41 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
         logger.close()
     close_processes()
     return 1 if halted else 0
+
+
+def _check_resume(run_dir: Any, resume_path: Optional[Path], config: Config, schedule: Schedule,
+                  model_fields: dict[str, Any]) -> None:
+    """What a run must not do to what an earlier one wrote: start from step 0 in a directory that holds a run (its
+    metrics would be overwritten), or load a checkpoint of another model shape or past this plan's end. Checked
+    before anything is built or written."""
+    from pipeline.checkpoint import Checkpointer
+    from pipeline.rundir import read_records
+
+    if resume_path is None:
+        lines = len(read_records(run_dir.metrics))
+        if lines or run_dir.summary.exists():
+            raise ConfigError("--output-dir", str(run_dir), f"holds a run ({lines} metrics lines) and no checkpoint "
+                              "to resume from: train into another --output-dir, or remove this one to start over")
+        return
+    saved = Checkpointer.peek(resume_path)
+    if saved is None:
+        return
+    if saved.step > schedule.total_steps:
+        raise ConfigError("--resume", str(resume_path),
+                          f"checkpoint is at step {saved.step}, past this config's {schedule.total_steps} steps")
+    changed = sorted((key != "model_type", key) for key in set(saved.model) | set(model_fields)
+                     if saved.model.get(key) != model_fields.get(key))
+    if not saved.model or not changed:
+        return
+    key = changed[0][1]
+    old, new = saved.model.get(key), model_fields.get(key)
+    field, value = (("model.arch", config.model.arch) if key == "model_type"
+                    else (f"model.overrides.{key}", new) if key in config.model.overrides
+                    else ("data.dir", config.data.dir) if key == "vocab_size"
+                    else ("curriculum (the longest seq_len)", new) if key in ("max_position_embeddings", "n_positions")
+                    else ("model.preset", config.model.preset))
+    raise ConfigError(field, value, f"the checkpoint {resume_path} is of a model with {key} = {old!r} (this config "
+                      f"gives {new!r}); resume with the same model, or train into another --output-dir")
 
 
 def _guarded_update(guard: Any, engine: Any, schedule: Schedule, step: int, stage: int) -> Callable[[Any], Any]:

@@ -165,12 +165,24 @@ def test_resolve_resume(tmp_path: Path) -> None:
     assert resolve_resume(str(directory / "step00000100"), checkpointer) == directory / "step00000100"
 
 
-def test_latest_pointing_nowhere_is_no_checkpoint(tmp_path: Path) -> None:
+def test_latest_pointing_nowhere_is_never_a_silent_fresh_start(tmp_path: Path) -> None:
+    """``latest`` naming a checkpoint that is not there: ``latest()`` finds nothing, and ``--resume auto`` takes the
+    newest complete checkpoint, saying so, or is an error when there is none (a fresh start would truncate the
+    run's metrics)."""
     directory = tmp_path / "checkpoints"
     checkpointer = Checkpointer(directory, keep=3, rank=0)
+    directory.mkdir()
     (directory / "latest").write_text("step00000300")
     assert checkpointer.latest() is None
-    assert resolve_resume("auto", checkpointer) is None
+    with pytest.raises(ConfigError, match=r"--resume = 'auto': .*latest names step00000300, which is not there, and "
+                                          r"no complete checkpoint is"):
+        resolve_resume("auto", checkpointer)
+    save_steps(checkpointer, FakeEngine(), 100, 200)
+    (directory / "latest").write_text("step00000300")
+    said: list[str] = []
+    assert resolve_resume("auto", checkpointer, said.append) == directory / "step00000200"
+    assert said == [f"{directory / 'latest'} names step00000300, which is not there: resuming from the newest "
+                    "complete checkpoint, step00000200"]
 
 
 @pytest.mark.parametrize("bad", ["does-not-exist", "latest-pointing-nowhere", "a-file"])

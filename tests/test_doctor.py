@@ -296,19 +296,29 @@ def test_missing_cuda_toolkit_is_flagged_on_gpu(monkeypatch: pytest.MonkeyPatch,
 
 @pytest.mark.parametrize("device", ["cpu", "gpu"])
 @pytest.mark.parametrize("name", recipe_names())
-def test_shipped_recipes_have_no_errors(name: str, device: str) -> None:
-    """Every shipped recipe passes (warnings allowed), with or without the prepared data's vocabulary."""
-    findings = findings_of(load_config(name, environ={}), device)
+def test_shipped_recipes_have_no_errors(name: str, device: str, data_dir: Path) -> None:
+    """Every shipped recipe passes (warnings allowed) on prepared data."""
+    findings = findings_of(load_config(name, [f"data.dir={data_dir}"], environ={}), device)
     assert not [f for f in findings if f.severity == "error"], findings
 
 
-def test_cli_exit_statuses() -> None:
+def test_missing_data_is_an_error(tmp_path: Path) -> None:
+    """No data directory, or one without a manifest: an error (train would stop there), exit status 1."""
+    finding = one(findings_of(config(STAGE)), "data", "error")
+    assert finding.field == "data.dir" and "no-such-data-dir does not exist" in finding.message
+    empty = one(findings_of(config(STAGE, data={"dir": str(tmp_path)})), "data", "error")
+    assert "has no manifest.json" in empty.message and "prepare-data" in empty.suggestion
+    result = run_cli(["doctor", "--config", "tiny-cpu", "--device", "cpu", "--set", f"data.dir={tmp_path}"])
+    assert result.returncode == 1 and "error: data (data.dir)" in result.stdout
+
+
+def test_cli_exit_statuses(data_dir: Path) -> None:
     """0 for a recipe, 1 for a planted error (LR 10x too high), 2 for a config that does not load."""
-    ok = run_cli(["doctor", "--config", "gpt2-124m-baseline", "--device", "cpu"])
+    ok = run_cli(["doctor", "--config", "gpt2-124m-baseline", "--device", "cpu", "--set", f"data.dir={data_dir}"])
     assert ok.returncode == 0, ok.stderr
     assert "0 errors" in ok.stdout
     bad = run_cli(["doctor", "--config", "gpt2-124m-baseline", "--device", "cpu", "--json",
-                   "--set", "curriculum.stages.0.lr=6e-2"])
+                   "--set", f"data.dir={data_dir}", "--set", "curriculum.stages.0.lr=6e-2"])
     assert bad.returncode == 1, bad.stderr
     report = json.loads(bad.stdout)
     assert report["errors"] == 1 and report["findings"][0]["check"] == "lr-range"
@@ -317,10 +327,11 @@ def test_cli_exit_statuses() -> None:
     assert unknown.stderr.startswith("error: curriculum.bogus")
 
 
-def test_doctor_imports_no_torch() -> None:
+def test_doctor_imports_no_torch(data_dir: Path) -> None:
     """``--device cpu`` runs without importing torch (``auto`` imports it only to ask about CUDA)."""
     code = ("import sys; from pipeline.cli import main; status = main(['doctor', '--config', 'tiny-cpu', "
-            "'--device', 'cpu']); assert 'torch' not in sys.modules; sys.exit(status)")
+            f"'--device', 'cpu', '--set', 'data.dir={data_dir}']); assert 'torch' not in sys.modules; "
+            "sys.exit(status)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
 

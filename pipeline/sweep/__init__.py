@@ -69,13 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from curriculum.loading import load_config
     from curriculum.schedule import build_schedule
-    from pipeline.commands import load_config_from_args
+    from pipeline.commands import load_config_from_args, output_directory
 
     config = load_config_from_args(args)
     build_schedule(config)  # a bad config is one error line before any run starts
     lrs = parse_lrs(args.lrs) if args.lrs is not None else check_run_names(default_lrs(config.curriculum.base_lr))
     gpus = parse_gpus(args.gpus, cuda_device_count()) if args.gpus is not None else None
-    sweep_dir = Path(args.output_dir or Path("runs") / f"{config.name}-sweep")
+    sweep_dir = output_directory("--output-dir", args.output_dir or Path("runs") / f"{config.name}-sweep")
 
     manifest = Manifest.open(sweep_dir, config, args.config, args.overlays, args.sets)
     for lr in lrs:

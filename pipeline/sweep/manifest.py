@@ -37,7 +37,7 @@ class Manifest:
         config_sha256 = hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()
                                        ).hexdigest()
         if path.exists():
-            data = json.loads(path.read_text())
+            data = _read(path)
             trained = any(_has_lines(RunDir(sweep_dir / name).metrics) for name in data.get("runs", {}))
             if data.get("config_sha256") != config_sha256 and trained:
                 raise ConfigError("--output-dir", str(sweep_dir),
@@ -62,6 +62,23 @@ class Manifest:
         tmp = self.path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.data, indent=2) + "\n")
         os.replace(tmp, self.path)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """A manifest as the sweep wrote it; anything else is one error naming the file (the runs' own directories
+    are untouched either way)."""
+    damaged = f"{MANIFEST} is damaged: move it away to start the sweep's bookkeeping afresh (the runs' directories " \
+              "stay, and are resumed)"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError("--output-dir", str(path.parent), f"{damaged}; reading it gave: {err}") from None
+    runs = data.get("runs") if isinstance(data, dict) else None
+    if not isinstance(runs, dict) or not isinstance(data.get("lrs"), list) or not all(
+            isinstance(run, dict) and isinstance(run.get("lr"), (int, float)) and isinstance(run.get("launches"), int)
+            for run in runs.values()):
+        raise ConfigError("--output-dir", str(path.parent), f"{damaged}; it is not a sweep manifest")
+    return data
 
 
 def _has_lines(path: Path) -> bool:
