@@ -235,6 +235,15 @@ class Engine:
     def device(self) -> torch.device:
         return self.processes.device
 
+    def describe(self) -> str:
+        """One line for the log: the model, optimizer, precision, devices, ZeRO stage and kernels."""
+        kernels = self.kernels
+        return (f"model: {self.lm.config.model_type}, {sum(p.numel() for p in self.lm.parameters()):,} parameters; "
+                f"optimizer {self.optimizer_name}; {self.precision} on {self.device.type} x "
+                f"{self.processes.world_size}; ZeRO stage {self.zero_stage}; kernels: fused cross-entropy "
+                f"{kernels.fused_cross_entropy}, liger {kernels.liger}, apex {kernels.apex}, compile {kernels.compile}"
+                + (", CUDA graphs" if kernels.cuda_graphs else ""))
+
     @property
     def zero_stage(self) -> int:
         return self.ds.zero_optimization_stage()

@@ -72,7 +72,7 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     from pipeline.ds_config import derive_ds_config
     from pipeline.engine import build_engine, close_processes, device_precision, init_processes, peak_flops
     from pipeline.guard import SpikeGuard
-    from pipeline.metrics import Progress, RunLogger, wandb_settings
+    from pipeline.metrics import Progress
     from pipeline.model import model_config_dict
     from pipeline.rundir import RunDir
 
@@ -85,10 +85,9 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
         raise ConfigError("--stop-at-step", stop_at_step, f"must be in 1 .. {schedule.total_steps}")
     run_dir = RunDir(output_directory("--output-dir", output_dir or config.run.output_dir or Path("runs") / config.name))
     data = load_run_data(config, schedule, rank, world_size, processes.device)
-    precision = device_precision(config, processes.device)
-    ds_config = derive_ds_config(config, schedule, precision)
-    model_fields = model_config_dict(config.model, data.manifest["tokenizer"]["vocab_size"], schedule.max_seq_len,
-                                     data.manifest["tokenizer"]["eot_id"])
+    ds_config = derive_ds_config(config, schedule, device_precision(config, processes.device))
+    tokenizer = data.manifest["tokenizer"]
+    model_fields = model_config_dict(config.model, tokenizer["vocab_size"], schedule.max_seq_len, tokenizer["eot_id"])
     checkpointer = Checkpointer(run_dir.checkpoints, config.run.keep_checkpoints, rank)
     resume_path = resolve_resume(resume, checkpointer, log)
     _check_resume(run_dir, resume_path, config, schedule, model_fields)
@@ -96,39 +95,18 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     # ------------------------------------------------------------------ the engine, compiled graphs, the run state
     engine = build_engine(config, schedule, ds_config, data.manifest, processes)
     prefetcher = Prefetcher(data.sampler, schedule, rank, processes.device)
-    log(f"model: {config.model.arch} {config.model.preset}, {sum(p.numel() for p in engine.lm.parameters()):,} "
-        f"parameters; optimizer {engine.optimizer_name}; {precision} on {processes.device.type} x {world_size}; "
-        f"ZeRO stage {engine.zero_stage}; kernels: fused cross-entropy {engine.kernels.fused_cross_entropy}, "
-        f"liger {engine.kernels.liger}, apex {engine.kernels.apex}, compile {engine.kernels.compile}"
-        + (", CUDA graphs" if engine.kernels.cuda_graphs else ""))
+    log(engine.describe())
     if engine.monitor is not None and config.kernels.compile_warmup:
         shapes = engine.warm_up(schedule, lambda stage, cursor: prefetcher.load(stage, -1, cursor), data.eval_batches)
         log(f"compiled and warmed up {len(engine.monitor.graphs)} graphs before step 0 in {engine.warmup_s:.1f} s: "
             + ", ".join(f"{shape} {seconds:.1f} s" for shape, seconds in shapes.items()))
     state = RunState(curriculum=config.curriculum.model_dump(mode="json"), model=model_fields)
     if resume_path is not None:
-        state = checkpointer.load_state(engine.ds, resume_path)
-        state.model = model_fields
-        log(f"resumed from {resume_path} at step {state.step} ({state.tokens:,} tokens, data cursor {state.cursor})")
-        for change in _changed_fields(state.curriculum, config.curriculum.model_dump(mode="json"), "curriculum"):
-            log(f"resuming with a changed hyperparameter: {change}")
-        state.curriculum = config.curriculum.model_dump(mode="json")
+        state = _restore(checkpointer, engine, resume_path, config, model_fields, log)
     guard = SpikeGuard(config.guard)
     if state.guard:
         guard.load_state_dict(state.guard)
-
-    # ------------------------------------------------------------------ outputs (rank 0)
-    logger = None
-    if rank == 0:
-        run_dir.path.mkdir(parents=True, exist_ok=True)
-        run_dir.config.write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
-        run_dir.ds_config.write_text(json.dumps(ds_config, indent=2) + "\n")
-        # the guard line of an event the checkpoint already counts (the one that stopped a run) is kept
-        logger = RunLogger(run_dir.path, state.step, config.run.tensorboard, wandb_settings(config, run_dir.path),
-                           keep_guard_events=guard.events if resume_path is not None else 0)
-        if engine.monitor is not None:
-            logger.log({"kind": "compile", "step": state.step, "graphs": engine.monitor.graphs,
-                        "warmup_s": engine.warmup_s, "graph_breaks": engine.monitor.graph_breaks()})
+    logger = _open_outputs(run_dir, config, ds_config, state, engine, guard, resume_path) if rank == 0 else None
     progress = Progress(config, schedule, state.step, enabled=rank == 0)
     stop_requested = _install_stop_handler()
     device_peak = config.run.peak_flops or peak_flops(processes.device)
@@ -173,28 +151,16 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
                 f"clip {stage.grad_clip:g}")
         engine.set_lr(schedule.lr_at(step) * guard.lr_factor(step))
         batch = prefetcher.get(step, state.cursor)
-        values, verdict = engine.train_step(batch, stop_requested(), _guarded_update(guard, engine, schedule, step,
-                                                                                     stage.index))
+        values, verdict = engine.train_step(batch, stop_requested(),
+                                            _guarded_update(guard, engine, schedule, step, stage.index))
         # a step's time runs from the previous step's synchronisation to its own (bookkeeping included)
         step_time, mark = time.perf_counter() - mark, time.perf_counter()
         lr = engine.lr  # the LR the update used (a spike verdict before the update may have scaled it)
         if verdict.spike is not None:
-            event = _event_line(step, stage, values, verdict, guard)
-            log(_event_message(event, config.guard.max_events))
-            latest = checkpointer.latest() if verdict.action == "rollback" and not verdict.stop else None
-            if verdict.action == "rollback" and latest is None:
-                event["action"] = ("stop (guard.max_events reached)" if verdict.stop
-                                   else "skip (no checkpoint to roll back to yet)")
-            if latest is not None:
-                _roll_back(checkpointer, engine, latest, state, state.cursor + stage.samples_per_step, event)
-                if logger is not None:
-                    logger.rewind(state.step)
-                    logger.log(event)
-                progress.rewind(state.step)
+            if _handle_spike(verdict, step, stage, values, guard, checkpointer, engine, state, logger, log):
+                progress.rewind(state.step)  # rolled back to the last checkpoint: its steps run again
                 stage, mark = None, time.perf_counter()
                 continue
-            if logger is not None:
-                logger.log(event)
             halted = verdict.stop
             if halted and not verdict.update_applies:  # the update was dropped: this step is not done
                 break
@@ -207,16 +173,13 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
         record = {"kind": "train", "step": step, "tokens": state.tokens, "stage": stage.index,
                   "seq_len": stage.seq_len, "global_batch": stage.global_batch, "lr": lr,
                   "grad_clip": stage.grad_clip, "loss": values.loss, "grad_norm": values.grad_norm,
-                  "tok_per_s": step_tokens / step_time, "mfu": engine.mfu(stage.seq_len, step_tokens / step_time,
-                                                                          device_peak),
+                  "tok_per_s": step_tokens / step_time,
+                  "mfu": engine.mfu(stage.seq_len, step_tokens / step_time, device_peak),
                   "elapsed_s": elapsed(), "train_s": state.train_s}
         if logger is not None and (step % config.run.log_every == 0 or step == schedule.total_steps - 1):
             logger.log(record)
         progress.update(record, guard.events)
-        for surprise in engine.monitor.surprises() if engine.monitor is not None else []:
-            log(f"step {step}: torch.compile: {surprise}")
-            if logger is not None:
-                logger.log({"kind": "compile", "step": step, "surprise": surprise})
+        _report_compile_surprises(engine, step, logger, log)
         if halted:
             break
         paused = time.perf_counter()
@@ -233,20 +196,16 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     prefetcher.close()
 
     # ------------------------------------------------------------------ the end
+    if state.step == schedule.total_steps and first_step < schedule.total_steps:
+        evaluate()  # at the full length, after the last step
+    if last_saved != state.step:
+        save()
     if state.step < schedule.total_steps:  # stopped early: --stop-at-step, a signal, or the spike guard
-        if last_saved != state.step:
-            save()
-        if halted:
-            log(f"error: stopped after {guard.events} spike events (guard.max_events = {config.guard.max_events}); "
-                f"the last good state is checkpointed at step {state.step}. Lower the LR (see `curriculum-pretrain "
-                f"diagnose {run_dir}`) and resume with --resume auto")
-        else:
-            log(f"stopped before step {state.step} of {schedule.total_steps}; checkpoint in {checkpointer.directory}")
+        log(f"error: stopped after {guard.events} spike events (guard.max_events = {config.guard.max_events}); the "
+            f"last good state is checkpointed at step {state.step}. Lower the LR (see `curriculum-pretrain diagnose "
+            f"{run_dir}`) and resume with --resume auto" if halted else
+            f"stopped before step {state.step} of {schedule.total_steps}; checkpoint in {checkpointer.directory}")
     else:
-        if first_step < schedule.total_steps:  # a resumed finished run evaluated before its last checkpoint
-            evaluate()
-        if last_saved != state.step:
-            save()
         replicas = engine.replica_report(state.data_sha256)
         if not replicas["params_identical"]:
             log("WARNING: parameters differ between data-parallel ranks (see summary.json: replicas)")
@@ -256,6 +215,62 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
         logger.close()
     close_processes()
     return 1 if halted else 0
+
+
+def _restore(checkpointer: Any, engine: Any, path: Path, config: Config, model_fields: dict[str, Any],
+             log: Callable[[str], None]) -> Any:
+    """The engine, optimizer and RNG from ``path``, and the run state saved with them; a changed curriculum is
+    allowed (a new LR for a later stage) and each change is logged."""
+    state = checkpointer.load_state(engine.ds, path)
+    log(f"resumed from {path} at step {state.step} ({state.tokens:,} tokens, data cursor {state.cursor})")
+    now = config.curriculum.model_dump(mode="json")
+    for change in _changed_fields(state.curriculum, now, "curriculum"):
+        log(f"resuming with a changed hyperparameter: {change}")
+    state.curriculum, state.model = now, model_fields
+    return state
+
+
+def _open_outputs(run_dir: Any, config: Config, ds_config: dict[str, Any], state: Any, engine: Any, guard: Any,
+                  resume_path: Optional[Path]) -> Any:
+    """Rank 0, once everything is checked: config.json, ds_config.json and the metrics sinks (which drop what was
+    logged from the resumed step on; the guard line of an event the checkpoint already counts, the one that
+    stopped a run, is kept), with the compile line of the warm-up."""
+    from pipeline.metrics import RunLogger, wandb_settings
+
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    run_dir.config.write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+    run_dir.ds_config.write_text(json.dumps(ds_config, indent=2) + "\n")
+    logger = RunLogger(run_dir.path, state.step, config.run.tensorboard, wandb_settings(config, run_dir.path),
+                       keep_guard_events=guard.events if resume_path is not None else 0)
+    if engine.monitor is not None:
+        logger.log({"kind": "compile", "step": state.step, "graphs": engine.monitor.graphs,
+                    "warmup_s": engine.warmup_s, "graph_breaks": engine.monitor.graph_breaks()})
+    return logger
+
+
+def _handle_spike(verdict: Any, step: int, stage: Any, values: Any, guard: Any, checkpointer: Any, engine: Any,
+                  state: Any, logger: Any, log: Callable[[str], None]) -> bool:
+    """Log the guard's event and carry out a rollback; True when the run went back to the last checkpoint."""
+    event = _event_line(step, stage, values, verdict, guard)
+    log(_event_message(event, guard.config.max_events))
+    latest = checkpointer.latest() if verdict.action == "rollback" and not verdict.stop else None
+    if verdict.action == "rollback" and latest is None:
+        event["action"] = "stop (guard.max_events reached)" if verdict.stop else "skip (no checkpoint to roll back to yet)"
+    if latest is not None:
+        _roll_back(checkpointer, engine, latest, state, state.cursor + stage.samples_per_step, event)
+        if logger is not None:
+            logger.rewind(state.step)
+    if logger is not None:
+        logger.log(event)
+    return latest is not None
+
+
+def _report_compile_surprises(engine: Any, step: int, logger: Any, log: Callable[[str], None]) -> None:
+    """A graph built after the warm-up, or dynamo giving up, in the log and as a ``kind: compile`` line."""
+    for surprise in engine.monitor.surprises() if engine.monitor is not None else []:
+        log(f"step {step}: torch.compile: {surprise}")
+        if logger is not None:
+            logger.log({"kind": "compile", "step": step, "surprise": surprise})
 
 
 def _check_resume(run_dir: Any, resume_path: Optional[Path], config: Config, schedule: Schedule,
