@@ -9,6 +9,7 @@
     lr-find       LR range test at each stage's sequence length
     sweep         one run per LR, then the comparison
     bench         throughput per stage shape through the pipeline, against a hand-written compiled loop
+    compare       held-out loss, and tokens and seconds to a target loss, of several runs against the first
 
 Each command module owns its arguments (``add_arguments``) and its ``run``; ``plan`` and ``ds-config``, which need
 no more than the config, live here. Command modules import torch only inside ``run``, so ``plan`` never imports it.
@@ -98,6 +99,7 @@ def commands() -> dict[str, Command]:
         "lr-find": _module("pipeline.lr_find"),
         "sweep": _module("pipeline.sweep"),
         "bench": _module("pipeline.bench"),
+        "compare": _module("pipeline.compare"),
     }
 
 

@@ -1,0 +1,182 @@
+"""``curriculum-pretrain compare RUN_DIR [RUN_DIR ...]``: who reaches a held-out loss first, in tokens and in time.
+
+For each run directory (finished or still running: a torn last metrics line is skipped), from its ``kind: eval``
+lines: the final held-out loss, and the tokens, training seconds (``train_s``: steps only) and wall-clock seconds
+(``elapsed_s``: start-up, compilation, evaluations and checkpoints included) at which the held-out loss first
+reached the target, interpolated linearly between the two evaluations around the crossing. The target is
+``--target-loss`` or the first run's final held-out loss, so with a tuned baseline first the question is "how much
+sooner does each run reach the baseline's loss". Speedups are the first run's figure over each run's. Also per run:
+spike-guard events, spikes as the guard defines them (``pipeline.spikes``), and the run's status as ``sweep``
+classifies it (converged, unstable, diverged).
+
+Writes ``compare.json``, ``compare.md`` (the table) and ``compare.png`` (held-out loss against tokens and against
+wall-clock seconds, the target dashed) into ``--output-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from curriculum.errors import ConfigError
+from pipeline.rundir import RunDir, eval_rows, read_records, train_rows
+
+HELP = "compare runs: held-out loss, and tokens and seconds to a target loss, against the first run"
+AXES = ("tokens", "train_s", "elapsed_s")
+"""The axes time-to-target is measured on: tokens trained, seconds in training steps, wall-clock seconds."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipeline.commands import finite_float
+
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="run directories; the first is the reference (a tuned baseline, say)")
+    parser.add_argument("--target-loss", type=finite_float, default=None,
+                        help="held-out loss to reach (default: the first run's final held-out loss)")
+    parser.add_argument("--output-dir", default="runs/compare",
+                        help="where compare.json, compare.md and compare.png go (default runs/compare)")
+
+
+@dataclass
+class RunComparison:
+    """One run against the target."""
+
+    run_dir: str
+    name: str
+    status: str
+    """``finished`` (summary.json written) or ``running or stopped``; then ``sweep``'s verdict on its losses."""
+    steps: int
+    tokens: int
+    final_eval_loss: float
+    evaluations: int
+    at_target: dict[str, Optional[float]]
+    """tokens, train_s and elapsed_s when the held-out loss first reached the target; None: not reached."""
+    speedup: dict[str, Optional[float]]
+    """The first run's ``at_target`` over this run's, per axis."""
+    guard_events: int
+    spikes: int
+
+
+def reach(evals: Sequence[dict[str, Any]], target: float, axis: str) -> Optional[float]:
+    """Where (on ``axis``) the held-out loss first reaches ``target``: linear between the evaluation above it and the
+    one at or below it; the first evaluation's own value when that one already is; None when none is (or the lines
+    lack the axis)."""
+    previous = None
+    for row in evals:
+        value = row.get(axis)
+        if value is None or not math.isfinite(row["eval_loss"]):
+            return None
+        if row["eval_loss"] <= target:
+            if previous is None:
+                return float(value)
+            x0, y0 = previous
+            return x0 + (value - x0) * (y0 - target) / (y0 - row["eval_loss"])
+        previous = (float(value), row["eval_loss"])
+    return None
+
+
+def compare_runs(run_dirs: Sequence[Path], target_loss: Optional[float]) -> tuple[float, list[RunComparison]]:
+    from pipeline.spikes import SpikeRule, find_spike_steps
+    from pipeline.sweep.analysis import classify_run
+
+    loaded = []
+    for run_dir in run_dirs:
+        paths = RunDir(run_dir)
+        if not paths.metrics.is_file():
+            raise ConfigError("RUN_DIR", str(run_dir), "holds no metrics.jsonl; give a run directory of `train`")
+        records = read_records(paths.metrics)
+        evals = eval_rows(records)
+        if not evals:
+            raise ConfigError("RUN_DIR", str(run_dir), "has no evaluation yet (kind: eval lines); compare needs "
+                                                       "held-out losses (run.eval_every)")
+        loaded.append((run_dir, paths, records, evals))
+    target = target_loss if target_loss is not None else loaded[0][3][-1]["eval_loss"]
+    runs = []
+    for run_dir, paths, records, evals in loaded:
+        train = train_rows(records)
+        verdict, _ = classify_run(records)
+        runs.append(RunComparison(
+            run_dir=str(run_dir), name=_name(paths), steps=len(train),
+            status=("finished" if paths.summary.exists() else "running or stopped") + f", {verdict}",
+            tokens=train[-1]["tokens"] if train else 0, final_eval_loss=evals[-1]["eval_loss"],
+            evaluations=len(evals), at_target={axis: reach(evals, target, axis) for axis in AXES}, speedup={},
+            guard_events=sum(1 for r in records if r.get("kind") == "guard"),
+            spikes=sum(1 for s in find_spike_steps(train, SpikeRule()).values() if not s.non_finite)))
+    for run in runs:
+        run.speedup = {axis: _ratio(runs[0].at_target[axis], run.at_target[axis]) for axis in AXES}
+    return target, runs
+
+
+def _name(paths: RunDir) -> str:
+    try:
+        return json.loads(paths.config.read_text())["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return paths.path.name
+
+
+def _ratio(reference: Optional[float], value: Optional[float]) -> Optional[float]:
+    return reference / value if reference is not None and value else None
+
+
+def format_table(target: float, runs: Sequence[RunComparison]) -> str:
+    def number(value: Optional[float], spec: str) -> str:
+        return "not reached" if value is None else format(value, spec)
+
+    def times(value: Optional[float]) -> str:
+        return "-" if value is None else f"{value:.2f}x"
+
+    lines = [f"Target held-out loss {target:.4f}; speedups against {runs[0].name} ({runs[0].run_dir}).", "",
+             "| run | status | final held-out loss | tokens to target | train s to target | wall s to target | "
+             "speedup (tokens / train s / wall s) | guard events | spikes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        at, up = run.at_target, run.speedup
+        lines.append(f"| {run.name} | {run.status} | {run.final_eval_loss:.4f} | {number(at['tokens'], ',.0f')} | "
+                     f"{number(at['train_s'], '.1f')} | {number(at['elapsed_s'], '.1f')} | "
+                     f"{times(up['tokens'])} / {times(up['train_s'])} / {times(up['elapsed_s'])} | "
+                     f"{run.guard_events} | {run.spikes} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(target: float, runs: Sequence[RunComparison], run_records: Sequence[list[dict[str, Any]]],
+         out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
+
+    fig, (by_tokens, by_time) = plt.subplots(1, 2, figsize=(13, 5))
+    for run, evals in zip(runs, run_records):
+        by_tokens.plot([r["tokens"] for r in evals], [r["eval_loss"] for r in evals], "o-", ms=3, label=run.name)
+        by_time.plot([r.get("elapsed_s") for r in evals], [r["eval_loss"] for r in evals], "o-", ms=3, label=run.name)
+    for ax, label in ((by_tokens, "tokens"), (by_time, "wall-clock seconds (compile and evaluation included)")):
+        ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:.4f}")
+        ax.set(xlabel=label, ylabel="held-out loss (full length)")
+        ax.legend(fontsize=8)
+    by_tokens.xaxis.set_major_formatter(EngFormatter())
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.commands import output_directory
+
+    out_dir = output_directory("--output-dir", args.output_dir)
+    run_dirs = [Path(d) for d in args.run_dirs]
+    target, runs = compare_runs(run_dirs, args.target_loss)
+    table = format_table(target, runs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "compare.md").write_text(table)
+    (out_dir / "compare.json").write_text(json.dumps({"target_loss": target, "runs": [asdict(r) for r in runs]},
+                                                     indent=2) + "\n")
+    plot(target, runs, [eval_rows(read_records(RunDir(d).metrics)) for d in run_dirs], out_dir / "compare.png")
+    print(table)
+    print(f"wrote {out_dir / 'compare.md'}, {out_dir / 'compare.json'} and {out_dir / 'compare.png'}")
+    return 0

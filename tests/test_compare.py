@@ -1,0 +1,96 @@
+"""``compare``: tokens and seconds to a target held-out loss, interpolated between evaluations, against the first
+run; on finished and running directories; one error line for what it cannot compare."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from pipeline.compare import compare_runs, reach
+
+
+def write_run(run_dir: Path, evals: list[tuple[int, float, float, float]], finished: bool = True,
+              steps: int = 40, torn: bool = False) -> Path:
+    """A run directory: ``steps`` train lines (loss falling, 100 tokens each) and evaluations given as
+    (step, eval_loss, train_s, elapsed_s)."""
+    run_dir.mkdir(parents=True)
+    lines = [{"kind": "train", "step": s, "tokens": 100 * (s + 1), "stage": 0, "seq_len": 64, "loss": 6.0 - s / 20,
+              "grad_norm": 1.0, "global_batch": 1, "lr": 1e-3, "grad_clip": 1.0, "tok_per_s": 1000.0,
+              "elapsed_s": float(s), "train_s": s / 2} for s in range(steps)]
+    lines += [{"kind": "eval", "step": step, "tokens": 100 * (step + 1), "seq_len": 64, "eval_loss": loss,
+               "train_s": train_s, "elapsed_s": elapsed_s} for step, loss, train_s, elapsed_s in evals]
+    text = "".join(json.dumps(line) + "\n" for line in sorted(lines, key=lambda r: (r["step"], r["kind"])))
+    (run_dir / "metrics.jsonl").write_text(text + ('{"kind": "train", "st' if torn else ""))
+    (run_dir / "config.json").write_text(json.dumps({"name": run_dir.name}))
+    if finished:
+        (run_dir / "summary.json").write_text("{}")
+    return run_dir
+
+
+BASELINE = [(9, 5.0, 10.0, 30.0), (19, 4.0, 20.0, 40.0), (29, 3.5, 30.0, 50.0), (39, 3.0, 40.0, 60.0)]
+FASTER = [(9, 4.5, 5.0, 25.0), (19, 3.2, 10.0, 30.0), (29, 2.9, 15.0, 35.0), (39, 2.7, 20.0, 40.0)]
+
+
+def test_reach_interpolates_between_the_evaluations_around_the_crossing() -> None:
+    """3.0 lies between 3.2 (step 19: 2,000 tokens, 10 s) and 2.9 (step 29: 3,000 tokens, 15 s): two thirds of
+    the way, 2,666.7 tokens and 13.33 s."""
+    evals = [{"tokens": 100 * (s + 1), "eval_loss": loss, "train_s": t, "elapsed_s": e} for s, loss, t, e in FASTER]
+    assert reach(evals, 3.0, "tokens") == pytest.approx(2000 + 1000 * 2 / 3)
+    assert reach(evals, 3.0, "train_s") == pytest.approx(10 + 5 * 2 / 3)
+    assert reach(evals, 5.0, "tokens") == 1000  # already below at the first evaluation
+    assert reach(evals, 2.0, "tokens") is None  # never reached
+
+
+def test_speedups_against_the_first_run(tmp_path: Path) -> None:
+    """The target is the baseline's final held-out loss (3.0, reached at its last evaluation: 4,000 tokens, 40 s of
+    training, 60 s of wall time); the faster run gets there at 2,666.7 tokens, 13.33 s and 33.33 s."""
+    base = write_run(tmp_path / "baseline", BASELINE)
+    fast = write_run(tmp_path / "curriculum", FASTER, finished=False, torn=True)
+    target, (b, f) = compare_runs([base, fast], None)
+    assert target == 3.0
+    assert b.at_target == {"tokens": 4000, "train_s": 40.0, "elapsed_s": 60.0}
+    assert b.speedup == {"tokens": 1.0, "train_s": 1.0, "elapsed_s": 1.0}
+    assert f.speedup["tokens"] == pytest.approx(4000 / (2000 + 1000 * 2 / 3))
+    assert f.speedup["train_s"] == pytest.approx(40 / (10 + 5 * 2 / 3))
+    assert f.speedup["elapsed_s"] == pytest.approx(60 / (30 + 5 * 2 / 3))
+    assert (f.status.split(",")[0], f.final_eval_loss, f.evaluations) == ("running or stopped", 2.7, 4)
+
+
+def test_a_run_that_never_reaches_the_target(tmp_path: Path) -> None:
+    base = write_run(tmp_path / "baseline", BASELINE)
+    slow = write_run(tmp_path / "slow", [(19, 4.5, 20.0, 30.0), (39, 3.4, 40.0, 60.0)])
+    _, (_, s) = compare_runs([base, slow], None)
+    assert s.at_target == {"tokens": None, "train_s": None, "elapsed_s": None}
+    assert s.speedup == {"tokens": None, "train_s": None, "elapsed_s": None}
+
+
+def test_the_command_writes_the_table_json_and_figure(tmp_path: Path) -> None:
+    base = write_run(tmp_path / "baseline", BASELINE)
+    fast = write_run(tmp_path / "curriculum", FASTER)
+    out = tmp_path / "out"
+    result = run_cli(["compare", str(base), str(fast), "--output-dir", str(out), "--target-loss", "3.2"])
+    assert result.returncode == 0, result.stderr
+    assert "| curriculum | finished, converged | 2.7000 |" in result.stdout
+    data = json.loads((out / "compare.json").read_text())
+    assert data["target_loss"] == 3.2 and [r["name"] for r in data["runs"]] == ["baseline", "curriculum"]
+    assert (out / "compare.md").read_text().startswith("Target held-out loss 3.2000")
+    assert (out / "compare.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda d: d, "holds no metrics.jsonl"),
+    (lambda d: write_run(d, []), "has no evaluation yet"),
+], ids=["no-metrics", "no-evaluations"])
+def test_what_compare_cannot_compare_is_one_error(tmp_path: Path, make: object, message: str) -> None:
+    base = write_run(tmp_path / "baseline", BASELINE)
+    other = tmp_path / "other"
+    if message == "holds no metrics.jsonl":
+        other.mkdir()
+    else:
+        make(other)  # type: ignore[operator]
+    result = run_cli(["compare", str(base), str(other), "--output-dir", str(tmp_path / "out")])
+    assert result.returncode == 2 and result.stderr.startswith(f"error: RUN_DIR = '{other}': {message}")
+    assert not (tmp_path / "out").exists()
