@@ -7,13 +7,15 @@ One training step (``Engine.train_step``), the same wherever it runs:
    counters in step; the gradients are accumulated, and reduced over ranks at the last one);
 2. the step's one host synchronisation: one all-reduce of ``[loss, stop request, gradient norm]`` read back with
    one ``.tolist()``, so the loop knows the mean loss over ranks before the update;
-3. the caller decides (``before_update``): apply the update (``engine.step()`` at the accumulation boundary) or
-   drop the gradients.
+3. the caller decides (``decide``, the spike guard): apply the update (``engine.step()`` at the accumulation
+   boundary) or drop the gradients.
 
 With ``run.precision: bf16-autocast`` (the default on GPUs) and ZeRO stage 0 nothing else waits for the GPU: the
-gradient norm is computed on the device before the update and read with the loss, the clip is DeepSpeed's on-device
-fp32 clip, and the optimizer is stepped directly. DeepSpeed's bf16 mode and ZeRO read their overflow flags and
-gradient norms on the host inside ``engine.step()``; the loop then reads the norm they computed after the update.
+gradient norm is computed on the device before the update and read with the loss, the gradients are clipped with it
+in one fused multiply (DeepSpeed's own fp32 clip, parameter by parameter, is switched off), and DeepSpeed steps the
+optimizer directly; with one rank it skips its gradient all-reduce. DeepSpeed's bf16 mode and ZeRO read their
+overflow flags and gradient norms on the host inside ``engine.step()``; the loop then reads the norm they computed
+after the update. With CUDA graphs, accumulated gradients live in buffers of their own (``_give_gradients_buffers``).
 
 Compilation (``kernels.compile``): ``torch.compile`` with static shapes takes the model and its loss (or the decoder
 body when the loss is fused). Each distinct training shape is one graph, evaluation (no gradients, eval mode, full
