@@ -71,7 +71,7 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     from pipeline.ds_config import derive_ds_config
     from pipeline.engine import build_engine, close_processes, device_precision, init_processes, peak_flops
     from pipeline.guard import SpikeGuard
-    from pipeline.metrics import Progress, RunLogger, wandb_settings
+    from pipeline.metrics import Progress, RunLogger, describe_run, wandb_settings
     from pipeline.rundir import RunDir
 
     # ------------------------------------------------------------------ plan, data, checkpoint: checked before writing
@@ -81,6 +81,8 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     end_step = schedule.total_steps if stop_at_step is None else stop_at_step
     if not 0 < end_step <= schedule.total_steps:
         raise ConfigError("--stop-at-step", stop_at_step, f"must be in 1 .. {schedule.total_steps}")
+    if schedule.cut_from is not None:
+        log(f"run.max_steps: the plan is cut at step {schedule.total_steps} of {schedule.cut_from}")
     run_dir = RunDir(output_dir or config.run.output_dir or Path("runs") / config.name)
     data = load_run_data(config, schedule, rank, world_size, processes.device)
     precision = device_precision(config, processes.device)
@@ -122,7 +124,8 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
         run_dir.ds_config.write_text(json.dumps(ds_config, indent=2) + "\n")
         # the guard line of an event the checkpoint already counts (the one that stopped a run) is kept
         logger = RunLogger(run_dir.path, state.step, config.run.tensorboard, wandb_settings(config, run_dir.path),
-                           keep_guard_events=guard.events if resume_path is not None else 0)
+                           keep_guard_events=guard.events if resume_path is not None else 0,
+                           description=describe_run(config, schedule))
         if engine.monitor is not None:
             logger.log({"kind": "compile", "step": state.step, "graphs": engine.monitor.graphs,
                         "warmup_s": engine.warmup_s, "graph_breaks": engine.monitor.graph_breaks()})
