@@ -12,7 +12,7 @@ setup(
     install_requires=[
         # install torch first (CPU machines: pip install torch==2.13.0); any 2.x from 2.4 on works
         "torch>=2.4",
-        "deepspeed>=0.19.8",
+        "deepspeed>=0.19.8,<0.20",  # the tested range: pipeline/engine.py lists the internals it depends on
         "transformers>=4.46",
         "datasets>=3.0",
         "tokenizers>=0.20",

@@ -364,10 +364,18 @@ class DeepSpeedConfig(Section):
 
 
 class WandbConfig(Section):
+    """Weights & Biases logging: every metric against ``tokens`` (wandb's step metric), the run config as its
+    config."""
+
     enabled: bool = False
     project: str = "curriculum-pretrain"
     mode: Literal["offline", "online"] = "offline"
     """``offline`` writes to the run directory and needs no network (``wandb sync`` uploads later)."""
+    name: Optional[str] = None
+    """The run's name in wandb; default: the config's ``name``. ``sweep`` names each run after its LR
+    (``tiny-cpu-lr_3.00e-04``)."""
+    group: Optional[str] = None
+    """Runs of one group are shown together; ``sweep`` puts its runs in a group named after its directory."""
 
 
 class RunConfig(Section):
@@ -379,6 +387,10 @@ class RunConfig(Section):
     """Same, as a token budget."""
     seed: Seed = 1234
     """Model initialisation and data order; 0 .. 2**32 - 1."""
+    max_steps: Optional[PositiveSteps] = None
+    """Cut the plan at this step, e.g. for a smoke test of a long recipe (``--max-steps N``): the run trains steps
+    ``0 .. N - 1`` exactly as the full plan would, the stage holding step ``N - 1`` ends there and later stages are
+    dropped; LR windows are not rescaled. At or past the plan's end: no cut. ``plan`` shows the cut."""
     precision: Literal["auto", "fp32", "bf16", "bf16-autocast"] = "auto"
     """``bf16``: DeepSpeed's bf16 mode (bf16 weights and gradients, fp32 master weights in the optimizer).
     ``bf16-autocast``: fp32 weights and gradients, matmuls in bf16 under ``torch.autocast`` (DeepSpeed's

@@ -1,9 +1,11 @@
-"""What ``curriculum-pretrain plan`` prints: the resolved schedule as a table or as JSON."""
+"""What ``curriculum-pretrain plan`` prints: the resolved schedule as a table or as JSON; and the one-line summaries
+``curriculum-pretrain recipes`` prints."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
+from curriculum.config import Config
 from curriculum.schedule import Schedule
 
 
@@ -40,6 +42,7 @@ def plan_dict(schedule: Schedule, per_step: bool = False) -> dict[str, Any]:
         "shapes": [{"micro_batch": micro, "seq_len": seq_len} for micro, seq_len in schedule.distinct_shapes()],
         "total_steps": schedule.total_steps,
         "total_tokens": schedule.total_tokens,
+        "cut_from": schedule.cut_from,
     }
     if per_step:
         out["steps"] = [
@@ -55,11 +58,11 @@ def plan_dict(schedule: Schedule, per_step: bool = False) -> dict[str, Any]:
     return out
 
 
-def human_count(n: float) -> str:
-    """1234 -> '1.23K', 5_000_000 -> '5.00M'."""
+def human_count(n: float, spec: str = ".2f") -> str:
+    """1234 -> '1.23K', 5_000_000 -> '5.00M'; with ``spec`` '.4g' (axis labels): '1.234K', '5M'."""
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
+            return f"{n / size:{spec}}{unit}"
     return f"{n:g}"
 
 
@@ -95,6 +98,9 @@ def format_plan_table(schedule: Schedule, title: str = "") -> str:
     lines.append(f"total: {schedule.total_steps:,} steps, {schedule.total_tokens:,} tokens "
                  f"({human_count(schedule.total_tokens)}), mode {schedule.mode}, world size {schedule.world_size}, "
                  f"eval at seq_len {schedule.max_seq_len}")
+    if schedule.cut_from is not None:
+        lines.append(f"cut at step {schedule.total_steps:,} of {schedule.cut_from:,} by run.max_steps: later stages "
+                     "dropped, LRs and tokens before the cut as in the full plan")
     for at, multiply in schedule.lr_events:
         lines.append(f"LR event: x{multiply:g} from step {at}")
     shapes = schedule.distinct_shapes()
@@ -105,3 +111,24 @@ def format_plan_table(schedule: Schedule, title: str = "") -> str:
                  "(cap): limited by the stage's lr_max. rule LR: the lr_scaling rule; * = hand-set LR off from it "
                  "by more than 2x.")
     return "\n".join(lines)
+
+
+def format_recipe_list(recipes: Sequence[tuple[str, Config, Schedule]]) -> str:
+    """One aligned line per ``(name, config, schedule)``: the name, the model, the number of stages, the seq_len
+    range, and the steps and tokens of the whole plan."""
+    rows = []
+    for name, config, schedule in recipes:
+        lengths = sorted({stage.seq_len for stage in schedule.stages})
+        stages = len(schedule.stages)
+        rows.append([
+            name,
+            f"{config.model.arch} {config.model.preset}",
+            f"{stages} stage{'s' if stages > 1 else ''}",
+            f"seq_len {lengths[0]}" + (f"-{lengths[-1]}" if len(lengths) > 1 else ""),
+            f"{schedule.total_steps:,} steps",
+            f"{human_count(schedule.total_tokens)} tokens",
+        ])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))] if rows else []
+    right_aligned = {4, 5}  # steps and tokens
+    return "\n".join("  ".join(cell.rjust(w) if i in right_aligned else cell.ljust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths))) for row in rows)

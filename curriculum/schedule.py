@@ -7,7 +7,8 @@ Steps count from 0: step ``s`` is the ``(s + 1)``-th optimizer update, and a sta
 ``build_schedule(config, world_size)`` checks everything that needs more than one field and returns an immutable
 ``Schedule``; its methods (``stage_at``, ``seq_len_at``, ``global_batch_at``, ``lr_at``, ``grad_clip_at``,
 ``tokens_before``) compute from the step alone. Nothing here counts its own calls, so a resumed run only needs the
-step. No torch.
+step. ``run.max_steps`` (``--max-steps``) cuts the resolved plan short (``cut_schedule``) without changing any
+step before the cut. No torch.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import bisect
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Optional, Sequence
 
 from curriculum.config import (
@@ -188,7 +189,10 @@ class Schedule:
     lr_events: tuple[tuple[int, float], ...]
     mode: Literal["truncate", "reshape"]
     max_seq_len: int
+    """The configured full length: evaluation runs at it, also in a run that ends before reaching it."""
     world_size: int
+    cut_from: Optional[int] = None
+    """The full plan's ``total_steps`` when ``run.max_steps`` cut it short (``cut_schedule``), else None."""
 
     @property
     def total_steps(self) -> int:
@@ -262,7 +266,32 @@ def build_schedule(config: Config, world_size: int = 1) -> Schedule:
         if event.at_step >= schedule.total_steps:
             raise ConfigError(f"curriculum.lr_events.{i}.at_step", event.at_step,
                               f"must be inside the run (steps 0 .. {schedule.total_steps - 1})")
-    return schedule
+    return schedule if config.run.max_steps is None else cut_schedule(schedule, config.run.max_steps)
+
+
+def cut_schedule(schedule: Schedule, max_steps: int) -> Schedule:
+    """The plan ended at step ``max_steps`` (a smoke test of a long run): the stage containing that step ends there,
+    later stages and LR events are dropped. Every step before the cut keeps the full plan's length, batch, LR and
+    tokens: the LR windows are not rescaled, so a stage cut in its warmup ends there. ``max_steps`` at or past the
+    end changes nothing.
+
+    With tiny-cpu's stages at steps 0-59, 60-119 and 120-199, ``max_steps`` 90 keeps stage 0 whole and runs stage 1
+    over steps 60-89; 60 keeps stage 0 alone; 200 or more is the full plan."""
+    if max_steps < 1:
+        raise ConfigError("run.max_steps", max_steps, "must be a positive number of steps")
+    if max_steps >= schedule.total_steps:
+        return schedule
+    stages = []
+    for stage in schedule.stages:
+        if stage.start_step >= max_steps:
+            break
+        if stage.end_step > max_steps:
+            stage = replace(stage, end_step=max_steps,
+                            end_tokens=stage.start_tokens + (max_steps - stage.start_step) * stage.tokens_per_step,
+                            warmup_steps=_warmup_within(stage.window, stage.start_step, max_steps))
+        stages.append(stage)
+    return replace(schedule, stages=tuple(stages), cut_from=schedule.total_steps,
+                   lr_events=tuple(event for event in schedule.lr_events if event[0] < max_steps))
 
 
 @dataclass(frozen=True)
@@ -353,15 +382,19 @@ def _resolve_pacing(config: Config, world_size: int) -> list[Stage]:
 def _stage(index: int, start: int, end: int, start_tokens: int, shape: _Shape, world_size: int, peak_lr: float,
            lr_source: LRSource, lr_max: Optional[float], grad_clip: float, decay: str, rule: float,
            window: LRWindow) -> Stage:
-    warmup_end = window.start_step + window.warmup_steps
     return Stage(
         index=index, start_step=start, end_step=end, start_tokens=start_tokens,
         end_tokens=start_tokens + (end - start) * shape.tokens_per_step, seq_len=shape.seq_len,
         global_batch=shape.global_batch, micro_batch=shape.micro_batch, grad_accum=shape.grad_accum,
         world_size=world_size, tokens_per_step=shape.tokens_per_step, samples_per_step=shape.samples_per_step,
-        peak_lr=peak_lr, rule_lr=rule, lr_source=lr_source, lr_max=lr_max, warmup_steps=max(0, min(end, warmup_end) - start),
-        grad_clip=grad_clip, decay=decay, window=window,
+        peak_lr=peak_lr, rule_lr=rule, lr_source=lr_source, lr_max=lr_max,
+        warmup_steps=_warmup_within(window, start, end), grad_clip=grad_clip, decay=decay, window=window,
     )
+
+
+def _warmup_within(window: LRWindow, start: int, end: int) -> int:
+    """The warmup steps of ``window`` that fall in ``[start, end)``."""
+    return max(0, min(end, window.start_step + window.warmup_steps) - start)
 
 
 def _check_seq_len(field: str, seq_len: int) -> None:

@@ -1,9 +1,9 @@
 """What every command shares: the config arguments, loading the config they name, and bad input as one line.
 
 ``--config`` names a recipe or a YAML file; ``--overlay`` files, ``CPT_*`` environment variables and ``--set``
-overrides apply in that order (``curriculum.loading``). Every command that reads a run config loads it through
-``load_config_from_args``, so ``plan``, ``doctor``, ``train`` and the rest read the same config from the same
-command line. A ``ConfigError`` anywhere becomes ``error: <field> = <value>: <what is allowed>`` on stderr and exit
+overrides apply in that order (``curriculum.loading``); ``--max-steps N`` is ``--set run.max_steps=N`` after the
+others (``config_sets``). Every command that reads a run config loads it through ``load_config_from_args``, so
+``plan``, ``doctor``, ``train`` and the rest read the same config from the same command line. A ``ConfigError`` anywhere becomes ``error: <field> = <value>: <what is allowed>`` on stderr and exit
 status 2 (``run_reporting_errors``), followed by ``(set by CPT_...)`` when an environment variable set that value;
 argparse's own errors (a missing argument, a value of the wrong type, ``nan`` for a number: ``finite_float``) take
 the same one-line form (``OneLineParser``).
@@ -34,6 +34,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                         help="override a config field, e.g. --set curriculum.stages.0.lr=1e-3 (repeatable); "
                              "environment variables CPT_SECTION__FIELD=VALUE work the same way")
+    parser.add_argument("--max-steps", metavar="N", default=None,
+                        help="cut the plan at step N for a smoke test: steps 0 .. N-1 as the full plan has them, "
+                             "later stages dropped (same as --set run.max_steps=N)")
+
+
+def config_sets(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` overrides, with ``--max-steps`` as the last of them."""
+    return [*args.sets, *([f"run.max_steps={args.max_steps}"] if args.max_steps is not None else [])]
 
 
 def load_config_from_args(args: argparse.Namespace) -> Config:
@@ -42,7 +50,7 @@ def load_config_from_args(args: argparse.Namespace) -> Config:
     from curriculum.loading import load_config
     from pipeline.model import check_model_overrides
 
-    config = load_config(args.config, args.sets, overlays=args.overlays)
+    config = load_config(args.config, config_sets(args), overlays=args.overlays)
     check_model_overrides(config.model)
     return config
 
@@ -91,6 +99,6 @@ def run_reporting_errors(run: Callable[[argparse.Namespace], int], args: argpars
     except ConfigError as err:
         from curriculum.loading import env_variables_behind
 
-        variables = env_variables_behind(err, os.environ, getattr(args, "sets", ()))
+        variables = env_variables_behind(err, os.environ, config_sets(args) if hasattr(args, "sets") else ())
         print(f"error: {err}" + (f" (set by {', '.join(variables)})" if variables else ""), file=sys.stderr)
         return BAD_INPUT

@@ -245,7 +245,7 @@ def _check_run_config(args: argparse.Namespace, world_size: int) -> tuple[str, l
 def _check_tool_files(args: argparse.Namespace, world_size: int) -> tuple[str, list[Finding]]:
     """``--hf-args`` and/or ``--ds-config``: the title line and the findings."""
     given = [(flag, value) for flag, value in (("--config", args.config), ("--overlay", args.overlays),
-                                               ("--set", args.sets)) if value]
+                                               ("--set", args.sets), ("--max-steps", args.max_steps)) if value]
     if given:
         raise ConfigError(*given[0], "cannot be combined with --hf-args or --ds-config, which check another tool's "
                                      "settings instead of a run config")

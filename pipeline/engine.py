@@ -22,6 +22,27 @@ body when the loss is fused). Each distinct training shape is one graph, evaluat
 length) one more. ``warm_up`` builds them all before step 0 by running the real step and the real evaluation once
 per shape; dynamo's recompile limit is set to that count (plus a margin of two), and ``CompileMonitor`` reports any
 graph built after the warm-up and any fallback to eager in the log and as a ``kind: compile`` metrics line.
+
+DeepSpeed internals: ``setup.py`` pins DeepSpeed to the tested range (``>=0.19.8,<0.20``) because of these, each
+touched here and nowhere else; ``tests/test_deepspeed_internals.py`` checks that the installed version is inside the
+pin and that each exists on a real engine.
+
+- ``engine._config.gradient_clipping`` (``enter_stage``): the engine reads its clip from its config at every step
+  and has no setter, and the clip changes per stage. Where the norm is known before the update (fp32 weights, ZeRO
+  stage 0) it is 0: ``apply_update`` clips in one fused call with that norm instead of DeepSpeed's per-parameter
+  clip.
+- ``engine.optimizer.clip_grad`` (``enter_stage``): DeepSpeed's bf16/fp16 and ZeRO optimizer wrappers copy the clip
+  when they are built and clip with their copy, so each stage's clip is written there too.
+- ``engine.get_global_grad_norm()`` (``apply_update``): the norm those wrappers compute inside ``step()``; where the
+  norm is known only after the update (``norm_follows``), the loop and the spike guard read it there.
+- ``engine.set_gradient_accumulation_boundary()`` (``forward_backward``): the number of micro-batches changes from
+  stage to stage, so the step says which micro-batch is its last instead of DeepSpeed counting to a fixed
+  ``gradient_accumulation_steps``.
+- ``engine.enable_backward_allreduce = False`` (``build_engine``; one rank, ZeRO stage 0): spares the per-step
+  flatten, all-reduce and unflatten of every gradient that averaging over one rank would cost.
+- the ``torch_autocast`` config section (written by ``pipeline/ds_config.py`` for ``run.precision: bf16-autocast``;
+  the engine reads it as ``_config.torch_autocast_enabled``): bf16 matmuls under fp32 weights, with DeepSpeed
+  stepping the optimizer directly.
 """
 
 from __future__ import annotations

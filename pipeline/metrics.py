@@ -29,10 +29,17 @@ CSV_FIELDS = ["kind", "step", "tokens", "stage", "seq_len", "global_batch", "lr"
 
 
 class RunLogger:
-    """Writes every metric sink; create it on rank 0 only."""
+    """Writes every metric sink; create it on rank 0 only.
+
+    TensorBoard gets every scalar at its step and, given the run's ``description`` (``describe_run``), the run
+    config as text (tag ``config/text_summary``, at the step the run starts or resumes from) and the hparams
+    plugin's summaries: a few hyperparameters with ``eval/eval_loss`` as the metric, whose last value (the final
+    eval loss, once the run has ended) the hparams table shows. A resumed run opens the directory with
+    ``purge_step``: TensorBoard drops what the earlier segment logged from that step on, and of the hparams written
+    again keeps the first. wandb (``wandb_settings``) gets every line with ``tokens`` as its step metric."""
 
     def __init__(self, run_dir: Path, resume_step: int, tensorboard: bool, wandb_settings: Optional[dict[str, Any]],
-                 keep_guard_events: int = 0) -> None:
+                 keep_guard_events: int = 0, description: Optional[dict[str, Any]] = None) -> None:
         self.run_dir = run_dir
         self.jsonl_path = RunDir(run_dir).metrics
         self.csv_path = RunDir(run_dir).metrics_csv
@@ -43,12 +50,16 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(RunDir(run_dir).tensorboard), purge_step=resume_step or None)
+            if description is not None:
+                _describe_to_tensorboard(self._tb, description, resume_step)
         self._wandb = None
         if wandb_settings is not None:
             import wandb
 
             self._wandb = wandb.init(dir=str(run_dir), resume="allow", id=wandb_settings.pop("id"),
                                      **wandb_settings)
+            self._wandb.define_metric("tokens")
+            self._wandb.define_metric("*", step_metric="tokens")  # guard lines, which have none, take the last
 
     def _open(self) -> None:
         new_csv = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
@@ -90,7 +101,9 @@ class RunLogger:
             for key, value in scalars.items():
                 self._tb.add_scalar(f"{record['kind']}/{key}", value, record["step"])
         if self._wandb is not None:
-            self._wandb.log({f"{record['kind']}/{k}": v for k, v in scalars.items()}, step=record["step"])
+            tokens = {"tokens": record["tokens"]} if "tokens" in record else {}
+            self._wandb.log({**tokens, **{f"{record['kind']}/{k}": v for k, v in scalars.items()}},
+                            step=record["step"])
 
     def close(self) -> None:
         self._jsonl.close()
@@ -101,15 +114,37 @@ class RunLogger:
             self._wandb.finish()
 
 
+def _describe_to_tensorboard(writer: Any, description: dict[str, Any], step: int) -> None:
+    """The config as text and the hparams summaries, with ``eval/eval_loss`` as the metric, at ``step``."""
+    from torch.utils.tensorboard.summary import hparams
+
+    # four-space indent: a code block in the text plugin's markdown
+    writer.add_text("config", "    " + description["config"].replace("\n", "\n    "), step)
+    experiment, session_start, _ = hparams(description["hparams"], {"eval/eval_loss": None})
+    for summary in (experiment, session_start):
+        writer.file_writer.add_summary(summary, step)
+
+
+def describe_run(config: Any, schedule: Any) -> dict[str, Any]:
+    """What ``RunLogger`` writes to TensorBoard besides the scalars: the config as YAML text, and the hparams."""
+    import yaml
+
+    lengths = dict.fromkeys(stage.seq_len for stage in schedule.stages)  # each once, in order: 64,128,256
+    return {"config": yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
+            "hparams": {"base_lr": config.curriculum.base_lr, "seq_lens": ",".join(map(str, lengths)),
+                        "total_steps": schedule.total_steps, "total_tokens": schedule.total_tokens}}
+
+
 def wandb_settings(config: Any, run_dir: Path) -> Optional[dict[str, Any]]:
     """``wandb.init`` arguments for an offline (or online) run that resumes into the same wandb run id."""
     if not config.run.wandb.enabled:
         return None
     import hashlib
 
+    settings = config.run.wandb
     run_id = f"{config.name}-{hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:8]}"
-    return {"project": config.run.wandb.project, "name": config.name, "id": run_id, "mode": config.run.wandb.mode,
-            "config": config.model_dump(mode="json")}
+    return {"project": settings.project, "name": settings.name or config.name, "group": settings.group,
+            "id": run_id, "mode": settings.mode, "config": config.model_dump(mode="json")}
 
 
 class Progress:
@@ -223,35 +258,71 @@ def write_summary(run_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def plot_run(run_dir: Path) -> Path:
-    """training.png: loss vs tokens coloured by stage (eval loss as black dots), LR vs step, seq_len vs step."""
+    """training.png (``training_figure``) from the run's metrics."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(run_dir)
-    train = [r for r in records if r["kind"] == "train"]
-    evals = [r for r in records if r["kind"] == "eval"]
-    fig, (ax_loss, ax_lr, ax_len) = plt.subplots(3, 1, figsize=(9, 10))
-    for stage in sorted({r["stage"] for r in train}):
-        rows = [r for r in train if r["stage"] == stage]
-        ax_loss.plot([r["tokens"] for r in rows], [r["loss"] for r in rows], lw=1,
-                     label=f"stage {stage} (seq {rows[0]['seq_len']})")
-    if evals:
-        ax_loss.plot([r["tokens"] for r in evals], [r["eval_loss"] for r in evals], "ko", ms=4,
-                     label="eval (full length)")
-    ax_loss.set(xlabel="tokens", ylabel="loss", title="loss vs tokens, by stage")
-    ax_loss.legend(fontsize=8)
-    steps = [r["step"] for r in train]
-    ax_lr.plot(steps, [r["lr"] for r in train])
-    ax_lr.set(xlabel="step", ylabel="learning rate")
-    ax_len.step(steps, [r["seq_len"] for r in train], where="post")
-    ax_len.set(xlabel="step", ylabel="seq_len")
-    fig.tight_layout()
+    fig = training_figure(read_metrics(run_dir))
     out = RunDir(run_dir).plot
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def training_figure(records: list[dict[str, Any]]) -> Any:
+    """Four panels over one token axis: loss coloured by stage with the evaluations as black dots, LR, seq_len, and
+    the gradient norm (log scale) under its clip (dashed). A dotted vertical line marks each stage's start on every
+    panel.
+
+    A line's ``tokens`` counts the tokens up to and including its step, so a step covers
+    ``(tokens - global_batch x seq_len, tokens]``: stage 1 of tiny-cpu (2,048 tokens per step) starts at 122,880
+    tokens, after step 59, and the step lines of seq_len and clip change there. (With ``run.log_every`` above 1 a
+    stage's line is drawn before its first logged step.)"""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    from curriculum.plan import human_count
+
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    fig, (ax_loss, ax_lr, ax_len, ax_norm) = plt.subplots(4, 1, figsize=(9, 12), sharex=True)
+    stage_starts = []
+    for stage in sorted({r["stage"] for r in train}):
+        rows = [r for r in train if r["stage"] == stage]
+        first = rows[0]
+        stage_starts.append(first["tokens"] - first["global_batch"] * first["seq_len"])
+        ax_loss.plot([r["tokens"] for r in rows], [r["loss"] for r in rows], lw=1,
+                     label=f"stage {stage} (seq {first['seq_len']})")
+    if evals:
+        ax_loss.plot([r["tokens"] for r in evals], [r["eval_loss"] for r in evals], "ko", ms=4,
+                     label="eval (full length)")
+    ax_loss.set(ylabel="loss", title="loss vs tokens, by stage")
+    ax_loss.legend(fontsize=8)
+    tokens = [r["tokens"] for r in train]
+    ax_lr.plot(tokens, [r["lr"] for r in train])
+    ax_lr.set(ylabel="learning rate")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    ax_len.step(tokens, [r["seq_len"] for r in train], where="pre")
+    ax_len.set(ylabel="seq_len")
+    normed = [r for r in train if r["grad_norm"] is not None and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0]
+    ax_norm.plot([r["tokens"] for r in normed], [r["grad_norm"] for r in normed], lw=1, label="gradient norm")
+    ax_norm.step(tokens, [r["grad_clip"] for r in train], where="pre", ls="--", color="black", lw=1,
+                 label="grad_clip")
+    if train:
+        ax_norm.set_yscale("log")
+    ax_norm.set(ylabel="gradient norm", xlabel="tokens")
+    ax_norm.legend(fontsize=8)
+    for ax in (ax_loss, ax_lr, ax_len, ax_norm):
+        for start in stage_starts:
+            if start > 0:
+                ax.axvline(start, color="grey", ls=":", lw=1)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: human_count(x, ".4g")))  # 150K, 1.25M, 4.5B
+        ax.tick_params(labelbottom=True)  # every panel keeps its own token labels
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
 
 
 def _mean(values: list[float]) -> Optional[float]:

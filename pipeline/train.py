@@ -83,6 +83,8 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     end_step = schedule.total_steps if stop_at_step is None else stop_at_step
     if not 0 < end_step <= schedule.total_steps:
         raise ConfigError("--stop-at-step", stop_at_step, f"must be in 1 .. {schedule.total_steps}")
+    if schedule.cut_from is not None:
+        log(f"run.max_steps: the plan is cut at step {schedule.total_steps} of {schedule.cut_from}")
     run_dir = RunDir(output_directory("--output-dir", output_dir or config.run.output_dir or Path("runs") / config.name))
     data = load_run_data(config, schedule, rank, world_size, processes.device)
     ds_config = derive_ds_config(config, schedule, device_precision(config, processes.device))
@@ -106,7 +108,8 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     guard = SpikeGuard(config.guard)
     if state.guard:
         guard.load_state_dict(state.guard)
-    logger = _open_outputs(run_dir, config, ds_config, state, engine, guard, resume_path) if rank == 0 else None
+    logger = (_open_outputs(run_dir, config, schedule, ds_config, state, engine, guard, resume_path) if rank == 0
+              else None)
     progress = Progress(config, schedule, state.step, enabled=rank == 0)
     stop_requested = _install_stop_handler()
     device_peak = config.run.peak_flops or peak_flops(processes.device)
@@ -230,18 +233,19 @@ def _restore(checkpointer: Any, engine: Any, path: Path, config: Config, model_f
     return state
 
 
-def _open_outputs(run_dir: Any, config: Config, ds_config: dict[str, Any], state: Any, engine: Any, guard: Any,
-                  resume_path: Optional[Path]) -> Any:
+def _open_outputs(run_dir: Any, config: Config, schedule: Schedule, ds_config: dict[str, Any], state: Any,
+                  engine: Any, guard: Any, resume_path: Optional[Path]) -> Any:
     """Rank 0, once everything is checked: config.json, ds_config.json and the metrics sinks (which drop what was
     logged from the resumed step on; the guard line of an event the checkpoint already counts, the one that
     stopped a run, is kept), with the compile line of the warm-up."""
-    from pipeline.metrics import RunLogger, wandb_settings
+    from pipeline.metrics import RunLogger, describe_run, wandb_settings
 
     run_dir.path.mkdir(parents=True, exist_ok=True)
     run_dir.config.write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
     run_dir.ds_config.write_text(json.dumps(ds_config, indent=2) + "\n")
     logger = RunLogger(run_dir.path, state.step, config.run.tensorboard, wandb_settings(config, run_dir.path),
-                       keep_guard_events=guard.events if resume_path is not None else 0)
+                       keep_guard_events=guard.events if resume_path is not None else 0,
+                       description=describe_run(config, schedule))
     if engine.monitor is not None:
         logger.log({"kind": "compile", "step": state.step, "graphs": engine.monitor.graphs,
                     "warmup_s": engine.warmup_s, "graph_breaks": engine.monitor.graph_breaks()})

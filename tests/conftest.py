@@ -1,4 +1,5 @@
-"""Shared test helpers: a validated config from plain dicts, and the real CLI in a subprocess."""
+"""Shared test helpers: a validated config from plain dicts, the real CLI in a subprocess, and a reader of wandb's
+offline run files."""
 
 from __future__ import annotations
 
@@ -69,3 +70,31 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     prepare_data(["python-stdlib"], out, tokenizer=None, vocab_size=512, text_field="text", val_fraction=0.05,
                  dtype="auto", seed=1234, num_proc=1, max_files=40)
     return out
+
+
+def read_wandb_run(path: Path) -> list[Any]:
+    """The records of a ``run-*.wandb`` file, as wandb's own protobuf ``Record`` messages.
+
+    The file is a 7-byte header (``:W&B``, a magic number, a version) and then LevelDB's log format: 32 KiB blocks of
+    chunks, each a 7-byte header (CRC32C, length, type: 1 full, 2 first, 3 middle, 4 last) and the bytes of a record
+    or of part of one; a block's tail shorter than a chunk header is zero padding."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    block, header = 32 * 1024, 7
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a wandb run file"
+    records, pending, position = [], b"", header
+    while position + header <= len(data):
+        left_in_block = block - position % block
+        _, length, kind = struct.unpack("<IHB", data[position:position + header])
+        if left_in_block < header or (kind, length) == (0, 0):  # padding up to the next block
+            position += left_in_block
+            continue
+        pending += data[position + header:position + header + length]
+        position += header + length
+        if kind in (1, 4):  # a record ends here
+            records.append(wandb_internal_pb2.Record.FromString(pending))
+            pending = b""
+    return records

@@ -1,12 +1,14 @@
-"""Run outputs: metrics.jsonl and its CSV twin (also across a resume), summary.json and the plot.
+"""Run outputs: metrics.jsonl and its CSV twin (also across a resume), summary.json, the plot, and what TensorBoard
+reads back (also across a resume) and what wandb is given.
 
-TensorBoard and wandb are off here; the records are the ones the training loop writes, with made-up values.
+The records are the ones the training loop writes, with made-up values.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -153,3 +155,118 @@ def test_plot_run_writes_a_png(tmp_path: Path) -> None:
     path = plot_run(tmp_path)
     assert path == tmp_path / "training.png"
     assert path.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def two_stage_records() -> list[dict[str, Any]]:
+    """Stage 0: 8 x 64 = 512 tokens per step, steps 0-3 (2,048 tokens), clip 5; stage 1: 4 x 128 = 512, steps 4-7
+    (to 4,096), clip 1; evaluations after steps 3 and 7."""
+    records = []
+    for step in range(8):
+        stage = step // 4
+        records.append({**train_record(step, stage=stage, seq_len=64 << stage), "global_batch": 8 >> stage,
+                        "tokens": (step + 1) * 512, "grad_clip": 5.0 if stage == 0 else 1.0,
+                        "grad_norm": 2.0 / (step + 1)})
+        if step % 4 == 3:
+            records.append({**eval_record(step, 4.5 - 0.5 * stage), "tokens": (step + 1) * 512})
+    return records
+
+
+def test_training_figure_panels_share_the_token_axis_and_mark_each_stage_start() -> None:
+    """Loss (by stage, eval dots), LR, seq_len and gradient norm (log, with the clip dashed) over one token axis
+    labelled 1K, 2K, ...; stage 1 starts after step 3, at 2,048 tokens: a vertical line there on every panel."""
+    from pipeline.metrics import training_figure
+
+    records = two_stage_records()
+    fig = training_figure(records)
+    fig.canvas.draw()
+    axes = fig.axes
+    assert [ax.get_ylabel() for ax in axes] == ["loss", "learning rate", "seq_len", "gradient norm"]
+    assert len({ax.get_xlim() for ax in axes}) == 1
+    for ax in axes:
+        verticals = [line for line in ax.get_lines() if len(set(line.get_xdata())) == 1 and len(line.get_xdata()) == 2]
+        assert [line.get_xdata()[0] for line in verticals] == [2048], ax.get_ylabel()
+        labels = [label.get_text() for label in ax.get_xticklabels() if label.get_text()]
+        assert labels and all(re.fullmatch(r"\d+|[\d.]+K", label) for label in labels), labels
+    assert axes[0].xaxis.get_major_formatter()(1_500_000, 0) == "1.5M"
+    assert axes[0].xaxis.get_major_formatter()(4.33e9, 0) == "4.33B"
+    eval_dots = [line for line in axes[0].get_lines() if line.get_marker() == "o"]
+    assert [list(line.get_ydata()) for line in eval_dots] == [[4.5, 4.0]]
+    norm = axes[3]
+    assert norm.get_yscale() == "log"
+    (clip,) = [line for line in norm.get_lines() if line.get_linestyle() == "--"]
+    assert set(clip.get_ydata()) == {5.0, 1.0}
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def read_tensorboard(directory: Path) -> Any:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(directory), size_guidance={"scalars": 0, "tensors": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_tensorboard_gets_the_config_and_hparams_and_a_resumed_run_replaces_what_it_logs_again(
+        tmp_path: Path) -> None:
+    """Steps 0-7 with evaluations after 3 and 7, then a resume from step 5 that logs 5-7 again: TensorBoard reads
+    back each step once (purge_step), the config as text, and the hparams (base_lr, seq_lens, total steps and
+    tokens) with eval/eval_loss as their metric, whose last value is the final eval loss."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from curriculum.loading import load_config
+    from curriculum.schedule import build_schedule
+    from pipeline.metrics import describe_run
+
+    config = load_config("tiny-cpu", environ={})
+    description = describe_run(config, build_schedule(config))
+    records = two_stage_records()
+    logger = RunLogger(tmp_path, 0, tensorboard=True, wandb_settings=None, description=description)
+    for record in records:
+        logger.log(record)
+    logger.close()
+    logger = RunLogger(tmp_path, 5, tensorboard=True, wandb_settings=None, description=description)
+    resumed = [{**r, "loss": r.get("loss", 0.0) - 1.0, "eval_loss": 3.25} for r in records if r["step"] >= 5]
+    for record in resumed:
+        logger.log(record)
+    logger.close()
+
+    events = read_tensorboard(tmp_path / "tensorboard")
+    expected = [r for r in records if r["kind"] == "train" and r["step"] < 5] + \
+        [r for r in resumed if r["kind"] == "train"]
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(8))
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in expected])
+    assert [(e.step, e.value) for e in events.Scalars("eval/eval_loss")] == [(3, 4.5), (7, 3.25)]
+
+    texts = events.Tensors("config/text_summary")  # torch's SummaryWriter.add_text adds /text_summary
+    assert [e.step for e in texts] == [0, 5]  # where each segment started
+    text = texts[-1].tensor_proto.string_val[0].decode()
+    assert text.startswith("    name: tiny-cpu\n") and "    curriculum:\n" in text and "base_lr: 0.002" in text
+
+    def plugin_data(tag: str) -> Any:
+        return plugin_data_pb2.HParamsPluginData.FromString(events.PluginTagToContent("hparams")[tag])
+
+    experiment = plugin_data("_hparams_/experiment").experiment
+    assert [metric.name.tag for metric in experiment.metric_infos] == ["eval/eval_loss"]
+    hparams = plugin_data("_hparams_/session_start_info").session_start_info.hparams
+    assert {key: getattr(value, value.WhichOneof("kind")) for key, value in hparams.items()} == {
+        "base_lr": 2e-3, "seq_lens": "64,128,256", "total_steps": 200, "total_tokens": 409_600}
+
+
+def test_wandb_settings_name_the_run_and_its_group() -> None:
+    """The run is named after the config unless run.wandb.name says otherwise; run.wandb.group groups it; the id
+    is the same for the same run directory (a resumed run continues the wandb run)."""
+    from curriculum.loading import load_config
+    from pipeline.metrics import wandb_settings
+
+    assert wandb_settings(load_config("tiny-cpu", environ={}), Path("runs/x")) is None
+    plain = wandb_settings(load_config("tiny-cpu", ["run.wandb.enabled=true"], environ={}), Path("runs/x"))
+    assert plain is not None
+    assert (plain["name"], plain["group"], plain["mode"], plain["project"]) == ("tiny-cpu", None, "offline",
+                                                                              "curriculum-pretrain")
+    named = wandb_settings(load_config("tiny-cpu", ["run.wandb.enabled=true", "run.wandb.group=sweep-1",
+                                                    "run.wandb.name=tiny-cpu-lr_1.00e-03"], environ={}),
+                           Path("runs/x"))
+    assert named is not None
+    assert (named["name"], named["group"], named["id"]) == ("tiny-cpu-lr_1.00e-03", "sweep-1", plain["id"])

@@ -1,18 +1,23 @@
-"""Every shipped recipe parses and plans; the ``plan`` CLI's JSON and table; ``curriculum`` stays torch-free."""
+"""Every shipped recipe parses and plans; the ``plan`` CLI's JSON and table (and ``--max-steps``), ``recipes`` and
+``--version``; ``curriculum`` stays torch-free."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import re
 import subprocess
 import sys
 from importlib import resources
+from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT, run_cli
 
 from curriculum.loading import load_config, recipe_names, resolve_config_path
 from curriculum.schedule import build_schedule
+from pipeline.cli import commands, setup_arguments
 
 RECIPES = recipe_names()
 
@@ -181,3 +186,117 @@ def test_plan_lists_the_shapes_a_compiled_run_builds() -> None:
     plan = json.loads(run_cli(["plan", "--config", "gpt2-124m-curriculum", "--json"]).stdout)
     assert plan["shapes"] == [{"micro_batch": 256, "seq_len": 128}, {"micro_batch": 128, "seq_len": 256},
                               {"micro_batch": 64, "seq_len": 512}, {"micro_batch": 32, "seq_len": 1024}]
+
+
+# --------------------------------------------------------------------------------------------------- recipes
+
+
+def columns(line: str) -> list[str]:
+    return re.split(r"\s{2,}", line.strip())
+
+
+def test_recipes_lists_each_shipped_recipe_on_one_line() -> None:
+    """`recipes`: one line per shipped YAML file, with its model, stage count, seq_len range, steps and tokens as
+    `plan` resolves them; the recipes as shipped, whatever CPT_* variables say."""
+    result = run_cli(["recipes"], env={"CPT_RUN__MAX_STEPS": "3", "CPT_CURRICULUM__BASE_LR": "1.0"})
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    lines = result.stdout.splitlines()
+    assert [columns(line)[0] for line in lines] == RECIPES
+    for name, line in zip(RECIPES, lines):
+        config = load_config(name, environ={})
+        schedule = build_schedule(config)
+        lengths = sorted({stage.seq_len for stage in schedule.stages})
+        _, model, stages, seq_lens, steps, tokens = columns(line)
+        assert model == f"{config.model.arch} {config.model.preset}"
+        assert stages.split()[0] == str(len(schedule.stages))
+        assert seq_lens == f"seq_len {lengths[0]}" + (f"-{lengths[-1]}" if len(lengths) > 1 else "")
+        assert steps == f"{schedule.total_steps:,} steps"
+        assert tokens.endswith(" tokens")
+    by_name = {columns(line)[0]: columns(line)[1:] for line in lines}
+    # tiny-cpu: 200 steps of 2,048 tokens; the baseline: 10,000 steps of 512 x 1024 = 5,242,880,000 tokens
+    assert by_name["tiny-cpu"] == ["llama tiny", "3 stages", "seq_len 64-256", "200 steps", "409.60K tokens"]
+    assert by_name["gpt2-124m-baseline"] == ["gpt2 124m", "1 stage", "seq_len 1024", "10,000 steps", "5.24B tokens"]
+
+
+def test_recipes_and_version_do_not_import_torch() -> None:
+    code = ("import sys; from pipeline.cli import main, package_version; assert main(['recipes']) == 0; "
+            "package_version(); assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------------------------------------------- --version
+
+
+def test_version_is_setup_pys() -> None:
+    """`--version` prints the distribution's name and the version setup.py gives (read from it in a checkout)."""
+    result = run_cli(["--version"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"curriculum-pretrain {setup_arguments(REPO_ROOT / 'setup.py')['version']}\n"
+
+
+def test_version_outside_a_checkout_comes_from_the_installed_metadata(monkeypatch: pytest.MonkeyPatch,
+                                                                      tmp_path: Path) -> None:
+    """Installed (no setup.py beside the packages): the distribution's metadata."""
+    import importlib.metadata
+
+    from pipeline import cli
+
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "pipeline" / "cli.py"))
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "9.8.7" if name == "curriculum-pretrain" else pytest.fail(name))
+    assert cli.package_version() == "9.8.7"
+
+
+# --------------------------------------------------------------------------------------------------- --max-steps
+
+
+def test_every_command_that_takes_a_config_takes_max_steps() -> None:
+    """--max-steps comes with --config (pipeline.commands.add_config_arguments), on every command."""
+    taking_config = []
+    for name, (_, add_arguments, _) in commands().items():
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        if "--config" in parser._option_string_actions:
+            taking_config.append(name)
+            assert "--max-steps" in parser._option_string_actions, name
+    assert taking_config == ["plan", "ds-config", "train", "doctor", "lr-find", "sweep", "bench"]
+
+
+@pytest.mark.parametrize(("args", "env"), [
+    (["--max-steps", "90"], {}),
+    (["--set", "run.max_steps=90"], {}),
+    ([], {"CPT_RUN__MAX_STEPS": "90"}),
+    (["--max-steps", "90"], {"CPT_RUN__MAX_STEPS": "150"}),  # --max-steps is the last override
+])
+def test_plan_shows_the_cut(args: list[str], env: dict[str, str]) -> None:
+    """tiny-cpu (stages 0-59, 60-119, 120-199) cut at 90: stage 0 whole, stage 1 over steps 60-89, stage 2 gone."""
+    result = run_cli(["plan", "--config", "tiny-cpu", *args], env=env)
+    assert result.returncode == 0, result.stderr
+    rows = [columns(line) for line in result.stdout.splitlines() if line[:1].isdigit()]
+    assert [row[1] for row in rows] == ["0-59", "60-89"]
+    assert "total: 90 steps, 184,320 tokens" in result.stdout  # 90 x 2,048
+    assert "cut at step 90 of 200 by run.max_steps" in result.stdout
+    plan = json.loads(run_cli(["plan", "--config", "tiny-cpu", "--json", *args], env=env).stdout)
+    assert (plan["total_steps"], plan["cut_from"], plan["stages"][-1]["end_step"]) == (90, 200, 90)
+
+
+def test_plan_without_a_cut() -> None:
+    """--max-steps at or past the end: the full plan, no cut line, cut_from null."""
+    result = run_cli(["plan", "--config", "tiny-cpu", "--max-steps", "200"])
+    assert "total: 200 steps" in result.stdout and "cut at" not in result.stdout
+    assert json.loads(run_cli(["plan", "--config", "tiny-cpu", "--json"]).stdout)["cut_from"] is None
+
+
+@pytest.mark.parametrize(("args", "env", "line"), [
+    (["--max-steps", "0"], {}, "error: run.max_steps = 0: Input should be greater than 0"),
+    (["--max-steps", "-5"], {"CPT_RUN__MAX_STEPS": "7"}, "error: run.max_steps = -5: Input should be greater than 0"),
+    ([], {"CPT_RUN__MAX_STEPS": "0"}, "error: run.max_steps = 0: Input should be greater than 0 (set by "
+                                      "CPT_RUN__MAX_STEPS)"),
+    (["--max-steps", "ten"], {}, "error: run.max_steps = 'ten': Input should be a valid integer, unable to parse "
+                                 "string as an integer"),
+])
+def test_a_bad_max_steps_is_one_error_line(args: list[str], env: dict[str, str], line: str) -> None:
+    """0, negative or not a number: exit 2 and one line, naming the variable only when it set the value."""
+    result = run_cli(["plan", "--config", "tiny-cpu", *args], env=env)
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", line + "\n")

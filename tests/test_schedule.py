@@ -19,7 +19,7 @@ from conftest import make_config
 from curriculum.config import ClipRule, GradClipAutoConfig, LRScalingConfig
 from curriculum.errors import ConfigError
 from curriculum.loading import load_config
-from curriculum.schedule import Schedule, auto_grad_clip, build_schedule, rule_lr
+from curriculum.schedule import Schedule, auto_grad_clip, build_schedule, cut_schedule, rule_lr
 
 Row = tuple[int, int, float, float, int]
 """(seq_len, global_batch, lr, grad_clip, tokens_before) at one step."""
@@ -214,6 +214,63 @@ def test_until_step_and_until_tokens_agree() -> None:
         {"until_tokens": 10 * 2048 + 3 * 4096, "seq_len": 128, "global_batch": 32}]}))
     assert [(s.start_step, s.end_step) for s in by_tokens.stages] == [(0, 10), (10, 13)]
     assert by_tokens.total_tokens == 32_768  # 10 x 2048 + 3 x 4096
+
+
+# --------------------------------------------------------------------------------------------------- run.max_steps
+
+# The hand-written run (stages 0-9, 10-21, 22-43; warmups 2, 5, 0; 2,048 tokens per step; LR event at 15) cut at N:
+# N: (stage ranges, tokens, warmup steps per stage, LR events kept)
+CUTS = {
+    1: ([(0, 1)], 2_048, [1], ()),  # inside stage 0's warmup: the warmup ends with the run
+    5: ([(0, 5)], 10_240, [2], ()),  # inside stage 0, after its warmup
+    10: ([(0, 10)], 20_480, [2], ()),  # at the edge: stage 0 whole, stages 1 and 2 dropped
+    11: ([(0, 10), (10, 11)], 22_528, [2, 1], ()),  # one step of stage 1: 20,480 + 2,048
+    15: ([(0, 10), (10, 15)], 30_720, [2, 5], ()),  # the LR event at step 15 is past the end
+    16: ([(0, 10), (10, 16)], 32_768, [2, 5], ((15, 0.5),)),
+    43: ([(0, 10), (10, 22), (22, 43)], 88_064, [2, 5, 0], ((15, 0.5),)),  # the last step of the plan dropped
+}
+
+
+@pytest.mark.parametrize("max_steps", sorted(CUTS))
+def test_max_steps_cuts_the_plan_and_keeps_every_step_before_the_cut(max_steps: int) -> None:
+    """run.max_steps N: the stage holding step N - 1 ends at N, later stages and LR events go; every step before N
+    has the full plan's length, batch, LR, clip and tokens (the LR windows are not rescaled)."""
+    full = build_schedule(make_config(HAND_WRITTEN, HAND_RUN))
+    cut = build_schedule(make_config(HAND_WRITTEN, {**HAND_RUN, "max_steps": max_steps}))
+    ranges, tokens, warmups, events = CUTS[max_steps]
+    assert [(s.start_step, s.end_step) for s in cut.stages] == ranges
+    assert [s.warmup_steps for s in cut.stages] == warmups
+    assert cut.lr_events == events
+    assert cut.cut_from == 44
+    assert_ends_at(cut, max_steps, tokens)
+    assert_table(cut, {step: row(full, step) for step in range(max_steps)})
+    assert cut.tokens_before(max_steps) == full.tokens_before(max_steps)
+    assert cut.max_seq_len == full.max_seq_len == 1024  # evaluation stays at the full length
+
+
+@pytest.mark.parametrize("max_steps", [44, 45, 10**12])
+def test_max_steps_at_or_past_the_end_changes_nothing(max_steps: int) -> None:
+    full = build_schedule(make_config(HAND_WRITTEN, HAND_RUN))
+    assert build_schedule(make_config(HAND_WRITTEN, {**HAND_RUN, "max_steps": max_steps})) == full
+    assert cut_schedule(full, max_steps) is full and full.cut_from is None
+
+
+@pytest.mark.parametrize("max_steps", [0, -1])
+def test_max_steps_must_be_positive(max_steps: int) -> None:
+    """0 and negative values: refused by the config field and by ``cut_schedule`` itself."""
+    with pytest.raises(ConfigError, match=rf"^run\.max_steps = {max_steps}: Input should be greater than 0$"):
+        make_config(HAND_WRITTEN, {**HAND_RUN, "max_steps": max_steps})
+    with pytest.raises(ConfigError, match=rf"^run\.max_steps = {max_steps}: must be a positive number of steps$"):
+        cut_schedule(build_schedule(make_config(HAND_WRITTEN, HAND_RUN)), max_steps)
+
+
+def test_max_steps_cuts_a_pacing_run_inside_a_plateau() -> None:
+    """fixed_discrete 64 (steps 0-2), 128 (3-4), 256 (5-6) cut at 4: the 128 plateau ends there."""
+    schedule = build_schedule(make_config(
+        {"pacing": {"type": "fixed_discrete", "difficulty": [64, 128, 256], "max_step": [2, 4], "global_batch": 4,
+                    "lr": 1e-3}}, {"total_steps": 7, "max_steps": 4}))
+    assert [(s.start_step, s.end_step, s.seq_len) for s in schedule.stages] == [(0, 3, 64), (3, 4, 128)]
+    assert schedule.total_tokens == 3 * 4 * 64 + 4 * 128 and schedule.max_seq_len == 256
 
 
 # --------------------------------------------------------------------------------------------------- (c) reshape

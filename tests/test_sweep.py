@@ -1,7 +1,7 @@
 """``sweep``: the LR grid, the per-run overrides, the status of a run and the analysis of a sweep (pure functions
 on synthetic metrics, each well under a second); the process handling with a stand-in trainer (a few short
-``python -c`` processes); and one real sweep of three tiny runs on the DeepSpeed engine, resumed after one run's
-``summary.json`` is deleted.
+``python -c`` processes); one real sweep of three tiny runs on the DeepSpeed engine, resumed after one run's
+``summary.json`` is deleted; and one of two runs cut to two steps, logging to wandb offline.
 
 Synthetic metrics follow ``metrics.jsonl``: train lines ``{kind, step, tokens, stage, seq_len, lr, loss, ...}``
 with steps counted from 0, eval lines ``{kind: eval, step, eval_loss}``, guard lines ``{kind: guard, step}``.
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import pytest
-from conftest import REPO_ROOT, TINY_LLAMA_YAML, make_config, process_env
+from conftest import REPO_ROOT, TINY_LLAMA_YAML, make_config, process_env, read_wandb_run
 
 from curriculum.errors import ConfigError
 from curriculum.loading import apply_set_overrides, validate_config
@@ -27,6 +27,7 @@ from curriculum.schedule import build_schedule
 from pipeline.rundir import train_rows
 from pipeline.sweep import (Job, RunAnalysis, SweepAborted, analyze_run, analyze_sweep, classify_run, default_lrs,
                             format_analysis, loss_spikes, lr_overrides, parse_gpus, parse_lrs, run_jobs, run_name)
+from pipeline.sweep.grid import wandb_overrides
 
 # --------------------------------------------------------------------------------------------------- the LR grid
 
@@ -94,6 +95,17 @@ def test_overrides_move_base_lr_and_scale_absolute_stage_lrs_only() -> None:
     assert float(overrides[1].split("=")[1]) == pytest.approx(3.0e-3, rel=1e-12)
     assert with_overrides(curriculum, overrides) == pytest.approx([3.0e-3, 1.2e-2, 5.0e-4], rel=1e-12)
     assert with_overrides(curriculum, []) == pytest.approx([1.0e-3, 4.0e-3, 5.0e-4], rel=1e-12)
+
+
+@pytest.mark.parametrize(("group", "name"), [("tiny-cpu-sweep", "tiny-cpu-lr_3.00e-04"),
+                                             ("a: b", "[1, 2] # not a list")])
+def test_wandb_overrides_set_the_group_and_name_whatever_they_hold(group: str, name: str) -> None:
+    """A sweep's wandb group and run name reach the config as the strings they are (YAML would read ``a: b`` as a
+    mapping, ``[1, 2]`` as a list)."""
+    raw = apply_set_overrides({"curriculum": {"stages": [{"until_step": 1, "seq_len": 8, "global_batch": 1}]}},
+                              wandb_overrides(group, name))
+    wandb = validate_config(raw).run.wandb
+    assert (wandb.group, wandb.name) == (group, name)
 
 
 def test_overrides_of_the_base_lr_itself_change_nothing_and_pacing_lr_is_scaled() -> None:
@@ -419,3 +431,39 @@ def test_a_real_three_lr_sweep_compares_the_runs_and_resumes(data_dir: Path, tmp
     assert "resumed from" in (sweep_dir / names[0] / "train.log").read_text()
     assert (sweep_dir / names[0] / "summary.json").is_file()
     print(f"sweep of {len(SWEEP_LRS)} runs and one resumed run: {time.perf_counter() - start:.0f} s")
+
+
+def test_a_sweep_puts_its_runs_in_one_wandb_group_each_named_after_its_lr(data_dir: Path, tmp_path: Path) -> None:
+    """Two LRs cut to 2 steps by --max-steps, with wandb offline: each trainer process gets the sweep's group (the
+    directory's name) and a name with its LR, which the manifest records and the offline run files hold, with
+    ``tokens`` as the step metric of every metric and in every logged row."""
+    config = tmp_path / "tiny-sweep.yaml"
+    config.write_text(SWEEP_CONFIG_YAML.format(data_dir=data_dir))
+    sweep_dir = tmp_path / "lr-sweep"
+    wandb_home = {f"WANDB_{name}_DIR": str(tmp_path / f"wandb-{name.lower()}") for name in ("CONFIG", "CACHE", "DATA")}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "sweep", "--config", str(config), "--lrs",
+                           "1e-3,1e-2", "--max-steps", "2", "--set", "run.wandb.enabled=true", "--output-dir",
+                           str(sweep_dir)], cwd=REPO_ROOT, env=process_env(wandb_home), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"exit status {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    manifest = json.loads((sweep_dir / "sweep_manifest.json").read_text())
+    assert manifest["sets"] == ["run.wandb.enabled=true", "run.max_steps=2"]
+    for lr in (1e-3, 1e-2):
+        name = run_name(lr)
+        assert manifest["runs"][name]["overrides"][-2:] == ['run.wandb.group="lr-sweep"',
+                                                             f'run.wandb.name="tiny-sweep-{name}"']
+        rows = [json.loads(line) for line in (sweep_dir / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if r["kind"] == "train"] == [0, 1]  # cut at step 2
+        (offline_run,) = (sweep_dir / name / "wandb").glob("offline-run-*")
+        (run_file,) = offline_run.glob("run-*.wandb")
+        records = read_wandb_run(run_file)
+        (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        assert (run.run_group, run.display_name) == ("lr-sweep", f"tiny-sweep-{name}")
+        metrics = [r.metric for r in records if r.WhichOneof("record_type") == "metric"]
+        assert [(m.glob_name, m.step_metric) for m in metrics if m.glob_name] == [("*", "tokens")]
+        history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+                   for r in records if r.WhichOneof("record_type") == "history"]
+        # one row per step (wandb joins the evaluation after step 1 to that step's row), each with its tokens
+        (evaluation,) = [r for r in rows if r["kind"] == "eval"]
+        assert [row["tokens"] for row in history] == [r["tokens"] for r in rows if r["kind"] == "train"]
+        assert history[-1]["eval/eval_loss"] == pytest.approx(evaluation["eval_loss"])

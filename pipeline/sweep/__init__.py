@@ -7,7 +7,9 @@
 The swept value is ``curriculum.base_lr``. Stages whose peak is set absolutely (``lr: 6e-4``) are scaled by
 ``new_base / old_base`` so the whole schedule moves together; ``lr_mult`` and ``lr: auto`` stages follow
 ``base_lr`` by themselves, and ``lr_max`` caps stay where they are. Each run's changes are ``--set`` overrides
-given to the trainer and recorded in the sweep manifest.
+given to the trainer and recorded in the sweep manifest; with them ``run.wandb.group`` (the sweep directory's name)
+and ``run.wandb.name`` (``<name>-lr_3.00e-04``), so that with ``run.wandb.enabled`` the runs of a sweep are one
+wandb group, each named after its LR.
 
 Sweep directory (default ``runs/<name>-sweep``)::
 
@@ -40,7 +42,8 @@ from typing import Optional
 from pipeline.rundir import RunDir, read_records
 from pipeline.sweep.analysis import (RunAnalysis, SweepAnalysis, analyze_run, analyze_sweep, classify_run,
                                      format_analysis, loss_spikes, suggestions)
-from pipeline.sweep.grid import (check_run_names, default_lrs, lr_overrides, parse_gpus, parse_lrs, run_name)
+from pipeline.sweep.grid import (check_run_names, default_lrs, lr_overrides, parse_gpus, parse_lrs, run_name,
+                                 wandb_overrides)
 from pipeline.sweep.jobs import (BAD_INPUT_EXIT, Job, SweepAborted, child_environment, cuda_device_count, run_jobs,
                                  trainer_command)
 from pipeline.sweep.manifest import MANIFEST, Manifest
@@ -69,19 +72,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from curriculum.loading import load_config
     from curriculum.schedule import build_schedule
-    from pipeline.commands import load_config_from_args, output_directory
+    from pipeline.commands import config_sets, load_config_from_args, output_directory
 
     config = load_config_from_args(args)
+    sets = config_sets(args)
     build_schedule(config)  # a bad config is one error line before any run starts
     lrs = parse_lrs(args.lrs) if args.lrs is not None else check_run_names(default_lrs(config.curriculum.base_lr))
     gpus = parse_gpus(args.gpus, cuda_device_count()) if args.gpus is not None else None
     sweep_dir = output_directory("--output-dir", args.output_dir or Path("runs") / f"{config.name}-sweep")
 
-    manifest = Manifest.open(sweep_dir, config, args.config, args.overlays, args.sets)
+    manifest = Manifest.open(sweep_dir, config, args.config, args.overlays, sets)
     for lr in lrs:
-        overrides = lr_overrides(config.curriculum, lr)
+        # one wandb group per sweep, each run named after its LR: tiny-cpu-sweep / tiny-cpu-lr_3.00e-04
+        overrides = [*lr_overrides(config.curriculum, lr),
+                     *wandb_overrides(sweep_dir.resolve().name, f"{config.name}-{run_name(lr)}")]
         # each run's config is validated here too: an override the trainer would refuse fails before any run
-        run_config = load_config(args.config, [*args.sets, *overrides], overlays=args.overlays)
+        run_config = load_config(args.config, [*sets, *overrides], overlays=args.overlays)
         manifest.add_run(lr, overrides, [stage.peak_lr for stage in build_schedule(run_config).stages])
     manifest.save()
 
@@ -93,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name}: done (summary.json exists), skipped")
             continue
         jobs.append(Job(name, run_dir, trainer_command(args.config, args.overlays,
-                                                       [*args.sets, *manifest.run(name)["overrides"]], run_dir)))
+                                                       [*sets, *manifest.run(name)["overrides"]], run_dir)))
     manifest.save()
 
     def on_start(job: Job, gpu: Optional[int]) -> None:

@@ -1,8 +1,9 @@
-"""The LR grid of a sweep: parsing ``--lrs`` and ``--gpus``, the default grid, run names, and the overrides that move
-a whole LR schedule to another base LR."""
+"""The LR grid of a sweep: parsing ``--lrs`` and ``--gpus``, the default grid, run names, the overrides that move
+a whole LR schedule to another base LR, and those that name a run in wandb."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Sequence
 
@@ -71,6 +72,13 @@ def lr_overrides(curriculum: CurriculumConfig, base_lr: float) -> list[str]:
         if segment is not None and isinstance(segment.lr, float):  # absolute; None and "auto" follow base_lr
             overrides.append(f"{path}.lr={segment.lr * scale!r}")
     return overrides
+
+
+def wandb_overrides(group: str, name: str) -> list[str]:
+    """The ``--set`` overrides that put a run in the wandb group ``group`` under ``name`` (used when
+    ``run.wandb.enabled``). Values are written as JSON strings, which YAML reads back as the same strings whatever
+    they hold."""
+    return [f"run.wandb.group={json.dumps(group)}", f"run.wandb.name={json.dumps(name)}"]
 
 
 def parse_gpus(text: str, cuda_devices: int) -> list[int]:

@@ -1,0 +1,115 @@
+"""The DeepSpeed pin in setup.py, and the DeepSpeed internals ``pipeline/engine.py`` depends on (its docstring lists
+them), on real engines: each exists and takes the values the engine writes.
+
+Four engines on the CPU, built in one process of their own (gloo, one rank) by the project's ``build_engine`` from
+``derive_ds_config``: fp32 (ZeRO stage 0), ZeRO stage 2, DeepSpeed's bf16 mode, and fp32 under bf16 autocast. Each
+enters a stage with clip 0.5 and trains one step of two micro-batches (10-30 s in all on 2 cores).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from conftest import REPO_ROOT, process_env
+from packaging.requirements import Requirement
+
+from pipeline.cli import setup_arguments
+
+ENGINES = """\
+import json
+
+import torch
+
+from curriculum.loading import validate_config
+from curriculum.schedule import build_schedule
+from pipeline.batches import StepBatch
+from pipeline.ds_config import derive_ds_config
+from pipeline.engine import build_engine, init_processes
+
+processes = init_processes()
+found = {}
+for label, precision, zero_stage in [("fp32", "fp32", 0), ("zero2", "fp32", 2), ("bf16", "bf16", 0),
+                                     ("bf16-autocast", "bf16-autocast", 0)]:
+    config = validate_config({
+        "model": {"arch": "llama", "preset": "tiny", "overrides": {
+            "num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+            "num_key_value_heads": 2}},
+        # 4 sequences of 16 tokens per step: 2 micro-batches of 2
+        "curriculum": {"stages": [{"until_step": 1, "seq_len": 16, "global_batch": 4, "micro_batch": 2,
+                                   "grad_clip": 0.5}]},
+        "deepspeed": {"overrides": {"zero_optimization": {"stage": zero_stage}}},
+        "kernels": {"compile": False}})
+    schedule = build_schedule(config)
+    engine = build_engine(config, schedule, derive_ds_config(config, schedule, precision),
+                          {"tokenizer": {"vocab_size": 64, "eot_id": 0}}, processes)
+    stage = schedule.stages[0]
+    engine.enter_stage(stage)
+    engine.set_lr(1e-3)
+    rows = torch.randint(0, 64, (stage.grad_accum, stage.micro_batch, stage.seq_len + 1),
+                         generator=torch.Generator().manual_seed(0))
+    batch = StepBatch(step=0, cursor=0, micro_batches=[(r[:, :-1].contiguous(), r[:, 1:].contiguous()) for r in rows],
+                      digest=b"", tokens=stage.global_batch * stage.seq_len)
+    values, _ = engine.train_step(batch)
+    ds = engine.ds
+    found[label] = {
+        "optimizer": type(ds.optimizer).__name__,
+        "gradient_clipping": ds._config.gradient_clipping,
+        "clip_grad": getattr(ds.optimizer, "clip_grad", None),
+        "norm_follows": engine.norm_follows,
+        "grad_norm": values.grad_norm,
+        "get_global_grad_norm": callable(ds.get_global_grad_norm),
+        "set_gradient_accumulation_boundary": callable(ds.set_gradient_accumulation_boundary),
+        "enable_backward_allreduce": ds.enable_backward_allreduce,
+        "torch_autocast_enabled": ds._config.torch_autocast_enabled,
+    }
+print("ENGINES " + json.dumps(found))
+"""
+
+
+def test_the_installed_deepspeed_is_inside_the_pinned_range() -> None:
+    (pin,) = [Requirement(r) for r in setup_arguments(REPO_ROOT / "setup.py")["install_requires"]
+              if Requirement(r).name == "deepspeed"]
+    assert pin.specifier.contains(importlib.metadata.version("deepspeed")), (
+        f"deepspeed {importlib.metadata.version('deepspeed')} is outside setup.py's pin {pin}")
+    assert any(spec.operator == "<" for spec in pin.specifier), f"{pin} has no upper bound"
+
+
+@pytest.fixture(scope="module")
+def engines() -> dict[str, dict[str, Any]]:
+    proc = subprocess.run([sys.executable, "-c", ENGINES], cwd=REPO_ROOT, env=process_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("ENGINES "))
+    return json.loads(line.removeprefix("ENGINES "))
+
+
+def test_every_engine_has_the_internals_the_pipeline_uses(engines: dict[str, dict[str, Any]]) -> None:
+    for label, found in engines.items():
+        assert found["get_global_grad_norm"] and found["set_gradient_accumulation_boundary"], label
+        assert isinstance(found["enable_backward_allreduce"], bool), label
+        assert found["grad_norm"] is not None and found["grad_norm"] > 0, label
+
+
+@pytest.mark.parametrize(("label", "clipping", "clip_grad", "autocast"), [
+    ("fp32", 0.0, None, False),  # the engine clips itself, with the norm it computed before the update
+    ("zero2", 0.5, 0.5, False),  # the ZeRO optimizer clips with its own copy of the clip
+    ("bf16", 0.5, 0.5, False),  # so does DeepSpeed's bf16 (on the CPU: fp16-unfused) optimizer wrapper
+    ("bf16-autocast", 0.0, None, True),
+])
+def test_the_engine_writes_the_stage_clip_where_deepspeed_reads_it(engines: dict[str, dict[str, Any]], label: str,
+                                                                    clipping: float, clip_grad: Any,
+                                                                    autocast: bool) -> None:
+    found = engines[label]
+    assert (found["gradient_clipping"], found["clip_grad"], found["torch_autocast_enabled"]) == (clipping, clip_grad,
+                                                                                                 autocast), found
+    assert found["norm_follows"] == (label in ("zero2", "bf16")), found  # the norm from get_global_grad_norm()
+
+
+def test_one_rank_without_zero_skips_the_gradient_all_reduce(engines: dict[str, dict[str, Any]]) -> None:
+    assert engines["fp32"]["enable_backward_allreduce"] is False
+    assert engines["bf16-autocast"]["enable_backward_allreduce"] is False
