@@ -33,6 +33,7 @@ from curriculum.config import (
 from curriculum.errors import ConfigError
 
 LRSource = Literal["absolute", "multiplier", "auto"]
+ClipSource = Literal["absolute", "auto"]
 _FOREVER = MAX_STEPS + 1
 """A step past the end of any pacing function (no step count exceeds ``MAX_STEPS``):
 ``pacing_seq_len(pacing, _FOREVER)`` is its full length."""
@@ -59,6 +60,12 @@ def auto_grad_clip(rule: GradClipAutoConfig, seq_len: int) -> float:
         if seq_len <= clip_rule.max_seq_len:
             return clip_rule.clip
     return rule.otherwise
+
+
+def describe_auto_grad_clip(rule: GradClipAutoConfig) -> str:
+    """The ``grad_clip: auto`` rule in words: ``5 up to seq_len 128, 1 up to 512, 0.5 above``."""
+    steps = [f"{r.clip:g} up to {'seq_len ' if i == 0 else ''}{r.max_seq_len}" for i, r in enumerate(rule.rules)]
+    return ", ".join([*steps, f"{rule.otherwise:g} {'above' if steps else 'at every seq_len'}"])
 
 
 def pacing_seq_len(pacing: PacingConfig, step: int) -> int:
@@ -173,6 +180,8 @@ class Stage:
     warmup_steps: int
     """Warmup steps that fall inside this stage."""
     grad_clip: float
+    clip_source: ClipSource
+    """``auto``: ``grad_clip`` is what the ``grad_clip: auto`` rule (``curriculum.grad_clip_auto``) gave the stage."""
     decay: str
     window: LRWindow
 
@@ -331,7 +340,7 @@ def _resolve_stages(config: Config, world_size: int) -> list[Stage]:
         window = _window(cur, spec, path, start_step, end_step, shape, previous_window)
         peak_lr, lr_source = _peak_lr(cur, spec, path, shape)
         stages.append(_stage(i, start_step, end_step, start_tokens, shape, world_size, peak_lr, lr_source,
-                             spec.lr_max, _grad_clip(cur, spec, shape.seq_len), spec.decay,
+                             spec.lr_max, *_grad_clip(cur, spec, shape.seq_len), spec.decay,
                              rule_lr(cur.lr_scaling, cur.base_lr, shape.global_batch, shape.seq_len),
                              window))
         start_step, start_tokens, previous_window = end_step, stages[-1].end_tokens, window
@@ -373,22 +382,23 @@ def _resolve_pacing(config: Config, world_size: int) -> list[Stage]:
             break
         end = min(plateaus[j + 1][0], end_step) if j + 1 < len(plateaus) else end_step
         stages.append(_stage(j, start, end, start_tokens, shape, world_size, peak_lr, lr_source,
-                             pacing.lr_max, _grad_clip(cur, pacing, shape.seq_len), pacing.decay,
+                             pacing.lr_max, *_grad_clip(cur, pacing, shape.seq_len), pacing.decay,
                              rule_lr(cur.lr_scaling, cur.base_lr, shape.global_batch, shape.seq_len), window))
         start_tokens = stages[-1].end_tokens
     return stages
 
 
 def _stage(index: int, start: int, end: int, start_tokens: int, shape: _Shape, world_size: int, peak_lr: float,
-           lr_source: LRSource, lr_max: Optional[float], grad_clip: float, decay: str, rule: float,
-           window: LRWindow) -> Stage:
+           lr_source: LRSource, lr_max: Optional[float], grad_clip: float, clip_source: ClipSource, decay: str,
+           rule: float, window: LRWindow) -> Stage:
     return Stage(
         index=index, start_step=start, end_step=end, start_tokens=start_tokens,
         end_tokens=start_tokens + (end - start) * shape.tokens_per_step, seq_len=shape.seq_len,
         global_batch=shape.global_batch, micro_batch=shape.micro_batch, grad_accum=shape.grad_accum,
         world_size=world_size, tokens_per_step=shape.tokens_per_step, samples_per_step=shape.samples_per_step,
         peak_lr=peak_lr, rule_lr=rule, lr_source=lr_source, lr_max=lr_max,
-        warmup_steps=_warmup_within(window, start, end), grad_clip=grad_clip, decay=decay, window=window,
+        warmup_steps=_warmup_within(window, start, end), grad_clip=grad_clip, clip_source=clip_source, decay=decay,
+        window=window,
     )
 
 
@@ -594,5 +604,7 @@ def _peak_lr(cur: CurriculumConfig, spec: SegmentSettings, path: str, shape: _Sh
     return (peak if spec.lr_max is None else min(peak, spec.lr_max)), source  # type: ignore[return-value]
 
 
-def _grad_clip(cur: CurriculumConfig, spec: SegmentSettings, seq_len: int) -> float:
-    return auto_grad_clip(cur.grad_clip_auto, seq_len) if spec.grad_clip == "auto" else float(spec.grad_clip)
+def _grad_clip(cur: CurriculumConfig, spec: SegmentSettings, seq_len: int) -> tuple[float, ClipSource]:
+    if spec.grad_clip == "auto":
+        return auto_grad_clip(cur.grad_clip_auto, seq_len), "auto"
+    return float(spec.grad_clip), "absolute"

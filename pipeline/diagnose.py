@@ -17,7 +17,14 @@ What is looked for, with the thresholds (module constants) chosen:
 - eval-plateau: the best of the last 3 evaluations not 1% below the best evaluation before them.
 - grad-norm-rising: a stage whose last-window median gradient norm is over 3x its first-window median (windows of
   ``max(window, 10)`` lines, at most half the stage each; the fitted growth of log grad_norm is in the message).
-- clipping: a stage where more than half of the steps had a (pre-clip) gradient norm above ``grad_clip``.
+- clipping: a stage where more than half of the steps had a (pre-clip) gradient norm above ``grad_clip``. When the
+  run directory's ``config.json`` shows that ``grad_clip: auto`` chose that clip, it is a note, not a problem: the
+  clip is the project's default (``curriculum.grad_clip_auto``), and a clip a little under the typical gradient norm
+  is a stabiliser more than a brake under AdamW, which divides the update by the gradient's running scale. The
+  shipped tiny-cpu run's stage 2: auto clip 1.0 at seq_len 256, median norm 1.12, clipped on 81 % of its steps;
+  the same run with that stage's clip at 5.0 (never binding) ends at eval loss 5.731 against 5.733, and its
+  stage 2 train loss averages 5.187 either way. Without a config.json, a binding clip equal to what the default
+  rule gives the stage's length is a problem that says so.
 - throughput-drop: lines whose ``tok_per_s`` is under 50% of the stage median, merged into spans; each stage's first
   line, which pays for new shapes (allocation, kernel selection), is left out of the median and of the search.
 - guard: the lines the training loop's spike guard writes (``kind: guard``: step, stage, seq_len, reason, action and
@@ -26,9 +33,13 @@ What is looked for, with the thresholds (module constants) chosen:
 Other tools' logs are read too (``load_records``): a HF Trainer ``trainer_state.json`` and TensorBoard event files
 become the same records (``pipeline.external``), as one stage without throughput or clipping figures.
 
-Every finding is a problem: ``run`` returns 1 when there is any, 0 when there is none, and bad input (nothing
-readable at the path, an unreadable line, ``--window`` < 2, ``--spike-factor`` <= 1) raises ``ConfigError``, which
-the CLI turns into exit status 2.
+Each check needs a minimum of lines (``not_judged``): a stage too short for one says so, per stage, as ``not judged
+(too few lines: N < M)``, in the stage table ("-") and under it, and is not counted as clean.
+
+A finding is a problem, or a note (the clip ``grad_clip: auto`` chose): ``run`` returns 1 when there is a problem,
+0 when there is none (notes and checks not judged do not change it), and bad input (nothing readable at the path,
+an unreadable line, ``--window`` < 2, ``--spike-factor`` <= 1) raises ``ConfigError``, which the CLI turns into exit
+status 2.
 """
 
 from __future__ import annotations
@@ -38,19 +49,24 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Literal, Optional, Sequence
 
 import numpy as np
 
+from curriculum.config import Config, GradClipAutoConfig
 from curriculum.errors import ConfigError
+from curriculum.schedule import auto_grad_clip, build_schedule, describe_auto_grad_clip
 from pipeline.external import READABLE, read_logs
-from pipeline.rundir import RunDir, read_numbered
+from pipeline.rundir import RunDir, read_config, read_numbered
 from pipeline.spikes import Spike, SpikeRule, find_spike_steps
 
 MIN_ROWS = 10
 """Fewest lines a mean or a median is taken over before anything is judged by it."""
 SMOOTH_ROWS = 10
 """Width of the trailing running median that smooths the loss for plateaus and the stage table."""
+LOSS_ENDS_ROWS = 2 * SMOOTH_ROWS
+"""Finite losses a stage needs for its "loss first" and "loss last": the medians of its first and of its last
+``SMOOTH_ROWS``, which must not be the same lines."""
 PLATEAU_TOLERANCE = 0.01
 """A smoothed (or eval) loss must fall this share below the best so far to count as progress."""
 EVAL_PLATEAU_COUNT = 3
@@ -63,11 +79,12 @@ THROUGHPUT_DROP = 0.5
 """A line under this share of its stage's median tokens per second is a drop."""
 
 Record = dict[str, Any]
+Severity = Literal["problem", "note"]
 
 
 @dataclass(frozen=True)
 class Finding:
-    """One problem: what, where (inclusive step range and stage), the numbers, and what to try."""
+    """One finding: what, where (inclusive step range and stage), the numbers, and what to try."""
 
     kind: str
     """spike, plateau, eval-plateau, grad-norm-rising, clipping, throughput-drop or guard."""
@@ -77,10 +94,12 @@ class Finding:
     """None only where a stage cannot be told (an evaluation logged before any train line)."""
     message: str
     suggestion: str
+    severity: Severity = "problem"
+    """``note``: worth knowing, not a problem (the exit status stays 0)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "steps": [self.first_step, self.last_step], "stage": self.stage,
-                "message": self.message, "suggestion": self.suggestion}
+        return {"kind": self.kind, "severity": self.severity, "steps": [self.first_step, self.last_step],
+                "stage": self.stage, "message": self.message, "suggestion": self.suggestion}
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -292,8 +311,12 @@ def grad_norm_trend(rows: Sequence[Record], window: int) -> Optional[dict[str, f
             "growth_per_100_steps": math.exp(100 * slope)}
 
 
-def find_grad_norm_trends(train: Sequence[Record], window: int) -> list[Finding]:
-    """Per stage, a rising gradient norm and a clip that binds on most steps."""
+def find_grad_norm_trends(train: Sequence[Record], window: int, config: Optional[Config] = None) -> list[Finding]:
+    """Per stage, a rising gradient norm and a clip that binds on most steps: a note rather than a problem where
+    ``config`` (the run's) shows that ``grad_clip: auto`` chose the clip the stage logged. Without ``config``, a
+    clip that the default ``grad_clip: auto`` rule gives the stage's length is a problem that says so."""
+    auto = {s.index: s for s in build_schedule(config).stages if s.clip_source == "auto"} if config else {}
+    default_rule = GradClipAutoConfig()
     findings = []
     for stage, rows in split_stages(train).items():
         first_step, last_step, seq_len = rows[0]["step"], rows[-1]["step"], rows[0]["seq_len"]
@@ -309,11 +332,25 @@ def find_grad_norm_trends(train: Sequence[Record], window: int) -> list[Finding]
         share = clip_share(rows)
         if share is not None and share > CLIP_SHARE:
             clips = sorted({r["grad_clip"] for r in rows if r.get("grad_clip") is not None})
+            binding = (f"grad_norm was above grad_clip {'/'.join(f'{c:g}' for c in clips)} on {share:.0%} of the "
+                       f"steps of stage {stage} (seq_len {seq_len}; median grad_norm "
+                       f"{np.median([r['grad_norm'] for r in _grad_norms(rows)]):.3g})")
+            chosen = auto.get(stage)
+            if config is not None and chosen is not None and clips == [chosen.grad_clip]:
+                findings.append(Finding(
+                    "clipping", first_step, last_step, stage,
+                    f"{binding}; grad_clip: auto chose {chosen.grad_clip:g} for seq_len {chosen.seq_len} (rule: "
+                    f"{describe_auto_grad_clip(config.curriculum.grad_clip_auto)})",
+                    "if a tight clip is intended (a stabiliser: under AdamW it scales the gradient, hardly the "
+                    "update) ignore this; else set this stage's grad_clip or curriculum.grad_clip_auto",
+                    severity="note"))
+                continue
+            if config is None and seq_len is not None and clips == [auto_grad_clip(default_rule, seq_len)]:
+                binding += (f"; {clips[0]:g} is what the default grad_clip: auto gives seq_len {seq_len} (rule: "
+                            f"{describe_auto_grad_clip(default_rule)}), and without the run's config.json it is not "
+                            "known whether it chose it")
             findings.append(Finding(
-                "clipping", first_step, last_step, stage,
-                f"grad_norm was above grad_clip {'/'.join(f'{c:g}' for c in clips)} on {share:.0%} of the steps "
-                f"of stage {stage} (seq_len {seq_len}; median grad_norm "
-                f"{np.median([r['grad_norm'] for r in _grad_norms(rows)]):.3g})",
+                "clipping", first_step, last_step, stage, binding,
                 "the clip binds most of the time, so it sets the step size instead of the LR: the clip is too "
                 "tight or the LR too high for this stage; raise grad_clip or lower the peak LR"))
     return findings
@@ -387,46 +424,82 @@ def find_guard_events(guards: Sequence[Record]) -> list[Finding]:
 # ------------------------------------------------------------------------------------------------ the report
 
 
-def stage_summaries(train: Sequence[Record], findings: Sequence[Finding]) -> list[dict[str, Any]]:
-    """One row per stage: lines, step range, seq_len, smoothed first/last loss, medians, clip share, spikes."""
+def not_judged(rows: Sequence[Record], window: int, rule: SpikeRule) -> list[str]:
+    """What one stage is too short for, each as ``check (too few lines: N < M)``, M being the lines the check needs
+    before it can find anything. A stage with no gradient norm, clip or throughput at all (another tool's logs) has
+    nothing for those checks rather than too little."""
+    normed = _grad_norms(rows)
+    needs = [
+        ("loss first/last", sum(math.isfinite(r["loss"]) for r in rows), LOSS_ENDS_ROWS),
+        ("loss spikes", len(rows), rule.history + 1),  # the first `history` losses of a stage are the reference
+        ("plateau", len(rows), SMOOTH_ROWS + window),  # smoothed from line SMOOTH_ROWS on, then `window` more lines
+    ]
+    if normed:
+        needs.append(("grad-norm trend", len(normed), 2 * MIN_ROWS))  # first and last windows of MIN_ROWS or more
+    clipped = [r for r in normed if r.get("grad_clip") is not None]
+    if clipped:
+        needs.append(("clipping", len(clipped), MIN_ROWS))
+    if median_tok_per_s(rows) is not None:
+        needs.append(("throughput drops", len(rows) - 1, MIN_ROWS))  # the stage's first line is left out
+    return [f"{check} (too few lines: {have} < {need})" for check, have, need in needs if have < need]
+
+
+def stage_summaries(train: Sequence[Record], evals: Sequence[Record], findings: Sequence[Finding], window: int,
+                    rule: SpikeRule) -> list[dict[str, Any]]:
+    """One row per stage: lines, step range, seq_len, first/last loss, medians, clip share, spikes, and what the
+    stage is too short to judge (a column it makes meaningless is None; an eval plateau that too few evaluations
+    leave unjudged is listed with the stage of the last one)."""
     summaries = []
+    last_eval_stage = _stage_at(train, max(r["step"] for r in evals)) if evals else None
     for stage, rows in split_stages(train).items():
         losses = [r["loss"] for r in rows if math.isfinite(r["loss"])]
         norms = [r["grad_norm"] for r in _grad_norms(rows)]
+        spikes = sum(f.kind == "spike" and f.stage == stage for f in findings)
+        unjudged = not_judged(rows, window, rule)
+        if stage == last_eval_stage and len(evals) <= EVAL_PLATEAU_COUNT:
+            unjudged.append(f"eval plateau (too few evaluations: {len(evals)} < {EVAL_PLATEAU_COUNT + 1})")
         summaries.append({
             "stage": stage,
             "seq_len": rows[0]["seq_len"],
             "steps": [rows[0]["step"], rows[-1]["step"]],
             "lines": len(rows),
-            # medians of the first and last SMOOTH_ROWS finite losses
-            "loss_first": float(np.median(losses[:SMOOTH_ROWS])) if losses else None,
-            "loss_last": float(np.median(losses[-SMOOTH_ROWS:])) if losses else None,
+            # medians of the first and of the last SMOOTH_ROWS finite losses, never the same lines
+            "loss_first": float(np.median(losses[:SMOOTH_ROWS])) if len(losses) >= LOSS_ENDS_ROWS else None,
+            "loss_last": float(np.median(losses[-SMOOTH_ROWS:])) if len(losses) >= LOSS_ENDS_ROWS else None,
             "median_tok_per_s": median_tok_per_s(rows),
             "median_grad_norm": float(np.median(norms)) if norms else None,
             "clip_share": clip_share(rows),
-            "spikes": sum(f.kind == "spike" and f.stage == stage for f in findings),
+            # none found where no loss could be judged is not "0 spikes"
+            "spikes": None if spikes == 0 and len(rows) <= rule.history else spikes,
+            "not_judged": unjudged,
         })
     return summaries
 
 
-def diagnose(records: Sequence[Record], window: int = 50, rule: SpikeRule = SpikeRule()
-             ) -> tuple[list[dict[str, Any]], list[Finding]]:
-    """The stage table and every finding of a run's metric lines, findings in step order."""
+def diagnose(records: Sequence[Record], window: int = 50, rule: SpikeRule = SpikeRule(),
+             config: Optional[Config] = None) -> tuple[list[dict[str, Any]], list[Finding]]:
+    """The stage table and every finding of a run's metric lines, findings in step order; ``config``, the run's
+    when known, tells a clip that ``grad_clip: auto`` chose from one set by hand."""
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
     guards = [r for r in records if r.get("kind") == "guard"]
     findings = (find_spikes(train, rule) + find_plateaus(train, window)
-                + find_eval_plateau(evals, train) + find_grad_norm_trends(train, window)
+                + find_eval_plateau(evals, train) + find_grad_norm_trends(train, window, config)
                 + find_throughput_drops(train) + find_guard_events(guards))
     findings.sort(key=lambda f: (f.first_step, f.last_step, f.kind))
-    return stage_summaries(train, findings), findings
+    return stage_summaries(train, evals, findings, window, rule), findings
+
+
+def problems(findings: Sequence[Finding]) -> list[Finding]:
+    """The findings that are problems (not notes): what the exit status and the report's count go by."""
+    return [f for f in findings if f.severity == "problem"]
 
 
 def report_dict(run_dir: str, source: str, stages: list[dict[str, Any]], findings: Sequence[Finding]
                 ) -> dict[str, Any]:
     """The ``--json`` output and ``diagnose.json``; non-finite numbers become null (JSON has no NaN)."""
     return json_safe({"run_dir": run_dir, "source": source, "stages": stages,
-                      "findings": [f.to_dict() for f in findings], "problems": len(findings)})
+                      "findings": [f.to_dict() for f in findings], "problems": len(problems(findings))})
 
 
 def json_safe(value: Any) -> Any:
@@ -441,7 +514,8 @@ def json_safe(value: Any) -> Any:
 
 
 def format_report(run_dir: str, source: str, stages: list[dict[str, Any]], findings: Sequence[Finding]) -> str:
-    """The stage table, then one paragraph per finding (or a line saying there are none)."""
+    """The stage table, what each stage is too short to judge, then one paragraph per problem and per note (or a
+    line saying there are none)."""
 
     def number(value: Optional[float], spec: str) -> str:
         return "-" if value is None else format(value, spec)
@@ -456,13 +530,19 @@ def format_report(run_dir: str, source: str, stages: list[dict[str, Any]], findi
         lines.append(f"{s['stage']:>5}  {steps:>11}  {seq_len:>7}  {number(s['loss_first'], '.4f'):>10}  "
                      f"{number(s['loss_last'], '.4f'):>9}  {number(s['median_tok_per_s'], ',.0f'):>10}  "
                      f"{number(s['median_grad_norm'], '.3g'):>9}  {number(s['clip_share'], '.0%'):>7}  "
-                     f"{s['spikes']:>6}")
+                     f"{number(s['spikes'], 'd'):>6}")
+    unjudged = [s for s in stages if s["not_judged"]]
+    if unjudged:
+        lines += ["", "not judged:"] + [f"  stage {s['stage']}: {', '.join(s['not_judged'])}" for s in unjudged]
     lines.append("")
-    if not findings:
-        lines.append("no problems found")
-    else:
-        lines.append(f"{len(findings)} problem(s):")
-        for f in findings:
+    found = problems(findings)
+    notes = [f for f in findings if f.severity == "note"]
+    if not found:
+        lines.append("no problems found" + (" in what could be judged" if unjudged else ""))
+    for title, group in ((f"{len(found)} problem(s):", found), (f"{len(notes)} note(s), not problems:", notes)):
+        if group:
+            lines.append(title)
+        for f in group:
             lines.append(f"  [{f.kind}] {f.message}")
             lines.append(f"      suggestion: {f.suggestion}")
     return "\n".join(lines)
@@ -539,7 +619,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """The ``diagnose`` subcommand: print the report, write ``diagnose.json`` and ``diagnose.png`` in the directory
-    given (the file's directory when a file is given); 0 when no problem was found, 1 when one was."""
+    given (the file's directory when a file is given); 0 when no problem was found (notes and checks not judged
+    aside), 1 when one was."""
     if args.window < 2:
         raise ConfigError("--window", args.window, "must be an integer >= 2 (logged steps)")
     if args.spike_factor <= 1:
@@ -548,7 +629,7 @@ def run(args: argparse.Namespace) -> int:
     records, source = load_records(path)
     run_dir = path if path.is_dir() else path.parent
     rule = SpikeRule(method=args.spike_rule, loss_factor=args.spike_factor)
-    stages, findings = diagnose(records, window=args.window, rule=rule)
+    stages, findings = diagnose(records, window=args.window, rule=rule, config=run_config(run_dir))
     report = report_dict(str(args.run_dir), source, stages, findings)
     try:
         (run_dir / "diagnose.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -561,4 +642,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(format_report(str(args.run_dir), source, stages, findings))
         print(f"\nwrote {run_dir / 'diagnose.json'} and {run_dir / 'diagnose.png'}")
-    return 1 if findings else 0
+    return 1 if problems(findings) else 0
+
+
+def run_config(run_dir: Path) -> Optional[Config]:
+    """The config a run of this project trained with (its ``config.json``), which tells where its clips came from;
+    None for another tool's logs, or for a config.json this version no longer accepts (a clip that binds is then a
+    problem, whatever chose it)."""
+    try:
+        config = read_config(RunDir(run_dir).config)
+        if config is not None:
+            build_schedule(config)
+        return config
+    except ConfigError:
+        return None

@@ -18,7 +18,9 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from curriculum.config import Config
 from curriculum.errors import ConfigError
+from curriculum.loading import validate_config
 
 Record = dict[str, Any]
 
@@ -74,6 +76,21 @@ def read_numbered(path: Path, strict: bool = False) -> list[tuple[int, Record]]:
             raise ConfigError(f"{path}:{number}", _shorten(line), "not a JSON object")
         records.append((number, record))
     return records
+
+
+def read_config(path: Path) -> Optional[Config]:
+    """The run config a config.json holds (None when there is none). Raises ``ConfigError`` naming the file when it
+    is not JSON, and the field when this version no longer accepts it."""
+    if not path.is_file():
+        return None
+    text = path.read_text(errors="replace")
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(str(path), _shorten(text), f"not JSON ({err.msg})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), _shorten(text), "not a JSON object")
+    return validate_config(raw)
 
 
 def _shorten(text: str, limit: int = 60) -> str:

@@ -58,6 +58,13 @@ class SpikeRule:
         """The rule of a ``GuardConfig``."""
         return cls(config.method, config.window, config.loss_spread, config.loss_factor, config.grad_norm_factor)
 
+    @property
+    def history(self) -> int:
+        """Accepted values a history must hold before the next one is judged: the whole window for ``ratio``,
+        ``MIN_HISTORY`` (or the window, when shorter) for ``robust``. A stage's first ``history`` losses are never
+        judged (only a non-finite one is a spike there)."""
+        return self.window if self.method == "ratio" else min(MIN_HISTORY, self.window)
+
 
 @dataclass(frozen=True)
 class Spike:
@@ -95,12 +102,11 @@ class SpikeDetector:
         self._enter(stage)
         if not math.isfinite(loss):
             return Spike("non_finite_loss", loss, self._loss_centre())
+        if len(self.losses) < self.rule.history:
+            return None
         if self.rule.method == "ratio":
-            if len(self.losses) == self.rule.window and loss > self.rule.loss_factor * _mean(self.losses):
-                return Spike("loss_spike", loss, _mean(self.losses))
-            return None
-        if len(self.losses) < min(MIN_HISTORY, self.rule.window):
-            return None
+            return Spike("loss_spike", loss, _mean(self.losses)) if loss > self.rule.loss_factor * _mean(self.losses) \
+                else None
         centre, spread = robust_centre_and_spread(self.losses)
         spreads = (loss - centre) / spread
         return Spike("loss_spike", loss, centre, spreads) if spreads > self.rule.loss_spread else None
@@ -111,8 +117,7 @@ class SpikeDetector:
             return None
         if not math.isfinite(grad_norm):
             return Spike("non_finite_grad_norm", grad_norm, self._norm_centre())
-        needed = self.rule.window if self.rule.method == "ratio" else min(MIN_HISTORY, self.rule.window)
-        if len(self.grad_norms) < needed:
+        if len(self.grad_norms) < self.rule.history:
             return None
         centre = self._norm_centre()
         assert centre is not None

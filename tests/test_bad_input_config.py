@@ -372,7 +372,7 @@ def test_switches_still_read_on_and_off() -> None:
 
 def test_values_at_the_bounds_load() -> None:
     """The bounds themselves are allowed."""
-    config = load_config("tiny-cpu", [f"run.seed={MAX_SEED}", f"curriculum.lr_events=[{{at_step: 0, multiply: 0.5}}]",
+    config = load_config("tiny-cpu", [f"run.seed={MAX_SEED}", "curriculum.lr_events=[{at_step: 0, multiply: 0.5}]",
                                       f"guard.window={MAX_STEPS}", f"run.eval_batch={MAX_BATCH}"], environ={})
     assert config.run.seed == MAX_SEED and config.guard.window == MAX_STEPS
 

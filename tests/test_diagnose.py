@@ -16,14 +16,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import REPO_ROOT, run_cli
 
 from curriculum.errors import ConfigError
+from curriculum.loading import load_config
+from curriculum.schedule import build_schedule
 from pipeline.cli import main
 from pipeline.spikes import SpikeRule
 from pipeline.diagnose import (Finding, diagnose, find_eval_plateau, find_grad_norm_trends, find_guard_events,
-                               find_plateaus, find_spikes, find_throughput_drops, read_records, report_dict,
-                               smoothed_losses)
+                               find_plateaus, find_spikes, find_throughput_drops, format_report, read_records,
+                               report_dict, smoothed_losses)
 
 STAGES = [(0, 64, 12000.0), (1, 128, 10000.0), (2, 256, 8000.0)]  # (stage, seq_len, median tok/s)
 STAGE_LINES = 150
@@ -204,6 +206,93 @@ def test_clip_binding_most_steps_found() -> None:
     found = find_grad_norm_trends(train_lines(records), window=50)
     assert [(f.kind, f.stage) for f in found] == [("clipping", 0)]
     assert "80%" in found[0].message
+
+
+def tiny_cpu_records() -> list[dict[str, Any]]:
+    """`curriculum-pretrain train --config tiny-cpu` on a 2-core CPU (step, stage, seq_len, loss, grad_norm), with
+    the clip and LR that ``plan --config tiny-cpu`` gives each step (stage 2, seq_len 256: grad_clip: auto's 1.0)
+    and a steady throughput."""
+    schedule = build_schedule(load_config("tiny-cpu", environ={}))
+    rows = [json.loads(line) for line in (REPO_ROOT / "tests/data/tiny-cpu.train.jsonl").read_text().splitlines()]
+    return [{**row, "kind": "train", "grad_clip": schedule.grad_clip_at(row["step"]), "lr": schedule.lr_at(row["step"]),
+             "tok_per_s": 5000.0} for row in rows]
+
+
+AUTO_RULE = "rule: 5 up to seq_len 128, 1 up to 512, 0.5 above"
+
+
+def test_a_clip_that_grad_clip_auto_chose_is_a_note_not_a_problem() -> None:
+    """The tiny-cpu run's stage 2 (median grad_norm 1.12) is clipped on 81 % of its steps by the 1.0 that
+    grad_clip: auto gives seq_len 256. With the run's config that is a note naming the rule, and no problem; without
+    it, a problem that says the default rule gives that clip; with the same 1.0 set by hand, a plain problem."""
+    records = tiny_cpu_records()
+    stages, findings = diagnose(records, config=load_config("tiny-cpu", environ={}))
+    assert [(f.kind, f.severity, f.stage) for f in findings] == [("clipping", "note", 2)]
+    assert "on 81% of the steps of stage 2" in findings[0].message
+    assert f"grad_clip: auto chose 1 for seq_len 256 ({AUTO_RULE})" in findings[0].message
+    assert report_dict("run", "metrics.jsonl", stages, findings)["problems"] == 0
+    assert "no problems found\n1 note(s), not problems:" in format_report("run", "metrics.jsonl", stages, findings)
+
+    [unknown] = diagnose(records)[1]
+    assert (unknown.kind, unknown.severity) == ("clipping", "problem")
+    assert f"1 is what the default grad_clip: auto gives seq_len 256 ({AUTO_RULE})" in unknown.message
+
+    by_hand = load_config("tiny-cpu", ["curriculum.stages.2.grad_clip=1.0"], environ={})
+    [problem] = diagnose(records, config=by_hand)[1]
+    assert (problem.kind, problem.severity) == ("clipping", "problem") and "auto" not in problem.message
+
+
+def test_cli_reads_the_clips_origin_from_the_runs_config(tmp_path: Path) -> None:
+    """A run directory with the tiny-cpu run's metrics and its config.json: exit 0, the note in the report and in
+    diagnose.json, which counts no problem."""
+    run_dir = write_metrics(tmp_path / "run", tiny_cpu_records())
+    (run_dir / "config.json").write_text(json.dumps(load_config("tiny-cpu", environ={}).model_dump(mode="json")))
+    result = run_cli(["diagnose", str(run_dir)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no problems found\n1 note(s), not problems:\n  [clipping]" in result.stdout
+    report = json.loads((run_dir / "diagnose.json").read_text())
+    assert report["problems"] == 0
+    assert [(f["kind"], f["severity"]) for f in report["findings"]] == [("clipping", "note")]
+
+
+# ------------------------------------------------------------------------------------------------ short stages
+
+
+def short_run(losses: list[float], stage_lines: int) -> list[dict[str, Any]]:
+    """Train lines of ``losses``, ``stage_lines`` per stage, with a gradient norm, a clip and a throughput."""
+    return [{"kind": "train", "step": step, "stage": step // stage_lines, "seq_len": 64 * 2 ** (step // stage_lines),
+             "lr": 1e-3, "grad_clip": 1.0, "loss": loss, "grad_norm": 0.5, "tok_per_s": 1000.0}
+            for step, loss in enumerate(losses)]
+
+
+def test_a_stage_too_short_to_judge_says_so(tmp_path: Path) -> None:
+    """The issue's 6-step run (8.35 falling to 6.4, then 13.1 at the last step): no loss first/last (both were the
+    median 7.05 of the same 6 lines), no spike count (the loss is judged from a stage's 11th line on), no clip
+    share; every check it is too short for listed, and "no problems found" only "in what could be judged"."""
+    losses = [8.35, 7.2, 6.6, 6.4, 6.9, 13.1]
+    stages, findings = diagnose(short_run(losses, stage_lines=6))
+    assert findings == []
+    [stage] = stages
+    assert (stage["loss_first"], stage["loss_last"], stage["spikes"], stage["clip_share"]) == (None, None, None, None)
+    assert stage["not_judged"] == [
+        "loss first/last (too few lines: 6 < 20)", "loss spikes (too few lines: 6 < 11)",
+        "plateau (too few lines: 6 < 60)", "grad-norm trend (too few lines: 6 < 20)",
+        "clipping (too few lines: 6 < 10)", "throughput drops (too few lines: 5 < 10)"]
+    report = format_report("run", "metrics.jsonl", stages, findings)
+    assert "\nnot judged:\n  stage 0: loss first/last (too few lines: 6 < 20), loss spikes" in report, report
+    assert report.endswith("\nno problems found in what could be judged"), report
+    result = run_cli(["diagnose", str(write_metrics(tmp_path / "run", short_run(losses, stage_lines=6)))])
+    assert result.returncode == 0 and "no problems found in what could be judged" in result.stdout
+
+
+def test_loss_first_and_last_are_medians_of_disjoint_windows() -> None:
+    """A stage of 20 lines falling 10 -> 8.1: loss first is the median of lines 0-9 (9.55), loss last of lines
+    10-19 (8.55); a stage of 19 lines shows neither."""
+    losses = [10.0 - 0.1 * i for i in range(20)]
+    stages, _ = diagnose(short_run(losses + losses[:19], stage_lines=20))
+    assert (stages[0]["loss_first"], stages[0]["loss_last"]) == (pytest.approx(9.55), pytest.approx(8.55))
+    assert (stages[1]["loss_first"], stages[1]["loss_last"]) == (None, None)
+    assert "loss first/last (too few lines: 19 < 20)" in stages[1]["not_judged"]
 
 
 # ------------------------------------------------------------------------------------------------ throughput

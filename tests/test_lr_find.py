@@ -13,7 +13,7 @@ import yaml
 
 from curriculum.loading import load_config
 from curriculum.schedule import build_schedule
-from pipeline.lr_find import analyse, lengths_to_test, ramp_lr, smooth, write_caps
+from pipeline.lr_find import analyse, lengths_to_test, ramp_lr, smooth, steps_warnings, write_caps
 from conftest import REPO_ROOT, TINY_LLAMA_YAML, make_config, process_env
 
 TINY_YAML = """\
@@ -55,6 +55,51 @@ def test_a_stable_ramp_has_no_divergence_and_nan_is_divergence() -> None:
     falling = [8.0 - 0.1 * i for i in range(20)]
     assert analyse(lrs, falling)["divergence_lr"] is None
     assert analyse(lrs, falling[:10] + [math.nan] * 10)["divergence_lr"] == lrs[10]
+
+
+# `lr-find --config tiny-cpu --steps 20` (LR 1e-6 -> 1), the raw losses of its seq_len 64 and 128 ramps. The smoothed
+# loss crossed 1.3x its best only at the last step at 64 (divergence LR 1, cap 0.333) and never at 128.
+TINY_CPU_20_STEPS = {
+    64: [8.3487, 8.345, 8.3415, 8.3424, 8.3372, 8.3376, 8.3283, 8.3259, 8.2931, 8.2499, 8.2092, 8.092, 7.8892, 7.5152,
+         6.8873, 6.8171, 14.4201, 10.007, 14.0879, 21.1811],
+    128: [8.3419, 8.3524, 8.3505, 8.3452, 8.3314, 8.3278, 8.3277, 8.3217, 8.2903, 8.2501, 8.1233, 8.072, 7.9012, 7.589,
+          6.95, 7.0669, 7.4268, 11.429, 16.9344, 13.8259],
+}
+
+
+@pytest.mark.parametrize(("seq_len", "step"), [(64, 16), (128, 17)])
+def test_divergence_is_where_the_raw_loss_rises_and_a_short_ramp_judges_no_steepest_descent(seq_len: int,
+                                                                                            step: int) -> None:
+    """The 20-step ramps diverge where the raw loss first exceeds 1.3x its best so far: 14.4 after a best of 6.82 at
+    LR 0.113 (step 16), 11.4 after a best of 6.95 at LR 0.234 (step 17). The 16 and 17 steps before are too few for
+    the smoothed loss (22), so there is no steepest descent, and --steps 20 is a warning."""
+    lrs = [ramp_lr(i, 20, 1e-6, 1.0) for i in range(20)]
+    found = analyse(lrs, TINY_CPU_20_STEPS[seq_len])
+    assert (found["divergence_step"], found["divergence_lr"]) == (step, lrs[step])
+    assert found["steepest_lr"] is None
+    assert found["not_judged"] == [f"steepest descent (too few steps: {step} < 22)"]
+    assert steps_warnings(20) == ["--steps 20 is too few for the smoothing: the moving average of the loss (factor "
+                                  "0.9) needs 22 steps to follow it, so no steepest descent is judged; give --steps "
+                                  "22 or more (default 200)"]
+    assert steps_warnings(22) == []
+
+
+def test_a_ramp_that_diverges_in_its_first_steps_gets_no_cap(tmp_path: Path) -> None:
+    """A NaN at step 3 of the ramp: divergence there, but no cap (the ramp started above every stable LR), and a
+    message; a ramp that lasts 10 steps before diverging gets its cap."""
+    lrs = [ramp_lr(i, 40, 1e-3, 10.0) for i in range(40)]
+    early = analyse(lrs[:4], [6.0, 5.9, 5.9, math.nan])
+    assert early["divergence_lr"] == lrs[3]
+    assert "LR cap (too few steps: diverged at step 3 < 10; the ramp started too high, start it lower with " \
+           "--min-lr)" in early["not_judged"]
+    later = analyse(lrs[:11], [6.0 - 0.01 * i for i in range(10)] + [math.nan])
+    assert later["divergence_step"] == 10 and not any(what.startswith("LR cap") for what in later["not_judged"])
+    config = make_config({"stages": [{"until_step": 4, "seq_len": 32, "global_batch": 8},
+                                     {"until_step": 8, "seq_len": 64, "global_batch": 4}]})
+    caps = tmp_path / "lr_caps.yaml"
+    count = write_caps(config, build_schedule(config), [{"seq_len": 32, **early}, {"seq_len": 64, **later}], caps)
+    assert count == 1
+    assert yaml.safe_load(caps.read_text()) == {"curriculum": {"stages": [{}, {"lr_max": float(f"{lrs[10] / 3:.3g}")}]}}
 
 
 def test_one_ramp_per_distinct_sequence_length() -> None:

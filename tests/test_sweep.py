@@ -263,6 +263,55 @@ def test_without_eval_runs_are_compared_by_final_train_loss() -> None:
     assert analysis.best_lr == 1e-3 and analysis.best_loss == pytest.approx(low.final_train_loss)
 
 
+# --------------------------------------------------------------------------------------------------- short runs
+
+# The issue's run: 6 steps, the loss falls from 8.35 to 6.4 and blows up to 13.1 at the last step. The final train
+# loss, the mean of the last 5 steps (7.2, 6.6, 6.4, 6.9, 13.1), is 8.04, below the first step's 8.35: it was
+# classed converged. The spike rule, which judges a stage's loss from its 11th line on, never looked at step 5.
+BLOWN_UP = [8.35, 7.2, 6.6, 6.4, 6.9, 13.1]
+
+
+def test_a_short_run_whose_loss_ends_above_its_start_is_diverged() -> None:
+    """The last step's loss above the first step's is divergence however short the run."""
+    lines = records(BLOWN_UP)
+    assert analyze_run(1e-2, lines).final_train_loss == pytest.approx(8.04)
+    assert classify_run(lines) == ("diverged", ["last train loss 13.1 (step 5) above the first step's 8.35"])
+
+
+@pytest.mark.parametrize(("steps", "status", "reasons"), [
+    (6, "not judged", ["too few steps: 6 < 10"]), (9, "not judged", ["too few steps: 9 < 10"]), (10, "converged", [])])
+def test_a_run_too_short_to_judge_is_not_judged(steps: int, status: str, reasons: list[str]) -> None:
+    """A falling run of fewer than 10 logged steps (2 x the final-loss window) is not judged; 10 steps are."""
+    assert classify_run(records(falling(steps))) == (status, reasons)
+
+
+def short_run(lr: float, eval_loss: float, complete: bool = True) -> RunAnalysis:
+    return analyze_run(lr, records(falling(6), eval_loss=eval_loss), complete=complete)
+
+
+def test_runs_too_short_to_judge_are_neither_the_best_lr_nor_a_reason_to_go_higher() -> None:
+    """A sweep of 6-step runs: no best LR, no "extend upward", one suggestion saying why; the table says "not
+    judged (too few steps: 6 < 10)". Before, the lowest final eval loss (the largest LR here) was the best and the
+    grid was to be extended upward."""
+    analysis = analyze_sweep([short_run(1e-3, 6.0), short_run(1e-2, 5.0)])
+    assert (analysis.best_lr, analysis.first_divergent_lr) == (None, None)
+    assert analysis.suggestions == ["Not judged (too few steps: 6 < 10) at 1.00e-03, 1.00e-02: neither the best LR "
+                                    "nor evidence for a higher or lower one; train for at least 10 logged steps."]
+    report = format_analysis(analysis, "test")
+    assert "| 1.00e-02 | 4.8000 | 5.0000 | 4.0000 | 0 | 0 | not judged (too few steps: 6 < 10) |" in report, report
+    assert "- best LR: none" in report
+
+
+def test_a_short_run_above_the_best_is_no_evidence_about_the_edge() -> None:
+    """A run stopped after 6 steps at the largest LR: the grid is to be extended above the largest LR judged
+    (1e-2), not above the short run's, and the short run is named as not judged."""
+    analysis = analyze_sweep([a_run(1e-3, eval_loss=5.0), a_run(1e-2, eval_loss=4.5),
+                              short_run(1e-1, 3.0, complete=False)])
+    assert analysis.best_lr == 1e-2 and analysis.runs[-1].status == "not judged"
+    assert any("extend it upward (above 1.00e-02)" in note for note in analysis.suggestions), analysis.suggestions
+    assert any(note.startswith("Not judged (too few steps: 6 < 10) at 1.00e-01") for note in analysis.suggestions)
+
+
 # --------------------------------------------------------------------------------------------------- processes
 
 # A stand-in for the trainer: sleeps, records what it was started with, prints, exits with the status it is given.

@@ -1,6 +1,6 @@
 """A sweep's analysis, pure functions over the runs' metrics records: each run's status (converged, unstable,
-diverged), the best LR, the first divergent LR and what they suggest. Spikes are the guard's (``pipeline.spikes``),
-the final train loss is the run directory's (``pipeline.rundir.final_train_loss``)."""
+diverged, or not judged when too short), the best LR, the first divergent LR and what they suggest. Spikes are the
+guard's (``pipeline.spikes``), the final train loss is the run directory's (``pipeline.rundir.final_train_loss``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,13 @@ from pipeline.diagnose import json_safe
 from pipeline.rundir import FINAL_LOSS_STEPS, final_train_loss, train_rows
 from pipeline.sweep.grid import run_name
 
-Status = Literal["converged", "unstable", "diverged"]
+Status = Literal["converged", "unstable", "diverged", "not judged"]
+
+MIN_JUDGED_STEPS = 2 * FINAL_LOSS_STEPS
+"""Train lines a run needs to be called converged or to be the best LR: 10, so that its final train loss (the mean
+of the last 5) comes from its second half. In a run of 6 lines the final window is steps 1-5, the steps where the
+loss falls fastest: a loss of 8.35 falling to 6.4 and blowing up to 13.1 at the last step averages 8.04 there, below
+the first step's 8.35. A shorter run can still be diverged or unstable: what was found is found."""
 
 
 @dataclass
@@ -23,7 +29,7 @@ class RunAnalysis:
     name: str
     status: Status
     reasons: list[str]
-    """Why the run is ``diverged`` or ``unstable`` (empty when ``converged``)."""
+    """Why the run is ``diverged``, ``unstable`` or ``not judged`` (empty when ``converged``)."""
     steps: int
     """Train lines logged."""
     first_loss: Optional[float]
@@ -43,6 +49,11 @@ class RunAnalysis:
     """The run reached its end (``summary.json`` exists)."""
 
     @property
+    def judged(self) -> bool:
+        """Long enough (``MIN_JUDGED_STEPS`` train lines) for its final loss to be compared with other runs'."""
+        return self.steps >= MIN_JUDGED_STEPS
+
+    @property
     def final_loss(self) -> Optional[float]:
         """What runs are compared by: the final eval loss, or the final train loss when there is no eval."""
         return self.final_eval_loss if self.final_eval_loss is not None else self.final_train_loss
@@ -54,7 +65,7 @@ class SweepAnalysis:
     """In increasing LR."""
     compared_by: Literal["final eval loss", "final train loss"]
     best_lr: Optional[float]
-    """Lowest final loss among complete runs that did not diverge."""
+    """Lowest final loss among complete runs long enough to judge that did not diverge."""
     best_loss: Optional[float]
     first_divergent_lr: Optional[float]
     """The smallest LR above the best one that diverged."""
@@ -84,8 +95,10 @@ def loss_spikes(train: Sequence[Mapping[str, Any]]) -> list[int]:
 
 
 def classify_run(records: Sequence[Mapping[str, Any]], failed: bool = False) -> tuple[Status, list[str]]:
-    """``diverged``: a non-finite loss, the trainer failed, or the final train loss (mean of the last 5 steps)
-    above the first step's loss. ``unstable``: guard events or loss spikes. ``converged`` otherwise."""
+    """``diverged``: a non-finite loss, the trainer failed, or the loss ended above where it started (the final
+    train loss, mean of the last 5 steps, or the last step's loss above the first step's). ``unstable``: guard
+    events or loss spikes. ``not judged``: neither, in a run of fewer than ``MIN_JUDGED_STEPS`` train lines.
+    ``converged`` otherwise."""
     train = train_rows(records)
     losses = [r["loss"] for r in train]
     evals = [r["eval_loss"] for r in records if r.get("kind") == "eval"]
@@ -102,6 +115,9 @@ def classify_run(records: Sequence[Mapping[str, Any]], failed: bool = False) -> 
         if final > losses[0]:
             diverged.append(f"final train loss {final:.4g} (mean of the last {FINAL_LOSS_STEPS} steps) above the "
                             f"first step's {losses[0]:.4g}")
+        elif losses[-1] > losses[0]:  # a blow-up at the end that the mean of the last steps averages away
+            diverged.append(f"last train loss {losses[-1]:.4g} (step {train[-1]['step']}) above the first step's "
+                            f"{losses[0]:.4g}")
     if diverged:
         return "diverged", diverged
     unstable: list[str] = []
@@ -112,7 +128,11 @@ def classify_run(records: Sequence[Mapping[str, Any]], failed: bool = False) -> 
     if spikes:
         unstable.append(f"loss spike{'s' if len(spikes) > 1 else ''} at step{'s' if len(spikes) > 1 else ''} "
                         f"{', '.join(map(str, spikes))}")
-    return ("unstable", unstable) if unstable else ("converged", [])
+    if unstable:
+        return "unstable", unstable
+    if len(train) < MIN_JUDGED_STEPS:
+        return "not judged", [f"too few steps: {len(train)} < {MIN_JUDGED_STEPS}"]
+    return "converged", []
 
 
 def analyze_run(lr: float, records: Sequence[Mapping[str, Any]], failed: bool = False,
@@ -135,10 +155,11 @@ def analyze_run(lr: float, records: Sequence[Mapping[str, Any]], failed: bool = 
 
 
 def analyze_sweep(runs: Sequence[RunAnalysis]) -> SweepAnalysis:
-    """The best LR (lowest final loss among complete runs that did not diverge), the first divergent LR (the
-    smallest LR above the best that diverged), their ratio, and what they suggest."""
+    """The best LR (lowest final loss among complete runs long enough to judge that did not diverge), the first
+    divergent LR (the smallest LR above the best that diverged), their ratio, and what they suggest."""
     runs = sorted(runs, key=lambda r: r.lr)
-    candidates = [r for r in runs if r.status != "diverged" and r.complete and r.final_loss is not None]
+    candidates = [r for r in runs
+                  if r.status != "diverged" and r.complete and r.judged and r.final_loss is not None]
     by_eval = bool(candidates) and all(r.final_eval_loss is not None for r in candidates)
     compared_by: Literal["final eval loss", "final train loss"] = "final eval loss" if by_eval or not candidates \
         else "final train loss"
@@ -164,8 +185,15 @@ def suggestions(analysis: SweepAnalysis) -> list[str]:
     runs, best, edge, ratio = analysis.runs, analysis.best_lr, analysis.first_divergent_lr, analysis.edge_ratio
     if not runs:
         return ["No run has metrics yet."]
-    lrs = [r.lr for r in runs]
+    # a run too short to judge is no evidence of where the optimum or the edge of stability lies
+    short = [r for r in runs if r.status == "not judged"]
+    lrs = [r.lr for r in runs if r not in short]
+    not_judged = [f"Not judged (too few steps: {_steps_text(short)} < {MIN_JUDGED_STEPS}) at "
+                  f"{', '.join(f'{r.lr:.2e}' for r in short)}: neither the best LR nor evidence for a higher or lower "
+                  f"one; train for at least {MIN_JUDGED_STEPS} logged steps."] if short else []
     if best is None:
+        if short:
+            return not_judged
         return [f"No run finished without diverging: extend the grid downward (below {min(lrs):.2e})."]
     notes: list[str] = []
     if ratio is None:
@@ -197,7 +225,13 @@ def suggestions(analysis: SweepAnalysis) -> list[str]:
     if incomplete:
         notes.append(f"Not finished, left out of the best LR: {', '.join(f'{lr:.2e}' for lr in incomplete)} "
                      "(run the sweep again to resume them).")
-    return notes
+    return notes + not_judged
+
+
+def _steps_text(runs: Sequence[RunAnalysis]) -> str:
+    """The train lines of runs: ``6``, or ``4-6`` when they differ."""
+    low, high = min(r.steps for r in runs), max(r.steps for r in runs)
+    return f"{low}" if low == high else f"{low}-{high}"
 
 
 def _ratio_text(ratio: float) -> str:
@@ -214,25 +248,29 @@ def format_analysis(analysis: SweepAnalysis, title: str) -> str:
     lines = [f"# LR sweep: {title}", "",
              f"Final train loss: mean of the last {FINAL_LOSS_STEPS} logged steps. Spike: as the spike guard and "
              f"`diagnose` define it (a loss far above its stage's recent median in units of the recent spread, or a "
-             f"gradient norm 10x its recent median). Runs are compared by their {analysis.compared_by}.", "",
+             f"gradient norm 10x its recent median). A run of fewer than {MIN_JUDGED_STEPS} logged steps is not judged "
+             f"converged and is never the best LR. Runs are compared by their {analysis.compared_by}.", "",
              "| LR | final train loss | final eval loss | min loss | spikes | guard events | status |",
              "|---|---|---|---|---|---|---|"]
     for run in analysis.runs:
-        status = run.status + ("" if run.complete or run.failed else " (not finished)")
+        status = (f"not judged ({run.reasons[0]})" if run.status == "not judged" else run.status) \
+            + ("" if run.complete or run.failed else " (not finished)")
         lines.append(f"| {run.lr:.2e} | {number(run.final_train_loss)} | {number(run.final_eval_loss)} | "
                      f"{number(run.min_loss)} | {len(run.spikes)} | {run.guard_events} | {status} |")
     ratio = analysis.edge_ratio
     lines += ["", "## Best LR and the edge of stability", "",
               f"- best LR: {analysis.best_lr:.2e} ({analysis.compared_by} {analysis.best_loss:.4f})"
-              if analysis.best_lr is not None else "- best LR: none (every run diverged or is unfinished)",
+              if analysis.best_lr is not None
+              else "- best LR: none (every run diverged, is unfinished or is too short to judge)",
               f"- first divergent LR: {analysis.first_divergent_lr:.2e}" if analysis.first_divergent_lr is not None
-              else "- first divergent LR: none above the best",
+              else "- first divergent LR: none above the best" if analysis.best_lr is not None
+              else "- first divergent LR: n/a (no best LR)",
               f"- edge-of-stability ratio (first divergent / best): {_ratio_text(ratio)}" if ratio is not None
               else "- edge-of-stability ratio (first divergent / best): n/a",
               "", "## What it suggests", ""]
     lines += [f"- {note}" for note in analysis.suggestions]
     explained = [run for run in analysis.runs if run.reasons]
     if explained:
-        lines += ["", "## Why runs diverged or were unstable", ""]
+        lines += ["", "## Why runs diverged, were unstable or were not judged", ""]
         lines += [f"- {run.lr:.2e} {run.status}: {'; '.join(run.reasons)}" for run in explained]
     return "\n".join(lines) + "\n"

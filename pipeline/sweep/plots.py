@@ -73,12 +73,16 @@ def plot_sweep(sweep_dir: Path, analysis: SweepAnalysis, records: Mapping[str, S
 
     fig, ax = plt.subplots(figsize=(8, 5))
     plotted = [r for r in runs if r.final_loss is not None]
-    kept = [r for r in plotted if r.status != "diverged"]
+    kept = [r for r in plotted if r.status in ("converged", "unstable")]
     ax.plot([r.lr for r in kept], [r.final_loss for r in kept], "o-", color="tab:blue", label="converged / unstable")
     unstable = [r for r in kept if r.status == "unstable"]
     if unstable:
         ax.plot([r.lr for r in unstable], [r.final_loss for r in unstable], "o", color="tab:orange", ms=9,
                 mfc="none", label="unstable")
+    short = [r for r in plotted if r.status == "not judged"]
+    if short:
+        ax.plot([r.lr for r in short], [r.final_loss for r in short], "o", color="tab:gray", mfc="none",
+                label="not judged (too few steps)")
     diverged = [r for r in runs if r.status == "diverged"]
     if diverged:
         # a diverged run with no finite final loss, or one far above the rest, is drawn at the top of the axis
