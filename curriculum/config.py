@@ -407,7 +407,7 @@ class RunConfig(Section):
     checkpoint_every: Steps = 100
     """Save every N steps (0: only at the end)."""
     keep_checkpoints: PositiveSteps = 2
-    """How many of the newest checkpoints to keep."""
+    """How many of the newest checkpoints to keep (and the ones ``latest`` and ``best`` name)."""
     log_every: PositiveSteps = 1
     """Write a metrics line every N steps."""
     tensorboard: bool = True
@@ -415,9 +415,10 @@ class RunConfig(Section):
     peak_flops: Optional[PositiveFloat] = None
     """Peak FLOP/s of one device for MFU. Default: looked up from the GPU name (H100: 989e12); none on CPU."""
     export: bool = True
-    """Write the final model with ``save_pretrained`` (+ tokenizer) to ``<run dir>/final``."""
+    """Write the final model with ``save_pretrained`` (+ tokenizer) to ``<run dir>/final``, as ``export`` does."""
     keep_best: bool = True
-    """Also keep the checkpoint with the lowest eval loss as ``checkpoints/best``."""
+    """Also keep the checkpoint with the lowest eval loss: ``checkpoints/best`` names it (saved at that evaluation
+    if its step has none)."""
 
     @model_validator(mode="after")
     def _one_budget(self) -> "RunConfig":

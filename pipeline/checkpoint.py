@@ -4,7 +4,9 @@ Layout of ``<run dir>/checkpoints``::
 
     step00000100/          a complete checkpoint: the engine's files + rank<r>.pt for every rank
     step00000200/
-    latest                 the name of the newest complete checkpoint (replaced atomically)
+    step00000250/          saved for ``best`` only (an evaluation improved between periodic checkpoints)
+    latest                 the name of the newest checkpoint to resume from (replaced atomically)
+    best                   the name of the checkpoint with the lowest eval loss (replaced atomically)
     step00000300.partial/  a save in progress; never read, removed at the next start
 
 Each checkpoint holds the engine's files, ``rank<r>.pt`` for every rank and ``run_state.json``, the shared part of
@@ -13,7 +15,9 @@ that the checkpoint fits the run (its model, its step) before anything is built 
 
 A save writes into ``<tag>.partial``, waits for every rank, then rank 0 renames it to ``<tag>`` and replaces
 ``latest``. A kill at any moment leaves ``latest`` pointing at a complete checkpoint. The checkpoint is named by
-the number of steps done, which is also the step the resumed run starts at.
+the number of steps done, which is also the step the resumed run starts at. ``best`` is a pointer like ``latest``,
+not a second copy; pruning to the newest ``keep`` checkpoints never removes the one ``latest`` or ``best`` names.
+Resume and rollback read ``latest``; ``best`` is for ``export``.
 
 What a run's progress is, beyond the engine's weights and optimizer state, is one typed ``RunState``; resume and
 rollback both read it back through ``Checkpointer.load``. Its shared part is rank 0's client state (stored by
@@ -40,6 +44,7 @@ import torch.distributed as dist
 from curriculum.errors import ConfigError
 
 LATEST = "latest"
+BEST = "best"
 PARTIAL = ".partial"
 RUN_STATE = "run_state.json"
 
@@ -122,17 +127,26 @@ class Checkpointer:
         _barrier()
 
     def latest(self) -> Optional[Path]:
-        pointer = self.directory / LATEST
-        if not pointer.is_file():
-            return None
-        path = self.directory / pointer.read_text().strip()
-        return path if path.is_dir() else None
+        return pointed(self.directory, LATEST)
 
-    def save_state(self, engine: Any, state: RunState, name: Optional[str] = None) -> Path:
-        """The engine and ``state``, as ``step<state.step>`` or under ``name`` (see ``save``), with
-        ``run_state.json``."""
+    def best(self) -> Optional[Path]:
+        return pointed(self.directory, BEST)
+
+    def mark_best(self, checkpoint: Path) -> None:
+        """``best`` names ``checkpoint``, and the one it named before is pruned unless it is among the newest
+        (rank 0 writes; a ``best`` directory, the full copy that runs saved before ``best`` became a pointer, is
+        replaced)."""
+        if self.rank != 0:
+            return
+        if (self.directory / BEST).is_dir():
+            shutil.rmtree(self.directory / BEST)
+        self._point(BEST, checkpoint)
+        self._prune()
+
+    def save_state(self, engine: Any, state: RunState, latest: bool = True) -> Path:
+        """The engine and ``state`` as ``step<state.step>`` (see ``save``), with ``run_state.json``."""
         client_state, rank_state = state.to_checkpoint()
-        return self.save(engine, state.step, client_state, rank_state, name,
+        return self.save(engine, state.step, client_state, rank_state, latest,
                          readable=json.dumps(client_state, indent=2, default=str) + "\n")
 
     @staticmethod
@@ -153,10 +167,10 @@ class Checkpointer:
         return RunState.from_checkpoint(*self.load(engine, path))
 
     def save(self, engine: Any, steps_done: int, client_state: dict[str, Any], rank_state: dict[str, Any],
-             name: Optional[str] = None, readable: Optional[str] = None) -> Path:
-        """Save as ``step<N>`` (then ``latest`` names it and old ones are pruned), or under ``name`` (e.g. ``best``),
-        which neither ``latest`` nor pruning touch; ``readable``: the text of ``run_state.json``."""
-        tag = name or tag_for(steps_done)
+             latest: bool = True, readable: Optional[str] = None) -> Path:
+        """Save as ``step<N>``; with ``latest``, ``latest`` names it and old ones are pruned (a checkpoint saved for
+        ``best`` only moves neither); ``readable``: the text of ``run_state.json``."""
+        tag = tag_for(steps_done)
         partial = self.directory / f"{tag}{PARTIAL}"
         self.directory.mkdir(parents=True, exist_ok=True)
         engine.save_checkpoint(str(self.directory), tag=partial.name, client_state=client_state, save_latest=False)
@@ -166,30 +180,35 @@ class Checkpointer:
             (partial / RUN_STATE).write_text(readable)
         _barrier()
         if self.rank == 0:
-            self._commit(partial, self.directory / tag, update_latest=name is None)
+            self._commit(partial, self.directory / tag, update_latest=latest)
         _barrier()
         return self.directory / tag
 
     def _commit(self, partial: Path, final: Path, update_latest: bool = True) -> None:
-        replaced = final.with_name(final.name + ".old")
-        if final.exists():  # e.g. a better `best`: keep the old one until the new one is in place
-            os.replace(final, replaced)
-        os.replace(partial, final)
-        shutil.rmtree(replaced, ignore_errors=True)
+        move_into_place(partial, final)  # a step saved again: after a resume, or promoted from a best-only save
         if not update_latest:
             return
-        pointer_tmp = self.directory / f"{LATEST}.tmp"
+        self._point(LATEST, final)
+        self._prune()
+
+    def _prune(self) -> None:
+        """Keep the newest ``keep`` checkpoints, and the ones ``latest`` and ``best`` name."""
+        latest, best = self.latest(), self.best()
+        # oldest first, but latest's last: after resuming from an older checkpoint a newer one of the abandoned run
+        # may still be here, and pruning must never take the checkpoint that latest names
+        complete = sorted(complete_checkpoints(self.directory), key=lambda p: (p == latest, p.name))
+        for old in complete[: -self.keep]:
+            if old != best:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _point(self, pointer: str, checkpoint: Path) -> None:
+        """Replace the file ``pointer`` with one naming ``checkpoint``, atomically."""
+        pointer_tmp = self.directory / f"{pointer}.tmp"
         with open(pointer_tmp, "w") as f:
-            f.write(final.name)
+            f.write(checkpoint.name)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(pointer_tmp, self.directory / LATEST)
-        # oldest first, but the one just committed last: after resuming from an older checkpoint a newer one of the
-        # abandoned run may still be here, and pruning must never take the checkpoint that latest names
-        complete = sorted((p for p in self.directory.glob("step*") if p.is_dir() and not p.name.endswith(PARTIAL)),
-                          key=lambda p: (p == final, p.name))
-        for old in complete[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        os.replace(pointer_tmp, self.directory / pointer)
 
     @property
     def _rank_file(self) -> str:
@@ -225,7 +244,7 @@ def resolve_resume(arg: str, checkpointer: Checkpointer, log: Optional[Callable[
         if latest is not None or not pointer.is_file():
             return latest
         named = pointer.read_text().strip()
-        complete = sorted(p for p in checkpointer.directory.glob("step*") if p.is_dir() and not p.name.endswith(PARTIAL))
+        complete = complete_checkpoints(checkpointer.directory)
         if not complete:
             raise ConfigError("--resume", arg, f"{pointer} names {named}, which is not there, and no complete "
                                                "checkpoint is: restore it, or train into another --output-dir")
@@ -239,6 +258,30 @@ def resolve_resume(arg: str, checkpointer: Checkpointer, log: Optional[Callable[
     if not path.is_dir():
         raise ConfigError("--resume", arg, "must be auto, none, a checkpoint directory or a checkpoints directory")
     return path
+
+
+def move_into_place(partial: Path, final: Path) -> None:
+    """Rename the directory ``partial`` to ``final``; a ``final`` already there stays until the new one is in
+    place."""
+    replaced = final.with_name(final.name + ".old")
+    if final.exists():
+        os.replace(final, replaced)
+    os.replace(partial, final)
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """The complete ``step<N>`` checkpoints in ``directory``, oldest first."""
+    return sorted(p for p in directory.glob("step*") if p.is_dir() and not p.name.endswith(PARTIAL))
+
+
+def pointed(directory: Path, pointer: str) -> Optional[Path]:
+    """The checkpoint directory the file ``pointer`` names; None when there is no such file or no such checkpoint."""
+    path = directory / pointer
+    if not path.is_file():
+        return None
+    named = directory / path.read_text().strip()
+    return named if named.is_dir() else None
 
 
 def _barrier() -> None:

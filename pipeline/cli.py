@@ -11,6 +11,7 @@
     sweep         one run per LR, then the comparison
     bench         throughput per stage shape through the pipeline, against a hand-written compiled loop
     compare       held-out loss, and tokens and seconds to a target loss, of several runs against the first
+    export        a run's checkpoint (latest, best or a step) as a transformers save_pretrained directory
 
 Each command module owns its arguments (``add_arguments``) and its ``run``; ``plan``, ``recipes`` and ``ds-config``,
 which need no more than the config, live here. Command modules import torch only inside ``run``, so ``plan`` and
@@ -163,6 +164,7 @@ def commands() -> dict[str, Command]:
         "sweep": _module("pipeline.sweep"),
         "bench": _module("pipeline.bench"),
         "compare": _module("pipeline.compare"),
+        "export": _module("pipeline.export"),
     }
 
 

@@ -54,7 +54,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -243,7 +242,7 @@ class Engine:
 
     ds: Any
     lm: Any
-    """The transformers model (for ``save_pretrained`` and parameter counts)."""
+    """The transformers model (for its config and parameter counts)."""
     optimizer_name: str
     kernels: KernelChoice
     precision: Precision
@@ -458,16 +457,6 @@ class Engine:
         if not peak:
             return None
         return flops_per_token(*self._flops_shape, seq_len) * tok_per_s / (self.processes.world_size * peak)
-
-    def export(self, out_dir: Path, tokenizer_file: Path, eot_token: str, max_seq_len: int) -> None:
-        """``save_pretrained`` + tokenizer, loadable with ``AutoModelForCausalLM.from_pretrained(out_dir)`` (the
-        attention implementation is not saved: a loaded model uses transformers' default)."""
-        from transformers import PreTrainedTokenizerFast
-
-        self.lm.save_pretrained(out_dir)
-        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), eos_token=eot_token,
-                                            bos_token=eot_token, unk_token=eot_token, model_max_length=max_seq_len)
-        tokenizer.save_pretrained(out_dir)
 
     def params_sha256(self) -> str:
         params = hashlib.sha256()

@@ -1,14 +1,15 @@
 """A run directory: the names of what a run writes, one reader of its metrics, one meaning of "final loss".
 
     config.json, ds_config.json   the run config and the DeepSpeed JSON the engine got
+    tokenizer.json                the data's tokenizer, copied at the start (what ``export`` saves with the model)
     metrics.jsonl, metrics.csv    one line per logged step (``kind: train``), evaluation (``eval``), spike-guard
                                   event (``guard``) and compile report (``compile``)
     tensorboard/, wandb/          the same scalars
     training.png, summary.json    written at the end
-    checkpoints/, final/          ``step<N>``/``latest``/``best``, and the exported model
+    checkpoints/, final/          ``step<N>``/``latest``/``best``, and the model exported from the last checkpoint
     train.log                     the trainer's output when a sweep started it
 
-Used by train, diagnose, sweep, bench and compare; nothing else spells these names.
+Used by train, export, diagnose, sweep, bench and compare; nothing else spells these names.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class RunDir:
 
     config = property(lambda self: self.path / "config.json")
     ds_config = property(lambda self: self.path / "ds_config.json")
+    tokenizer = property(lambda self: self.path / "tokenizer.json")
     metrics = property(lambda self: self.path / "metrics.jsonl")
     metrics_csv = property(lambda self: self.path / "metrics.csv")
     tensorboard = property(lambda self: self.path / "tensorboard")

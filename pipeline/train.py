@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import math
+import shutil
 import signal
 import sys
 import time
@@ -67,7 +68,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto",
           stop_at_step: Optional[int] = None) -> int:
     from pipeline.batches import Prefetcher, load_run_data
-    from pipeline.checkpoint import Checkpointer, RunState, resolve_resume
+    from pipeline.checkpoint import Checkpointer, RunState, resolve_resume, tag_for
     from pipeline.commands import output_directory
     from pipeline.ds_config import derive_ds_config
     from pipeline.engine import build_engine, close_processes, device_precision, init_processes, peak_flops
@@ -119,13 +120,22 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - run_start
 
-    def save(name: Optional[str] = None) -> None:
-        state.elapsed_s, state.guard = elapsed(), guard.state_dict()
-        if config.guard.action == "rollback":  # lets a rollback prove it restored exactly this state
-            state.params_sha256 = engine.params_sha256()
-        checkpointer.save_state(engine.ds, state, name)
+    def save(latest: bool = True, best: bool = False) -> None:
+        """``step<state.step>``, named by ``latest`` (and older ones pruned) or saved for ``best`` only; ``best``
+        then names it. A step that ``latest`` already names is not saved again."""
+        nonlocal last_saved
+        if last_saved != state.step:
+            state.elapsed_s, state.guard = elapsed(), guard.state_dict()
+            if config.guard.action == "rollback":  # lets a rollback prove it restored exactly this state
+                state.params_sha256 = engine.params_sha256()
+            checkpointer.save_state(engine.ds, state, latest)
+            if latest:
+                last_saved = state.step
+        if best:
+            checkpointer.mark_best(checkpointer.directory / tag_for(state.step))
 
-    def evaluate() -> None:
+    def evaluate() -> bool:
+        """Evaluate at the full length; True when the eval loss is the best so far (and ``run.keep_best``)."""
         start = time.perf_counter()
         eval_loss = engine.evaluate(data.eval_batches)
         record = {"kind": "eval", "step": state.step - 1, "tokens": state.tokens, "seq_len": schedule.max_seq_len,
@@ -135,14 +145,16 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
             logger.log(record)
         log(f"step {state.step - 1}: eval loss {eval_loss:.4f} (ppl {record['eval_ppl']:.1f}) at seq_len "
             f"{schedule.max_seq_len}")
-        if config.run.keep_best and eval_loss < state.best_eval_loss:
-            state.best_eval_loss = eval_loss
-            save(name="best")
+        if not (config.run.keep_best and eval_loss < state.best_eval_loss):
+            return False
+        state.best_eval_loss = eval_loss
+        return True
 
     # ------------------------------------------------------------------ the loop: steps state.step .. end_step - 1
     engine.ds.train()
     first_step, stage, halted = state.step, None, False
-    last_saved = state.step if resume_path is not None else -1
+    # the step whose checkpoint `latest` names, when that is this state (else the end saves one)
+    last_saved = state.step if resume_path is not None and resume_path == checkpointer.latest() else -1
     mark = time.perf_counter()
     while state.step < end_step:
         step = state.step
@@ -186,11 +198,11 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
         if halted:
             break
         paused = time.perf_counter()
-        if config.run.eval_every and state.step % config.run.eval_every == 0 and state.step < schedule.total_steps:
-            evaluate()
-        if (config.run.checkpoint_every and state.step % config.run.checkpoint_every == 0) or values.stop:
-            save()
-            last_saved = state.step
+        improved = (config.run.eval_every > 0 and state.step % config.run.eval_every == 0
+                    and state.step < schedule.total_steps and evaluate())
+        periodic = (config.run.checkpoint_every > 0 and state.step % config.run.checkpoint_every == 0) or values.stop
+        if periodic or improved:
+            save(latest=periodic, best=improved)
         if values.stop:
             log(f"stop requested (signal): checkpoint saved at step {state.step}; resume with --resume auto")
             break
@@ -199,10 +211,9 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     prefetcher.close()
 
     # ------------------------------------------------------------------ the end
-    if state.step == schedule.total_steps and first_step < schedule.total_steps:
-        evaluate()  # at the full length, after the last step
-    if last_saved != state.step:
-        save()
+    # evaluated at the full length after the last step
+    improved = state.step == schedule.total_steps and first_step < schedule.total_steps and evaluate()
+    save(best=improved)
     if state.step < schedule.total_steps:  # stopped early: --stop-at-step, a signal, or the spike guard
         log(f"error: stopped after {guard.events} spike events (guard.max_events = {config.guard.max_events}); the "
             f"last good state is checkpointed at step {state.step}. Lower the LR (see `curriculum-pretrain diagnose "
@@ -213,7 +224,8 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
         if not replicas["params_identical"]:
             log("WARNING: parameters differ between data-parallel ranks (see summary.json: replicas)")
         if logger is not None:
-            _write_outputs(config, schedule, engine, run_dir, data.manifest, replicas, guard.events, elapsed())
+            _write_outputs(config, schedule, engine, run_dir, checkpointer.latest(), replicas, guard.events,
+                           elapsed())
     if logger is not None:
         logger.close()
     close_processes()
@@ -235,14 +247,18 @@ def _restore(checkpointer: Any, engine: Any, path: Path, config: Config, model_f
 
 def _open_outputs(run_dir: Any, config: Config, schedule: Schedule, ds_config: dict[str, Any], state: Any,
                   engine: Any, guard: Any, resume_path: Optional[Path]) -> Any:
-    """Rank 0, once everything is checked: config.json, ds_config.json and the metrics sinks (which drop what was
-    logged from the resumed step on; the guard line of an event the checkpoint already counts, the one that
-    stopped a run, is kept), with the compile line of the warm-up."""
+    """Rank 0, once everything is checked: config.json, ds_config.json, a copy of the data's tokenizer.json (what
+    ``export`` builds the tokenizer from) and the metrics sinks (which drop what was logged from the resumed step
+    on; the guard line of an event the checkpoint already counts, the one that stopped a run, is kept), with the
+    compile line of the warm-up."""
+    from pipeline.data import TOKENIZER_FILE
     from pipeline.metrics import RunLogger, describe_run, wandb_settings
 
     run_dir.path.mkdir(parents=True, exist_ok=True)
     run_dir.config.write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
     run_dir.ds_config.write_text(json.dumps(ds_config, indent=2) + "\n")
+    if (tokenizer := Path(config.data.dir) / TOKENIZER_FILE).is_file():
+        shutil.copyfile(tokenizer, run_dir.tokenizer)
     logger = RunLogger(run_dir.path, state.step, config.run.tensorboard, wandb_settings(config, run_dir.path),
                        keep_guard_events=guard.events if resume_path is not None else 0,
                        description=describe_run(config, schedule))
@@ -339,14 +355,15 @@ def _roll_back(checkpointer: Any, engine: Any, checkpoint: Path, state: Any, ski
                                                                  restored.data_sha256, skip_to)
 
 
-def _write_outputs(config: Config, schedule: Schedule, engine: Any, run_dir: Any, manifest: dict[str, Any],
+def _write_outputs(config: Config, schedule: Schedule, engine: Any, run_dir: Any, checkpoint: Path,
                    replicas: dict[str, Any], guard_events: int, elapsed_s: float) -> None:
-    """Rank 0 at the end of a run: the exported model, summary.json, training.png and the closing lines."""
+    """Rank 0 at the end of a run: the model exported from the last checkpoint (as ``export`` would), summary.json,
+    training.png and the closing lines."""
+    from pipeline.export import export_checkpoint
     from pipeline.metrics import plot_run, write_summary
 
     if config.run.export:
-        engine.export(run_dir.final, Path(config.data.dir) / "tokenizer.json", manifest["tokenizer"]["eot_token"],
-                      schedule.max_seq_len)
+        export_checkpoint(run_dir, checkpoint, run_dir.final)
     summary = write_summary(run_dir.path, {"name": config.name, "world_size": engine.processes.world_size,
                                       "precision": engine.precision, "device": engine.device.type,
                                       "optimizer": engine.optimizer_name, "replicas": replicas,

@@ -135,6 +135,54 @@ def test_keep_1_never_prunes_the_checkpoint_just_saved(tmp_path: Path) -> None:
     assert names(directory) == ["latest", "step00000150"]
 
 
+def test_best_is_a_pointer_and_pruning_keeps_what_it_names(tmp_path: Path) -> None:
+    """A checkpoint saved for ``best`` only moves neither ``latest`` nor pruning; ``best`` is a file naming it, and
+    keep-last-1 keeps it as long as ``best`` names it, then prunes it once ``best`` moves on."""
+    directory = tmp_path / "checkpoints"
+    checkpointer = Checkpointer(directory, keep=1, rank=0)
+    engine = FakeEngine()
+    save_steps(checkpointer, engine, 100)
+    best = checkpointer.save(engine, 150, client_state={"step": 150}, rank_state={}, latest=False)
+    checkpointer.mark_best(best)
+    assert names(directory) == ["best", "latest", "step00000100", "step00000150"]
+    assert (directory / "best").read_text() == "step00000150" and checkpointer.best() == best
+    assert checkpointer.latest() == directory / "step00000100"
+    save_steps(checkpointer, engine, 200, 300)
+    assert names(directory) == ["best", "latest", "step00000150", "step00000300"]
+    checkpointer.mark_best(directory / "step00000300")  # a periodic checkpoint can be the best too
+    assert names(directory) == ["best", "latest", "step00000300"]
+    assert checkpointer.best() == checkpointer.latest() == directory / "step00000300"
+
+
+def test_pruning_keeps_latest_and_best_when_both_are_old(tmp_path: Path) -> None:
+    """A run resumed from step 100 saves step 150 while the abandoned run's 200 and 300 are still here and ``best``
+    names step 50: keep-last-1 keeps 150 (now ``latest``) and 50 (``best``), and prunes the rest."""
+    directory = tmp_path / "checkpoints"
+    engine = FakeEngine()
+    first = Checkpointer(directory, keep=5, rank=0)
+    (fifty,) = save_steps(first, engine, 50)
+    first.mark_best(fifty)
+    save_steps(first, engine, 100, 200, 300)
+    checkpointer = Checkpointer(directory, keep=1, rank=0)
+    save_steps(checkpointer, engine, 150)
+    assert names(directory) == ["best", "latest", "step00000050", "step00000150"]
+
+
+def test_mark_best_replaces_the_full_copy_older_runs_saved(tmp_path: Path) -> None:
+    """A resumed run of an older version has a ``best`` directory: the first better evaluation replaces it with the
+    pointer. Only rank 0 writes."""
+    directory = tmp_path / "checkpoints"
+    engine = FakeEngine()
+    (path,) = save_steps(Checkpointer(directory, keep=2, rank=0), engine, 100)
+    (directory / "best").mkdir()
+    (directory / "best" / ENGINE_FILE).write_text("{}")
+    Checkpointer(directory, keep=2, rank=1).mark_best(path)
+    assert (directory / "best").is_dir()
+    checkpointer = Checkpointer(directory, keep=2, rank=0)
+    checkpointer.mark_best(path)
+    assert (directory / "best").read_text() == "step00000100" and checkpointer.best() == path
+
+
 def test_leftover_partial_is_removed_at_start(tmp_path: Path) -> None:
     """A save killed half-way leaves ``<tag>.partial``: the next Checkpointer (rank 0) removes it."""
     directory = tmp_path / "checkpoints"

@@ -442,8 +442,9 @@ def test_a_real_three_lr_sweep_compares_the_runs_and_resumes(data_dir: Path, tmp
         assert not missing, f"{name} lacks {missing}: {sorted(p.name for p in run_dir.iterdir())}"
         checkpoints = run_dir / "checkpoints"
         assert (checkpoints / "latest").read_text().strip() == "step00000010"  # the final one
-        for kept in ("step00000008", "step00000010", "best"):  # periodic (keep 2: 8 and 10), final, best
+        for kept in ("step00000008", "step00000010"):  # periodic (keep 2: 8 and 10), final
             assert (checkpoints / kept).is_dir(), f"{name}: no checkpoints/{kept}"
+        assert (checkpoints / "best").read_text() == "step00000010"  # a pointer: the one evaluation, at the end
     assert all((sweep_dir / f).is_file() for f in SWEEP_FILES), sorted(p.name for p in sweep_dir.iterdir())
 
     manifest = json.loads((sweep_dir / "sweep_manifest.json").read_text())
