@@ -419,6 +419,16 @@ class RunConfig(Section):
     keep_best: bool = True
     """Also keep the checkpoint with the lowest eval loss: ``checkpoints/best`` names it (saved at that evaluation
     if its step has none)."""
+    heartbeat_timeout_s: PositiveFloat = Field(default=30.0, ge=3.0, le=3600.0)
+    """With several ranks: a rank whose heartbeat (bumped every second by a thread of its own, also while it
+    compiles, evaluates or saves) has not moved for this long is dead, and the others stop with one line naming it
+    and the step (``pipeline/peers.py``). 3 .. 3600."""
+    collective_timeout_s: PositiveFloat = Field(default=600.0, ge=1.0, le=86400.0)
+    """The process-group timeout (gloo and NCCL): how long a rank that is alive waits for the others in one
+    collective, the rendezvous at start included, before the job fails. It must outlast the longest gap between
+    two collectives in which ranks differ: a cold compile on one node (88 s for GPT-2 124M on an H200), DeepSpeed's
+    first JIT op build (40-95 s), a checkpoint save to a slow filesystem, nodes started by hand a while apart.
+    A dead rank is found by its heartbeat long before this. 1 .. 86400."""
 
     @model_validator(mode="after")
     def _one_budget(self) -> "RunConfig":

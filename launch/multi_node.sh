@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
-# Several nodes through the DeepSpeed launcher (it starts the ranks over ssh, so run this on the first node).
-# HOSTFILE lists "hostname slots=N" per node (see hostfile.example); MASTER_ADDR is the first node's address.
-# Every node needs the same checkout, environment and data path (a shared filesystem for the run directory:
-# all ranks write their checkpoint shards into it).
-#   HOSTFILE=launch/hostfile MASTER_ADDR=10.0.0.1 CONFIG=gpt2-124m-curriculum bash launch/multi_node.sh
+# Several nodes through the DeepSpeed launcher, without ssh: run this on every node, each with its NODE_RANK (its
+# line in the hostfile, from 0). Each node's launcher starts that node's ranks (one per slot) and they meet at
+# MASTER_ADDR, node 0's address. HOSTFILE lists "name slots=N" per node (see hostfile.example).
+# Every node needs the same checkout, environment and data path, and a shared filesystem for the run directory
+# (all ranks write their checkpoint shards into it).
+#   HOSTFILE=launch/hostfile NODE_RANK=0 MASTER_ADDR=10.0.0.1 CONFIG=gpt2-124m-curriculum bash launch/multi_node.sh
+#   HOSTFILE=launch/hostfile NODE_RANK=1 MASTER_ADDR=10.0.0.1 CONFIG=gpt2-124m-curriculum bash launch/multi_node.sh
+# This exact command is tested as two one-process "nodes" on one machine (tests/test_multinode.py: a hostfile of
+# "node-0 slots=1" and "node-1 slots=1", MASTER_ADDR=127.0.0.1; with --no_ssh the names are labels, never resolved).
+# Without --no_ssh and --node_rank, DeepSpeed would start every node from the first one over ssh (pdsh): not tested.
+# A rank that dies makes the others exit with status 3 within run.heartbeat_timeout_s, and each launcher with them.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 : "${HOSTFILE:?set HOSTFILE to a DeepSpeed hostfile}"
+: "${NODE_RANK:?set NODE_RANK to this node's line in the hostfile, counted from 0}"
 : "${MASTER_ADDR:?set MASTER_ADDR to the first node's address}"
-exec deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" \
-    --module pipeline.train --config "$CONFIG" "$@"
+exec deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" \
+    --master_port "${MASTER_PORT:-29500}" --module pipeline.train --config "$CONFIG" "$@"

@@ -86,7 +86,7 @@ def bench(config: Any, args: argparse.Namespace) -> int:
     from pipeline.engine import (build_engine, close_processes, device_name, device_precision,
                                  first_stage_per_shape, init_processes, peak_flops)
 
-    processes = init_processes()
+    processes = init_processes(config)
     device, log = processes.device, processes.log
     if args.memory_fraction is not None:
         if device.type != "cuda":

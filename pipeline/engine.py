@@ -54,6 +54,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -61,6 +62,7 @@ import torch
 from curriculum.config import Config
 from curriculum.errors import ConfigError
 from curriculum.schedule import Schedule, Stage
+from pipeline import peers
 from pipeline.batches import StepBatch
 from pipeline.ds_config import Precision
 from pipeline.guard import APPLY, Verdict
@@ -87,8 +89,9 @@ class Processes:
     log: Log
 
 
-def init_processes() -> Processes:
-    """Environment fixes, the process group (NCCL on GPUs, gloo on CPU) and this rank's device."""
+def init_processes(config: Config) -> Processes:
+    """Environment fixes, the process group (NCCL on GPUs, gloo on CPU) with ``run.collective_timeout_s``, the
+    watch that turns a dead rank into one error line (``pipeline/peers.py``), and this rank's device."""
     from pipeline.environment import prepare_environment
 
     notes = prepare_environment(os.environ, torch.cuda.is_available())
@@ -101,19 +104,37 @@ def init_processes() -> Processes:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank()
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                               timeout=_collective_timeout(config.run.collective_timeout_s))
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    peers.start(rank, world_size, config.run)
     log = _rank0_printer(rank)
     for note in notes:
         log(note)
-    return Processes(rank, dist.get_world_size(), device, log)
+    return Processes(rank, world_size, device, log)
 
 
 def close_processes() -> None:
     import torch.distributed as dist
 
     dist.barrier()
+    peers.stop()
+    dist.barrier()  # no rank leaves (rank 0 may hold the store) while another's watch still reads the store
     dist.destroy_process_group()
+
+
+def _collective_timeout(seconds: float) -> timedelta:
+    """``run.collective_timeout_s`` for every process group of this process: the default one, and each one created
+    later without a timeout of its own, which torch gives its default (30 min for gloo, 10 for NCCL) rather than the
+    default group's. DeepSpeed's data-parallel group, the one its gradient all-reduces use, is such a copy of the
+    world group. Under NCCL, torch's watchdog ends a rank whose collective outlasts the timeout
+    (TORCH_NCCL_ASYNC_ERROR_HANDLING, 3 by default); TORCH_NCCL_BLOCKING_WAIT stays off: it would make the host wait
+    on every collective, DeepSpeed's gradient all-reduces included."""
+    from torch.distributed import distributed_c10d
+
+    timeout = timedelta(seconds=seconds)
+    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
+    return timeout
 
 
 def _rank0_printer(rank: int) -> Log:

@@ -146,7 +146,7 @@ def lr_find(config: Config, output_dir: Path, steps: int, min_lr: float, max_lr:
     from pipeline.ds_config import derive_ds_config
     from pipeline.engine import build_engine, close_processes, device_precision, init_processes
 
-    processes = init_processes()
+    processes = init_processes(config)
     log = processes.log
     schedule = build_schedule(config, processes.world_size)
     data = load_run_data(config, schedule, processes.rank, processes.world_size, processes.device)

@@ -52,9 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.commands import load_config_from_args
+    from pipeline.peers import failures_reported
 
-    return train(load_config_from_args(args), output_dir=args.output_dir, resume=args.resume,
-                 stop_at_step=args.stop_at_step)
+    config = load_config_from_args(args)
+    with failures_reported():  # a dead rank: one line and exit status 3, not a traceback or a hang
+        return train(config, output_dir=args.output_dir, resume=args.resume, stop_at_step=args.stop_at_step)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -67,6 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto",
           stop_at_step: Optional[int] = None) -> int:
+    from pipeline import peers
     from pipeline.batches import Prefetcher, load_run_data
     from pipeline.checkpoint import Checkpointer, RunState, resolve_resume, tag_for
     from pipeline.commands import output_directory
@@ -78,7 +81,7 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     from pipeline.rundir import RunDir
 
     # ------------------------------------------------------------------ plan, data, checkpoint: checked before writing
-    processes = init_processes()
+    processes = init_processes(config)
     rank, world_size, log = processes.rank, processes.world_size, processes.log
     schedule = build_schedule(config, world_size)
     end_step = schedule.total_steps if stop_at_step is None else stop_at_step
@@ -109,6 +112,7 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     guard = SpikeGuard(config.guard)
     if state.guard:
         guard.load_state_dict(state.guard)
+    peers.follow(lambda: state.step, checkpointer.latest)  # what a dead peer's error line names
     logger = (_open_outputs(run_dir, config, schedule, ds_config, state, engine, guard, resume_path) if rank == 0
               else None)
     progress = Progress(config, schedule, state.step, enabled=rank == 0)

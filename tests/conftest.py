@@ -1,11 +1,17 @@
-"""Shared test helpers: a validated config from plain dicts, the real CLI in a subprocess, and a reader of wandb's
-offline run files."""
+"""Shared test helpers: a validated config from plain dicts, the real CLI in a subprocess, training runs in processes
+of their own (one, two ranks through a launcher, or several launchers at once as the nodes of one job), and a reader
+of wandb's offline run files."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import textwrap
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -13,9 +19,10 @@ import pytest
 
 from curriculum.config import Config
 from curriculum.loading import validate_config
-from pipeline.environment import LAUNCHER_VARIABLES
+from pipeline.environment import LAUNCHER_VARIABLES, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+PROCESS_TIMEOUT_S = 300  # one run is 5-25 s; the first engine start on a fresh machine adds a ~40 s JIT build
 
 
 def make_config(curriculum: dict[str, Any], run: Optional[dict[str, Any]] = None, **sections: Any) -> Config:
@@ -59,6 +66,115 @@ def process_env(extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
                 "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     env.update(extra or {})
     return env
+
+
+def log_tail(text: str, lines: int = 60) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class Run:
+    """A finished (or stopped, or killed) training run: its directory and its processes' output."""
+
+    dir: Path
+    output: str = ""
+
+    def records(self) -> list[dict[str, Any]]:
+        path = self.dir / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def train_rows(self) -> list[dict[str, Any]]:
+        return [r for r in self.records() if r["kind"] == "train"]
+
+    def eval_rows(self) -> list[dict[str, Any]]:
+        return [r for r in self.records() if r["kind"] == "eval"]
+
+    def losses(self) -> list[float]:
+        return [r["loss"] for r in self.train_rows()]
+
+    def summary(self) -> dict[str, Any]:
+        return json.loads((self.dir / "summary.json").read_text())
+
+    def replicas(self) -> dict[str, Any]:
+        return self.summary()["replicas"]
+
+
+def assert_two_replicas(run: Run) -> None:
+    """Two data-parallel replicas with identical parameters after training on different data."""
+    replicas = run.replicas()
+    assert run.summary()["world_size"] == 2
+    assert len(replicas["params_sha256"]) == len(replicas["data_sha256"]) == 2
+    assert replicas["params_identical"] is True
+    assert replicas["params_sha256"][0] == replicas["params_sha256"][1]
+    assert replicas["data_sha256"][0] != replicas["data_sha256"][1], "both ranks trained on the same data"
+
+
+def train_args(config: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["--config", str(config), "--output-dir", str(run_dir), *extra]
+
+
+def two_ranks(launcher: str, *program: str) -> list[str]:
+    """The command that starts ``program`` as two ranks on this machine through ``launcher``: ``torchrun``
+    (``-m pipeline.train ...`` or a script and its arguments) or ``deepspeed`` (``--module pipeline.train ...`` or a
+    script), each on a free port."""
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(free_port()), *program]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+            *program]
+
+
+def run_process(cmd: Sequence[str], env: Optional[Mapping[str, str]] = None) -> str:
+    """Run ``cmd`` from the repository root; its stdout and stderr together, after checking it exited 0."""
+    start = time.perf_counter()
+    proc = subprocess.run(list(cmd), cwd=REPO_ROOT, env=process_env(env), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=PROCESS_TIMEOUT_S)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, (f"exit status {proc.returncode} after {elapsed:.1f} s: {' '.join(cmd)}\n"
+                                  f"{log_tail(proc.stdout)}")
+    return proc.stdout
+
+
+@dataclass
+class Finished:
+    """A process of ``run_together``: its exit status, its output, and when it was seen to end (``time.time()``)."""
+
+    status: int
+    output: str
+    ended_at: float
+
+
+def run_together(commands: Sequence[Sequence[str]], log_dir: Path,
+                 envs: Optional[Sequence[Optional[Mapping[str, str]]]] = None) -> list[Finished]:
+    """Start every command at once from the repository root (``envs``: extra variables for each), each in a process
+    group of its own with its output in ``log_dir``, and wait for all of them, noting when each ends (to 0.1 s).
+    Whatever is left after ``PROCESS_TIMEOUT_S``, or of a process group once its leader ended, is killed."""
+    procs, ended = [], {}
+    for i, cmd in enumerate(commands):
+        with open(log_dir / f"process{i}.log", "w") as log:
+            procs.append(subprocess.Popen(list(cmd), cwd=REPO_ROOT, env=process_env(envs[i] if envs else None),
+                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    try:
+        deadline = time.monotonic() + PROCESS_TIMEOUT_S
+        while len(ended) < len(procs) and time.monotonic() < deadline:
+            ended.update({i: time.time() for i, proc in enumerate(procs) if i not in ended and proc.poll() is not None})
+            time.sleep(0.1)
+    finally:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # the whole group is gone
+                pass
+            proc.wait(timeout=30)
+    return [Finished(proc.returncode, (log_dir / f"process{i}.log").read_text(), ended.get(i, float("inf")))
+            for i, proc in enumerate(procs)]
+
+
+def write_wrapper(path: Path, patch: str) -> Path:
+    """A script that applies ``patch`` (Python source) and then runs ``pipeline.train.main()`` with its argv."""
+    path.write_text("import os, signal, sys, time\n\n" + textwrap.dedent(patch)
+                    + "\nfrom pipeline.train import main\n\nsys.exit(main())\n")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -25,14 +25,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import pytest
-from conftest import REPO_ROOT, TINY_LLAMA_YAML, process_env, run_cli
+from conftest import (PROCESS_TIMEOUT_S, REPO_ROOT, TINY_LLAMA_YAML, Run, assert_two_replicas, log_tail, process_env,
+                      run_cli, run_process, run_together, train_args, two_ranks, write_wrapper)
 
 from pipeline.environment import free_port
 from pipeline.metrics import CSV_FIELDS
@@ -42,7 +41,6 @@ MAX_SEQ_LEN = 128
 TOKENS_PER_STEP = 256
 CHECKPOINT_EVERY = 4
 STOP_STEP = 7  # inside stage 1 (steps 5-9): the resumed part crosses the boundary into stage 2 at step 10
-PROCESS_TIMEOUT_S = 300  # one run is 5-25 s; the first engine start on a fresh machine adds a ~40 s JIT build
 
 CONFIG_YAML = """\
 name: tiny-test
@@ -64,53 +62,6 @@ run:
   tensorboard: true
 """
 
-# variables a launcher sets for its workers; a test run must not inherit them from whatever started pytest
-def log_tail(text: str, lines: int = 60) -> str:
-    return "\n".join(text.splitlines()[-lines:])
-
-
-@dataclass
-class Run:
-    """A finished (or stopped, or killed) training run: its directory and its processes' output."""
-
-    dir: Path
-    output: str = ""
-
-    def records(self) -> list[dict[str, Any]]:
-        path = self.dir / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-    def train_rows(self) -> list[dict[str, Any]]:
-        return [r for r in self.records() if r["kind"] == "train"]
-
-    def eval_rows(self) -> list[dict[str, Any]]:
-        return [r for r in self.records() if r["kind"] == "eval"]
-
-    def losses(self) -> list[float]:
-        return [r["loss"] for r in self.train_rows()]
-
-    def summary(self) -> dict[str, Any]:
-        return json.loads((self.dir / "summary.json").read_text())
-
-    def replicas(self) -> dict[str, Any]:
-        return self.summary()["replicas"]
-
-
-def run_process(cmd: Sequence[str], env: Optional[Mapping[str, str]] = None) -> str:
-    """Run ``cmd`` from the repository root; its stdout and stderr together, after checking it exited 0."""
-    start = time.perf_counter()
-    proc = subprocess.run(list(cmd), cwd=REPO_ROOT, env=process_env(env), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=PROCESS_TIMEOUT_S)
-    elapsed = time.perf_counter() - start
-    assert proc.returncode == 0, (f"exit status {proc.returncode} after {elapsed:.1f} s: {' '.join(cmd)}\n"
-                                  f"{log_tail(proc.stdout)}")
-    return proc.stdout
-
-
-def train_args(config: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["--config", str(config), "--output-dir", str(run_dir), *extra]
-
-
 def cli_train(config: Path, run_dir: Path, *extra: str, env: Optional[Mapping[str, str]] = None) -> str:
     """One process: ``python -m pipeline.cli train`` (the ``curriculum-pretrain train`` console script)."""
     return run_process([sys.executable, "-m", "pipeline.cli", "train", *train_args(config, run_dir, *extra)], env)
@@ -118,9 +69,7 @@ def cli_train(config: Path, run_dir: Path, *extra: str, env: Optional[Mapping[st
 
 def torchrun_train(config: Path, run_dir: Path, *extra: str) -> str:
     """Two processes on this machine through torchrun."""
-    return run_process([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(free_port()), "-m", "pipeline.train",
-                        *train_args(config, run_dir, *extra)])
+    return run_process(two_ranks("torchrun", "-m", "pipeline.train", *train_args(config, run_dir, *extra)))
 
 
 def train_with_world(world_size: int, config: Path, run_dir: Path, *extra: str) -> str:
@@ -135,13 +84,6 @@ def plan_steps(config: Path, world_size: int, *sets: str) -> list[dict[str, Any]
     proc = run_cli(args)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)["steps"]
-
-
-def write_wrapper(path: Path, patch: str) -> Path:
-    """A script that applies ``patch`` (Python source) and then runs ``pipeline.train.main()`` with its argv."""
-    path.write_text("import os, signal, sys, time\n\n" + textwrap.dedent(patch)
-                    + "\nfrom pipeline.train import main\n\nsys.exit(main())\n")
-    return path
 
 
 def logged_train_steps(metrics: Path) -> list[int]:
@@ -180,12 +122,7 @@ def assert_same_training(resumed: Run, straight: Run) -> None:
 def assert_two_rank_run(run: Run, config: Path) -> None:
     """Two replicas with identical parameters after training on different data; the per-step schedule of the
     plan for world size 2; tokens per step = global_batch x seq_len, counted from the batches trained."""
-    replicas = run.replicas()
-    assert run.summary()["world_size"] == 2
-    assert len(replicas["params_sha256"]) == len(replicas["data_sha256"]) == 2
-    assert replicas["params_identical"] is True
-    assert replicas["params_sha256"][0] == replicas["params_sha256"][1]
-    assert replicas["data_sha256"][0] != replicas["data_sha256"][1], "both ranks trained on the same data"
+    assert_two_replicas(run)
     rows = run.train_rows()
     assert_each_step_once(run)
     assert [r["seq_len"] for r in rows] == [s["seq_len"] for s in plan_steps(config, 2)]
@@ -324,9 +261,7 @@ def test_two_processes_through_the_deepspeed_launcher(config: Path, tmp_path: Pa
     ``deepspeed.launcher.runner``): identical replicas trained on different data, tokens per step = global batch x
     seq_len; each rank saw the same data as the same rank under torchrun."""
     run_dir = tmp_path / "run"
-    output = run_process([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                          "--master_port", str(free_port()), "--module", "pipeline.train",
-                          *train_args(config, run_dir)])
+    output = run_process(two_ranks("deepspeed", "--module", "pipeline.train", *train_args(config, run_dir)))
     run = Run(run_dir, output)
     assert_two_rank_run(run, config)
     assert run.replicas()["data_sha256"] == straight_w2.replicas()["data_sha256"]
@@ -344,24 +279,11 @@ def test_two_single_process_nodes_rendezvous_on_localhost(config: Path, tmp_path
     """Two torchrun "nodes" of one process each (``--nnodes 2 --node_rank 0/1``) meeting at 127.0.0.1: both exit 0,
     the replicas are identical after training on different data, each rank saw torchrun's data for that rank."""
     run_dir, port = tmp_path / "run", free_port()
-    procs, logs = [], []
-    for node_rank in (0, 1):
-        log = open(tmp_path / f"node{node_rank}.log", "w")
-        logs.append(log)
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node_rank),
-             "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
-             "-m", "pipeline.train", *train_args(config, run_dir)],
-            cwd=REPO_ROOT, env=process_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-    try:
-        statuses = [proc.wait(timeout=PROCESS_TIMEOUT_S) for proc in procs]
-    finally:
-        for proc, log in zip(procs, logs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-            log.close()
-    outputs = [(tmp_path / f"node{node_rank}.log").read_text() for node_rank in (0, 1)]
+    commands = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node_rank),
+                 "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                 "-m", "pipeline.train", *train_args(config, run_dir)] for node_rank in (0, 1)]
+    nodes = run_together(commands, tmp_path)
+    statuses, outputs = [node.status for node in nodes], [node.output for node in nodes]
     assert statuses == [0, 0], "\n\n".join(f"node {i} exit status {s}:\n{log_tail(o)}"
                                            for i, (s, o) in enumerate(zip(statuses, outputs)))
     run = Run(run_dir, outputs[0])
