@@ -378,8 +378,9 @@ def _write_outputs(config: Config, schedule: Schedule, engine: Any, run_dir: Any
           f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}, eval loss "
           f"{summary['final_eval_loss']:.3f} at seq_len {schedule.max_seq_len}"
           + (f"; {guard_events} spike events" if guard_events else "") + "\n"
-          f"  metrics: {run_dir.metrics} (and .csv, tensorboard/)\n  plot:    {plot}\n"
-          f"  summary: {run_dir.summary}\n  model:   {run_dir.final}")
+          f"  metrics: {run_dir.metrics} (and .csv{', tensorboard/' if config.run.tensorboard else ''})\n"
+          f"  plot:    {plot}\n  summary: {run_dir.summary}"
+          + (f"\n  model:   {run_dir.final}" if config.run.export else ""))
 
 
 def _event_line(step: int, stage: Any, values: Any, verdict: Any, guard: Any) -> dict[str, Any]:

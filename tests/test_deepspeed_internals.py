@@ -31,11 +31,10 @@ from pipeline.batches import StepBatch
 from pipeline.ds_config import derive_ds_config
 from pipeline.engine import build_engine, init_processes
 
-processes = init_processes()
-found = {}
+configs = {}
 for label, precision, zero_stage in [("fp32", "fp32", 0), ("zero2", "fp32", 2), ("bf16", "bf16", 0),
                                      ("bf16-autocast", "bf16-autocast", 0)]:
-    config = validate_config({
+    configs[label] = precision, validate_config({
         "model": {"arch": "llama", "preset": "tiny", "overrides": {
             "num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
             "num_key_value_heads": 2}},
@@ -44,6 +43,9 @@ for label, precision, zero_stage in [("fp32", "fp32", 0), ("zero2", "fp32", 2), 
                                    "grad_clip": 0.5}]},
         "deepspeed": {"overrides": {"zero_optimization": {"stage": zero_stage}}},
         "kernels": {"compile": False}})
+processes = init_processes(configs["fp32"][1])
+found = {}
+for label, (precision, config) in configs.items():
     schedule = build_schedule(config)
     engine = build_engine(config, schedule, derive_ds_config(config, schedule, precision),
                           {"tokenizer": {"vocab_size": 64, "eot_id": 0}}, processes)

@@ -13,8 +13,10 @@ pointer. The run leaves exactly ``step00000003`` (best) and ``step00000008`` (la
 Exported models are checked against the run itself: their loss on the run's evaluation batch is the eval loss the
 run logged at that step, and their weights are the module's weights in the checkpoint file. A second run trains
 under ZeRO-2 on the CPU (gloo, torch AdamW); a ZeRO-3 checkpoint is made by a DeepSpeed engine directly (the
-trainer does not run stage 3). ``TRANSFORMERS4_PYTHON`` names an interpreter with transformers 4.x to load an
-export with (not a ``CPT_*`` variable: those override the run config).
+trainer does not run stage 3). ``TRANSFORMERS4_PATH`` names a directory holding transformers 4.x
+(``pip install --target DIR transformers==4.46.3``, as the README test command does) that a second interpreter
+puts ahead of this environment's transformers 5 to load an export with (not a ``CPT_*`` variable: those override
+the run config).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ ROPE_THETA = 20000.0
 TIMEOUT_S = 300
 EXPORTED_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                   "tokenizer_config.json"]
-TRANSFORMERS4_PYTHON = os.environ.get("TRANSFORMERS4_PYTHON")
+TRANSFORMERS4_PATH = os.environ.get("TRANSFORMERS4_PATH")
 
 LOAD_AND_RUN = """\
 import json, sys
@@ -301,15 +303,16 @@ def test_a_run_directory_without_its_tokenizer_copy_uses_the_data_directory(run:
     assert file_bytes(output) == file_bytes(run / "final")
 
 
-@pytest.mark.skipif(TRANSFORMERS4_PYTHON is None,
-                    reason="set TRANSFORMERS4_PYTHON to a Python with transformers 4.x (e.g. 4.46.3) and torch")
+@pytest.mark.skipif(TRANSFORMERS4_PATH is None,
+                    reason="set TRANSFORMERS4_PATH to a directory with transformers 4.x (pip install --target)")
 def test_the_export_loads_in_transformers_4(run: Path, tmp_path: Path) -> None:
     """transformers 4.x loads the export (tokenizer and model) and computes the logits transformers 5 does."""
     output = exported(run, tmp_path / "best", "--checkpoint", "best")
     loaded = {}
-    for name, python in (("4", TRANSFORMERS4_PYTHON), ("5", sys.executable)):
-        proc = subprocess.run([python, "-c", LOAD_AND_RUN, str(output)], capture_output=True, text=True,
-                              timeout=TIMEOUT_S, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    for name, path in (("4", str(Path(TRANSFORMERS4_PATH).resolve())), ("5", "")):
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
+        proc = subprocess.run([sys.executable, "-c", LOAD_AND_RUN, str(output)], capture_output=True, text=True,
+                              timeout=TIMEOUT_S, env=env)
         assert proc.returncode == 0, f"transformers {name}: {proc.stderr[-3000:]}"
         loaded[name] = json.loads(proc.stdout.splitlines()[-1])
     assert loaded["4"]["transformers"].startswith("4.") and loaded["5"]["transformers"].startswith("5.")
