@@ -27,6 +27,9 @@ What is looked for, with the thresholds (module constants) chosen:
   rule gives the stage's length is a problem that says so.
 - throughput-drop: lines whose ``tok_per_s`` is under 50% of the stage median, merged into spans; each stage's first
   line, which pays for new shapes (allocation, kernel selection), is left out of the median and of the search.
+- diverged: a stage whose loss ended more than 10% above where it started (its final train loss, mean of the last 5
+  lines, or its last line's loss, against its first line's: the sweep's rule, per stage and with a margin for the
+  noise of a stage that has levelled off), however few lines it has.
 - guard: the lines the training loop's spike guard writes (``kind: guard``: step, stage, seq_len, reason, action and
   the numbers it judged), consecutive ones with the same reason and action merged.
 
@@ -57,7 +60,7 @@ from curriculum.config import Config, GradClipAutoConfig
 from curriculum.errors import ConfigError
 from curriculum.schedule import auto_grad_clip, build_schedule, describe_auto_grad_clip
 from pipeline.external import READABLE, read_logs
-from pipeline.rundir import RunDir, read_config, read_numbered
+from pipeline.rundir import RunDir, loss_rose, read_config, read_numbered
 from pipeline.spikes import Spike, SpikeRule, find_spike_steps
 
 MIN_ROWS = 10
@@ -75,6 +78,8 @@ GRAD_NORM_RISE = 3.0
 """Last-window over first-window median gradient norm above which the norm is rising."""
 CLIP_SHARE = 0.5
 """Share of steps clipped above which the clip is binding most of the time."""
+RISE_MARGIN = 0.1
+"""A stage's final loss this share above its first is a divergence (below it, noise on a level stretch)."""
 THROUGHPUT_DROP = 0.5
 """A line under this share of its stage's median tokens per second is a drop."""
 
@@ -87,7 +92,7 @@ class Finding:
     """One finding: what, where (inclusive step range and stage), the numbers, and what to try."""
 
     kind: str
-    """spike, plateau, eval-plateau, grad-norm-rising, clipping, throughput-drop or guard."""
+    """spike, plateau, eval-plateau, grad-norm-rising, clipping, throughput-drop, diverged or guard."""
     first_step: int
     last_step: int
     stage: Optional[int]
@@ -395,6 +400,20 @@ def find_throughput_drops(train: Sequence[Record], fraction: float = THROUGHPUT_
     return findings
 
 
+def find_divergence(train: Sequence[Record]) -> list[Finding]:
+    """A stage whose finite loss ended more than ``RISE_MARGIN`` above where it started
+    (``pipeline.rundir.loss_rose``): judged however short the stage, since no history is needed to see it."""
+    findings = []
+    for stage, rows in split_stages(train).items():
+        if rose := loss_rose(rows, RISE_MARGIN):
+            findings.append(Finding(
+                "diverged", rows[0]["step"], rows[-1]["step"], stage,
+                f"the loss ended above where the stage started (seq_len {rows[0]['seq_len']}): {rose}",
+                "this stage's LR is past the edge of stability for the model and batch: lower its peak LR (an "
+                "`lr-find` or a `sweep` shows where the edge is), lengthen its warmup, or tighten its grad_clip"))
+    return findings
+
+
 def find_guard_events(guards: Sequence[Record]) -> list[Finding]:
     """The spike guard's lines, one finding per run of consecutive steps with the same reason and action."""
     groups: list[list[Record]] = []
@@ -486,7 +505,7 @@ def diagnose(records: Sequence[Record], window: int = 50, rule: SpikeRule = Spik
     guards = [r for r in records if r.get("kind") == "guard"]
     findings = (find_spikes(train, rule) + find_plateaus(train, window)
                 + find_eval_plateau(evals, train) + find_grad_norm_trends(train, window, config)
-                + find_throughput_drops(train) + find_guard_events(guards))
+                + find_throughput_drops(train) + find_guard_events(guards) + find_divergence(train))
     findings.sort(key=lambda f: (f.first_step, f.last_step, f.kind))
     return stage_summaries(train, evals, findings, window, rule), findings
 

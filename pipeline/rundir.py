@@ -115,3 +115,27 @@ def final_train_loss(train: Sequence[Record]) -> Optional[float]:
     if not last or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in last):
         return None
     return sum(last) / len(last)
+
+
+def loss_rose(train: Sequence[Record], margin: float = 0.0) -> Optional[str]:
+    """Why train lines whose losses are all finite ended above where they started, or None: their final train loss
+    (mean of the last ``FINAL_LOSS_STEPS``) or their last loss (a blow-up at the end that the mean averages away)
+    more than ``margin`` (a share) above the first. Needs no minimum of lines: however short, such a run diverged.
+    The sweep asks it of whole runs (one config, margin 0), ``diagnose`` of each stage."""
+    losses = [r["loss"] for r in train]
+    final = final_train_loss(train)
+    if len(losses) < 2 or final is None or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in losses):
+        return None
+    bar = losses[0] * (1 + margin)
+    above = f"above the first step's {losses[0]:.4g}" + (f" by more than {margin:.0%}" if margin else "")
+    if final > bar:
+        return f"final train loss {final:.4g} (mean of the last {FINAL_LOSS_STEPS} steps) {above}"
+    if losses[-1] > bar:
+        return f"last train loss {losses[-1]:.4g} (step {train[-1]['step']}) {above}"
+    return None
+    if final > losses[0]:
+        return (f"final train loss {final:.4g} (mean of the last {FINAL_LOSS_STEPS} steps) above the first step's "
+                f"{losses[0]:.4g}")
+    if losses[-1] > losses[0]:
+        return f"last train loss {losses[-1]:.4g} (step {train[-1]['step']}) above the first step's {losses[0]:.4g}"
+    return None

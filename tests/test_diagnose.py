@@ -268,10 +268,13 @@ def short_run(losses: list[float], stage_lines: int) -> list[dict[str, Any]]:
 def test_a_stage_too_short_to_judge_says_so(tmp_path: Path) -> None:
     """The issue's 6-step run (8.35 falling to 6.4, then 13.1 at the last step): no loss first/last (both were the
     median 7.05 of the same 6 lines), no spike count (the loss is judged from a stage's 11th line on), no clip
-    share; every check it is too short for listed, and "no problems found" only "in what could be judged"."""
+    share; every check it is too short for listed. The one thing that needs no history is found: the loss ended
+    above where it started (the exit status is 1, not the "no problems found" it was)."""
     losses = [8.35, 7.2, 6.6, 6.4, 6.9, 13.1]
     stages, findings = diagnose(short_run(losses, stage_lines=6))
-    assert findings == []
+    assert [(f.kind, f.first_step, f.last_step, f.stage) for f in findings] == [("diverged", 0, 5, 0)]
+    assert findings[0].message == ("the loss ended above where the stage started (seq_len 64): last train loss "
+                                   "13.1 (step 5) above the first step's 8.35 by more than 10%")
     [stage] = stages
     assert (stage["loss_first"], stage["loss_last"], stage["spikes"], stage["clip_share"]) == (None, None, None, None)
     assert stage["not_judged"] == [
@@ -280,9 +283,17 @@ def test_a_stage_too_short_to_judge_says_so(tmp_path: Path) -> None:
         "clipping (too few lines: 6 < 10)", "throughput drops (too few lines: 5 < 10)"]
     report = format_report("run", "metrics.jsonl", stages, findings)
     assert "\nnot judged:\n  stage 0: loss first/last (too few lines: 6 < 20), loss spikes" in report, report
-    assert report.endswith("\nno problems found in what could be judged"), report
+    assert "\n1 problem(s):\n  [diverged] the loss ended above where the stage started" in report, report
     result = run_cli(["diagnose", str(write_metrics(tmp_path / "run", short_run(losses, stage_lines=6)))])
-    assert result.returncode == 0 and "no problems found in what could be judged" in result.stdout
+    assert result.returncode == 1 and "[diverged]" in result.stdout
+
+
+def test_a_stage_that_levels_off_is_not_diverged() -> None:
+    """Noise on a level stretch (the last lines up to 10% above the first) is not a divergence; 11% is."""
+    level = [6.0, 5.9, 6.1, 6.2, 6.3, 6.4, 6.5, 6.6]
+    assert diagnose(short_run(level + [6.6], stage_lines=9))[1] == []
+    [finding] = diagnose(short_run(level + [6.66], stage_lines=9))[1]
+    assert finding.message.endswith("last train loss 6.66 (step 8) above the first step's 6 by more than 10%")
 
 
 def test_loss_first_and_last_are_medians_of_disjoint_windows() -> None:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping, Optional, Sequence
 
 from pipeline.diagnose import json_safe
-from pipeline.rundir import FINAL_LOSS_STEPS, final_train_loss, train_rows
+from pipeline.rundir import FINAL_LOSS_STEPS, final_train_loss, loss_rose, train_rows
 from pipeline.sweep.grid import run_name
 
 Status = Literal["converged", "unstable", "diverged", "not judged"]
@@ -100,7 +100,6 @@ def classify_run(records: Sequence[Mapping[str, Any]], failed: bool = False) -> 
     events or loss spikes. ``not judged``: neither, in a run of fewer than ``MIN_JUDGED_STEPS`` train lines.
     ``converged`` otherwise."""
     train = train_rows(records)
-    losses = [r["loss"] for r in train]
     evals = [r["eval_loss"] for r in records if r.get("kind") == "eval"]
     diverged: list[str] = []
     if failed:
@@ -110,14 +109,8 @@ def classify_run(records: Sequence[Mapping[str, Any]], failed: bool = False) -> 
         diverged.append(f"non-finite train loss from step {non_finite[0]}")
     if any(not finite(loss) for loss in evals):
         diverged.append("non-finite eval loss")
-    final = final_train_loss(train)
-    if losses and not non_finite and final is not None:
-        if final > losses[0]:
-            diverged.append(f"final train loss {final:.4g} (mean of the last {FINAL_LOSS_STEPS} steps) above the "
-                            f"first step's {losses[0]:.4g}")
-        elif losses[-1] > losses[0]:  # a blow-up at the end that the mean of the last steps averages away
-            diverged.append(f"last train loss {losses[-1]:.4g} (step {train[-1]['step']}) above the first step's "
-                            f"{losses[0]:.4g}")
+    if rose := loss_rose(train):
+        diverged.append(rose)
     if diverged:
         return "diverged", diverged
     unstable: list[str] = []
