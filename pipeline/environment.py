@@ -44,12 +44,18 @@ def sanitize_cuda_arch_list(environ: MutableMapping[str, str]) -> str | None:
     return f"TORCH_CUDA_ARCH_LIST {value!r} -> {cleaned!r} (DeepSpeed's op builder cannot parse arch suffixes)"
 
 
-def prepare_environment(environ: MutableMapping[str, str], cuda_available: bool) -> list[str]:
-    """Everything above, plus the CPU accelerator choice; returns notes for the log."""
-    notes = []
-    single_process_defaults(environ)
+def choose_accelerator(environ: MutableMapping[str, str], cuda_available: bool) -> None:
+    """DeepSpeed's CPU accelerator where there is no GPU, said up front (else DeepSpeed warns when it guesses: at
+    its first import, which ``transformers`` also makes)."""
     if not cuda_available:
         environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def prepare_environment(environ: MutableMapping[str, str], cuda_available: bool) -> list[str]:
+    """Everything above, plus the accelerator choice; returns notes for the log."""
+    notes = []
+    single_process_defaults(environ)
+    choose_accelerator(environ, cuda_available)
     note = sanitize_cuda_arch_list(environ)
     if note:
         notes.append(note)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from pipeline.environment import choose_accelerator
+
+    choose_accelerator(os.environ, torch.cuda.is_available())
     run_dir = RunDir(args.run_dir)
     if not run_dir.config.is_file():
         raise ConfigError("RUN_DIR", args.run_dir, "has no config.json: give a run directory written by train")
@@ -179,13 +185,20 @@ def write_pretrained(model: Any, tokenizer_file: Path, max_seq_len: int, output:
     """``save_pretrained`` of the (fp32) model and of its tokenizer, readable by transformers 4.46+ and 5.x,
     written into ``<output>.partial`` and then moved to ``output``."""
     from transformers import PreTrainedTokenizerFast
+    from transformers.utils import logging as transformers_logging
 
     from pipeline.checkpoint import move_into_place
     from pipeline.data import EOT_TOKEN
 
     partial = output.with_name(output.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # its "Writing model shards" bar is noise in a run's log
+    try:
+        model.save_pretrained(partial)
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), eos_token=EOT_TOKEN, bos_token=EOT_TOKEN,
                                         unk_token=EOT_TOKEN, model_max_length=max_seq_len)
     tokenizer.save_pretrained(partial)
