@@ -23,6 +23,15 @@ What a run's progress is, beyond the engine's weights and optimizer state, is on
 rollback both read it back through ``Checkpointer.load``. Its shared part is rank 0's client state (stored by
 DeepSpeed); what differs between ranks (RNG states, the fingerprint of the data the rank trained on) goes to
 ``rank<r>.pt``, since DeepSpeed keeps only rank 0's client state.
+
+A checkpoint resumes on another world size (the number of ``rank<r>.pt`` files is the world size it was saved
+with). The data cursor counts samples over all ranks and the schedule is global, so both carry over; the config's
+validation for the new world size says when the plan no longer fits (a global batch the new ranks cannot split).
+Where the optimizer state is partitioned by rank (ZeRO 1 and 2, and DeepSpeed's bf16 optimizer:
+``*zero_pp_rank_*`` files), rank 0 first converts the checkpoint with DeepSpeed's ``ds_to_universal`` into
+``<tag>/universal/`` (once; kept with the checkpoint and pruned with it) and every rank loads that; a ZeRO-0
+checkpoint holds the whole optimizer state and loads as it is. The per-rank state cannot be split again: every rank
+takes rank 0's RNG state, and starts its data fingerprint from the hash of all the saved ranks' fingerprints.
 """
 
 from __future__ import annotations
@@ -47,6 +56,11 @@ LATEST = "latest"
 BEST = "best"
 PARTIAL = ".partial"
 RUN_STATE = "run_state.json"
+RANK_FILES = "rank*.pt"
+PARTITIONED_OPTIMIZER_FILES = "*zero_pp_rank_*"
+"""The optimizer state files DeepSpeed writes one per rank: ZeRO 1-2 and its bf16 optimizer."""
+UNIVERSAL = "universal"
+"""A checkpoint's universal form (``ds_to_universal``), made inside it for a resume on another world size."""
 
 
 @dataclass
@@ -112,15 +126,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def saved_world_size(path: Path) -> int:
+    """The number of ranks that saved the checkpoint at ``path`` (each writes its ``rank<r>.pt``)."""
+    return len(list(path.glob(RANK_FILES)))
+
+
 class Checkpointer:
     """Saves and finds checkpoints of one run; every rank calls ``save`` and ``load``."""
 
-    def __init__(self, directory: Path, keep: int, rank: int) -> None:
+    def __init__(self, directory: Path, keep: int, rank: int, world_size: int = 1) -> None:
         """Nothing is created here (the directory appears with the first save); rank 0 removes the ``.partial``
         directories a killed save left behind (never complete, never read)."""
         self.directory = directory
         self.keep = keep
         self.rank = rank
+        self.world_size = world_size
         if rank == 0:
             for leftover in directory.glob(f"*{PARTIAL}"):
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -215,18 +235,68 @@ class Checkpointer:
         return f"rank{self.rank}.pt"
 
     def load(self, engine: Any, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Restore engine, optimizer and this rank's RNG; return the client state and this rank's state."""
+        """Restore engine, optimizer and this rank's RNG; return the client state and this rank's state. A
+        checkpoint of another world size goes through ``_load_resharded``."""
+        saved = saved_world_size(path)
+        if saved == 0 or not (path / "rank0.pt").is_file():
+            raise ConfigError("--resume", str(path), "not a complete checkpoint of this pipeline (it has no "
+                                                     "rank0.pt); resume from another checkpoint")
+        if saved != self.world_size:
+            return self._load_resharded(engine, path, saved)
         if not (path / self._rank_file).is_file():
-            raise ConfigError("--resume", str(path),
-                              f"not a complete checkpoint of this pipeline for rank {self.rank} (saved with a "
-                              "different world size?)")
-        load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
-                                                         load_optimizer_states=True, load_lr_scheduler_states=False)
-        if load_path is None:
-            raise ConfigError("--resume", str(path), "DeepSpeed could not load this checkpoint")
+            raise ConfigError("--resume", str(path), f"not a complete checkpoint of this pipeline: rank "
+                                                     f"{self.rank}'s {self._rank_file} is missing")
+        client_state = _load_engine(engine, path.parent, path.name)
         rank_state = torch.load(path / self._rank_file, weights_only=False)
         set_rng_state(rank_state.pop("rng"))
         return client_state, rank_state
+
+    def _load_resharded(self, engine: Any, path: Path, saved: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A checkpoint of ``saved`` ranks on this run's world size (see the module docstring)."""
+        from pipeline.engine import loading_universal
+
+        if any(path.glob(PARTITIONED_OPTIMIZER_FILES)):
+            universal = path / UNIVERSAL
+            if self.rank == 0 and not universal.is_dir():
+                _convert_to_universal(path, universal)
+            _barrier()
+            if not universal.is_dir():  # rank 0's conversion failed; it raised the error
+                raise ConfigError("--resume", str(path), f"the conversion to {UNIVERSAL}/ failed on rank 0")
+            with loading_universal(engine):
+                client_state = _load_engine(engine, path, UNIVERSAL)
+        else:
+            client_state = _load_engine(engine, path.parent, path.name)
+        saved_states = [torch.load(path / f"rank{r}.pt", weights_only=False) for r in range(saved)]
+        set_rng_state(saved_states[0]["rng"])
+        chain = hashlib.sha256("".join(s["data_sha256"] for s in saved_states).encode()).hexdigest()
+        return client_state, {"data_sha256": chain}
+
+
+def _load_engine(engine: Any, load_dir: Path, tag: str) -> dict[str, Any]:
+    load_path, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                                     load_lr_scheduler_states=False)
+    if load_path is None:
+        raise ConfigError("--resume", str(load_dir / tag), "DeepSpeed could not load this checkpoint")
+    return client_state
+
+
+def _convert_to_universal(path: Path, universal: Path) -> None:
+    """DeepSpeed's ``ds_to_universal`` of the checkpoint at ``path`` into ``universal`` (through a ``.partial``
+    directory, so a kill leaves nothing half-made); its own output only when it fails."""
+    import subprocess
+    import sys
+
+    partial = universal.with_name(universal.name + PARTIAL)
+    shutil.rmtree(partial, ignore_errors=True)
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+                           "--output_folder", str(partial), "--num_extract_workers", "1", "--num_merge_workers", "1",
+                           "--inject_missing_state"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError("--resume", str(path), f"DeepSpeed's ds_to_universal could not convert it for another "
+                                                 f"world size: {last}")
+    move_into_place(partial, universal)
 
 
 def resolve_resume(arg: str, checkpointer: Checkpointer, log: Optional[Callable[[str], None]] = None

@@ -43,6 +43,9 @@ pin and that each exists on a real engine.
 - the ``torch_autocast`` config section (written by ``pipeline/ds_config.py`` for ``run.precision: bf16-autocast``;
   the engine reads it as ``_config.torch_autocast_enabled``): bf16 matmuls under fp32 weights, with DeepSpeed
   stepping the optimizer directly.
+- ``engine._config.load_universal_checkpoint`` (``loading_universal``): whether a load reads a universal
+  checkpoint, read at every ``load_checkpoint``; on for the one load of a resume on another world size
+  (``pipeline/checkpoint.py`` converts with ``deepspeed.checkpoint.ds_to_universal``).
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ import os
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -495,6 +499,19 @@ class Engine:
         return {"params_sha256": [g["params_sha256"] for g in gathered],
                 "data_sha256": [g["data_sha256"] for g in gathered],
                 "params_identical": len({g["params_sha256"] for g in gathered}) == 1}
+
+
+@contextmanager
+def loading_universal(ds: Any) -> Iterator[None]:
+    """DeepSpeed decides at every ``load_checkpoint`` whether the checkpoint is universal from its config
+    (``_config.load_universal_checkpoint``): on for one load of a converted checkpoint (a resume on another world
+    size), off again for the run's own checkpoints (rollbacks)."""
+    before = ds._config.load_universal_checkpoint
+    ds._config.load_universal_checkpoint = True
+    try:
+        yield
+    finally:
+        ds._config.load_universal_checkpoint = before
 
 
 def first_stage_per_shape(schedule: Schedule) -> list[Stage]:

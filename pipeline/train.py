@@ -94,7 +94,7 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     ds_config = derive_ds_config(config, schedule, device_precision(config, processes.device))
     tokenizer = data.manifest["tokenizer"]
     model_fields = model_config_dict(config.model, tokenizer["vocab_size"], schedule.max_seq_len, tokenizer["eot_id"])
-    checkpointer = Checkpointer(run_dir.checkpoints, config.run.keep_checkpoints, rank)
+    checkpointer = Checkpointer(run_dir.checkpoints, config.run.keep_checkpoints, rank, world_size)
     resume_path = resolve_resume(resume, checkpointer, log)
     _check_resume(run_dir, resume_path, config, schedule, model_fields)
 
@@ -240,8 +240,13 @@ def _restore(checkpointer: Any, engine: Any, path: Path, config: Config, model_f
              log: Callable[[str], None]) -> Any:
     """The engine, optimizer and RNG from ``path``, and the run state saved with them; a changed curriculum is
     allowed (a new LR for a later stage) and each change is logged."""
+    from pipeline.checkpoint import saved_world_size
+
     state = checkpointer.load_state(engine.ds, path)
     log(f"resumed from {path} at step {state.step} ({state.tokens:,} tokens, data cursor {state.cursor})")
+    if (saved := saved_world_size(path)) != checkpointer.world_size:
+        log(f"the checkpoint was saved by {saved} rank{'s' if saved > 1 else ''}, resumed on {checkpointer.world_size}: same data order and "
+            "schedule, the optimizer state carried over, every rank on rank 0's RNG state")
     now = config.curriculum.model_dump(mode="json")
     for change in _changed_fields(state.curriculum, now, "curriculum"):
         log(f"resuming with a changed hyperparameter: {change}")

@@ -8,6 +8,7 @@ loading through the real engine is tested in test_train.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -278,7 +279,8 @@ def test_each_rank_gets_its_own_file(tmp_path: Path) -> None:
     """Every rank saves its RNG and data fingerprint into the same partial, rank 0 commits; each loads its own."""
     directory = tmp_path / "checkpoints"
     engine = FakeEngine()
-    rank0, rank1 = Checkpointer(directory, keep=2, rank=0), Checkpointer(directory, keep=2, rank=1)
+    rank0, rank1 = (Checkpointer(directory, keep=2, rank=0, world_size=2),
+                    Checkpointer(directory, keep=2, rank=1, world_size=2))
     # without processes there is no barrier to wait at: rank 1 saves first, then rank 0's save commits
     torch.manual_seed(1)
     rank1.save(engine, 100, client_state={"step": 100}, rank_state={"data_sha256": "rank1"})
@@ -296,15 +298,39 @@ def test_each_rank_gets_its_own_file(tmp_path: Path) -> None:
 
 
 def test_load_without_this_rank_file(tmp_path: Path) -> None:
-    """A checkpoint saved by one rank, loaded as rank 1 (a different world size): a clear error, not a crash."""
+    """A checkpoint of two ranks whose rank1.pt is gone, loaded by rank 1 of two: a clear error, not a crash."""
     directory = tmp_path / "checkpoints"
     engine = FakeEngine()
-    (path,) = save_steps(Checkpointer(directory, keep=2, rank=0), engine, 100)
+    rank0, rank1 = (Checkpointer(directory, keep=2, rank=0, world_size=2),  # rank 0 clears partials when made
+                    Checkpointer(directory, keep=2, rank=1, world_size=2))
+    rank1.save(engine, 100, {"step": 100}, {"data_sha256": "1"})
+    path = rank0.save(engine, 100, {"step": 100}, {"data_sha256": "0"})
+    (path / "rank1.pt").unlink()
+    (path / "rank2.pt").write_bytes((path / "rank0.pt").read_bytes())  # still two rank files: the same world size
     with pytest.raises(ConfigError) as err:
-        Checkpointer(directory, keep=2, rank=1).load(engine, path)
+        rank1.load(engine, path)
     assert err.value.field == "--resume"
     assert err.value.value == str(path)
-    assert "rank 1" in str(err.value)
+    assert "rank 1's rank1.pt is missing" in str(err.value)
+
+
+def test_a_checkpoint_of_two_ranks_loads_on_one(tmp_path: Path) -> None:
+    """On another world size (here a ZeRO-0 checkpoint, whose optimizer state is not partitioned: no conversion) the
+    rank takes rank 0's RNG state and a data fingerprint that hashes every saved rank's, in rank order."""
+    directory = tmp_path / "checkpoints"
+    engine = FakeEngine()
+    rank0, rank1 = (Checkpointer(directory, keep=2, rank=0, world_size=2),
+                    Checkpointer(directory, keep=2, rank=1, world_size=2))
+    torch.manual_seed(1)
+    rank1.save(engine, 100, {"step": 100}, {"data_sha256": "b"})
+    torch.manual_seed(0)
+    path = rank0.save(engine, 100, {"step": 100}, {"data_sha256": "a"})
+    after_rank0_save = torch.rand(2).tolist()
+    client_state, rank_state = Checkpointer(directory, keep=2, rank=0, world_size=1).load(engine, path)
+    assert client_state == {"step": 100}
+    assert rank_state == {"data_sha256": hashlib.sha256(b"ab").hexdigest()}
+    assert torch.rand(2).tolist() == after_rank0_save
+    assert not (path / "universal").exists()
 
 
 def test_load_of_a_directory_that_is_not_a_checkpoint(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from curriculum.loading import validate_config
 from curriculum.schedule import build_schedule
 from pipeline.batches import StepBatch
 from pipeline.ds_config import derive_ds_config
-from pipeline.engine import build_engine, init_processes
+from pipeline.engine import build_engine, init_processes, loading_universal
 
 configs = {}
 for label, precision, zero_stage in [("fp32", "fp32", 0), ("zero2", "fp32", 2), ("bf16", "bf16", 0),
@@ -68,7 +68,12 @@ for label, (precision, config) in configs.items():
         "set_gradient_accumulation_boundary": callable(ds.set_gradient_accumulation_boundary),
         "enable_backward_allreduce": ds.enable_backward_allreduce,
         "torch_autocast_enabled": ds._config.torch_autocast_enabled,
+        "load_universal_checkpoint": ds._config.load_universal_checkpoint,
+        "reads_load_universal": ds.load_universal_checkpoint(),
     }
+    with loading_universal(ds):
+        found[label]["reads_load_universal_inside"] = ds.load_universal_checkpoint()
+    found[label]["reads_load_universal_after"] = ds.load_universal_checkpoint()
 print("ENGINES " + json.dumps(found))
 """
 
@@ -95,6 +100,9 @@ def test_every_engine_has_the_internals_the_pipeline_uses(engines: dict[str, dic
         assert found["get_global_grad_norm"] and found["set_gradient_accumulation_boundary"], label
         assert isinstance(found["enable_backward_allreduce"], bool), label
         assert found["grad_norm"] is not None and found["grad_norm"] > 0, label
+        # a load reads the flag from the config each time: on inside loading_universal only
+        assert (found["load_universal_checkpoint"], found["reads_load_universal"], found["reads_load_universal_inside"],
+                found["reads_load_universal_after"]) == (False, False, True, False), label
 
 
 @pytest.mark.parametrize(("label", "clipping", "clip_grad", "autocast"), [

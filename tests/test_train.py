@@ -318,6 +318,32 @@ def test_stop_and_resume_across_a_stage_boundary_is_exact(world_size: int, confi
     assert len(resumed.replicas()["params_sha256"]) == world_size
 
 
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("saved", "resumed", "template"), [(2, 1, "zero2"), (1, 2, "default")])
+def test_a_checkpoint_resumes_on_another_world_size(saved: int, resumed: int, template: str, config: Path,
+                                                    tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Stopped at step 7 on ``saved`` ranks, resumed on ``resumed``: 2 ranks under ZeRO-2 (the optimizer state
+    partitioned by rank: converted once into ``universal/`` inside the checkpoint) on 1, and 1 rank under ZeRO-0 on
+    2. The resumed steps are the straight run's on the new world size to float rounding (the gradient sums run in
+    another order): the same data order, schedule and tokens; the log says what changed."""
+    run_dir = tmp_path / "run"
+    template_set = ("--set", f"deepspeed.template={template}")
+    train_with_world(saved, config, run_dir, "--stop-at-step", str(STOP_STEP), *template_set)
+    checkpoint = run_dir / "checkpoints" / f"step{STOP_STEP:08d}"
+    assert len(list(checkpoint.glob("rank*.pt"))) == saved
+    run = Run(run_dir, train_with_world(resumed, config, run_dir, *template_set, "--set", "run.keep_checkpoints=9"))
+    assert (f"the checkpoint was saved by {saved} rank{'s' if saved > 1 else ''}, resumed on {resumed}: same data "
+            "order and schedule") in run.output, log_tail(run.output)
+    assert (checkpoint / "universal").is_dir() == (template == "zero2")
+    assert_each_step_once(run)
+    straight = straight_run(request, resumed)
+    assert run.losses() == pytest.approx(straight.losses(), rel=1e-5)
+    assert [r["tokens"] for r in run.train_rows()] == [r["tokens"] for r in straight.train_rows()]
+    assert [r["eval_loss"] for r in run.eval_rows()] == pytest.approx([r["eval_loss"] for r in straight.eval_rows()],
+                                                                      rel=1e-5)
+    assert run.replicas()["params_identical"] is True and len(run.replicas()["params_sha256"]) == resumed
+
+
 def test_stopped_run_says_where_it_stopped(stopped_w1: Run) -> None:
     """``--stop-at-step 7`` exits 0 after saving a checkpoint named by the steps done, and says so."""
     assert f"stopped before step {STOP_STEP} of {TOTAL_STEPS}" in stopped_w1.output, log_tail(stopped_w1.output)
