@@ -578,8 +578,8 @@ def check_ds_config(config: Config, schedule: Schedule, device: Device) -> list[
     if zero_stage == 0:
         return [Finding("error", "ds-config", where,
                         f"offload_optimizer.device is cpu with ZeRO stage {zero_stage}: optimizer offload is part of "
-                        f"ZeRO and needs stage 1 or 2",
-                        "set deepspeed.overrides.zero_optimization.stage to 1 or 2 (or template zero2), or drop "
+                        f"ZeRO and needs stage 1, 2 or 3",
+                        "set deepspeed.overrides.zero_optimization.stage to 1, 2 or 3 (or template zero2), or drop "
                         "the offload")]
     if device == "cpu":
         return [Finding("warning", "ds-config", where,

@@ -136,8 +136,8 @@ def derive_ds_config(config: Config, schedule: Schedule, precision: Precision) -
     zero_override = config.deepspeed.overrides.get("zero_optimization")
     zero = ds.get("zero_optimization", {})
     zero_stage = zero.get("stage", 0)
-    if isinstance(zero_stage, bool) or zero_stage not in (0, 1, 2):
-        allowed = "must be 0, 1 or 2 (ZeRO-3 is not supported by this pipeline yet)"
+    if isinstance(zero_stage, bool) or zero_stage not in (0, 1, 2, 3):
+        allowed = "must be 0 (off), 1 (optimizer state sharded), 2 (and gradients) or 3 (and parameters)"
         if isinstance(zero_override, dict) and "stage" in zero_override:
             raise ConfigError("deepspeed.overrides.zero_optimization.stage", zero_stage, allowed)
         raise ConfigError("deepspeed.template", template, f"sets zero_optimization.stage = {zero_stage!r}; {allowed}")

@@ -46,19 +46,23 @@ pin and that each exists on a real engine.
 - ``engine._config.load_universal_checkpoint`` (``loading_universal``): whether a load reads a universal
   checkpoint, read at every ``load_checkpoint``; on for the one load of a resume on another world size
   (``pipeline/checkpoint.py`` converts with ``deepspeed.checkpoint.ds_to_universal``).
+- ZeRO stage 3 leaves each rank's module holding empty placeholders between forwards (``param.ds_numel`` keeps the
+  full size): ``params_sha256`` gathers the parameters with ``deepspeed.zero.GatheredParameters`` first, and the
+  parameter count reads ``ds_numel`` (``pipeline.model.param_numel``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
-from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
@@ -101,6 +105,9 @@ def init_processes(config: Config) -> Processes:
     notes = prepare_environment(os.environ, torch.cuda.is_available())
     import deepspeed
     import torch.distributed as dist
+
+    # DeepSpeed's ZeRO calls collectives that torch 2.13 renamed: a deprecation notice per call, not the user's to fix
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -285,7 +292,9 @@ class Engine:
     def describe(self) -> str:
         """One line for the log: the model, optimizer, precision, devices, ZeRO stage and kernels."""
         kernels = self.kernels
-        return (f"model: {self.lm.config.model_type}, {sum(p.numel() for p in self.lm.parameters()):,} parameters; "
+        from pipeline.model import param_numel
+
+        return (f"model: {self.lm.config.model_type}, {sum(param_numel(p) for p in self.lm.parameters()):,} parameters; "
                 f"optimizer {self.optimizer_name}; {self.precision} on {self.device.type} x "
                 f"{self.processes.world_size}; ZeRO stage {self.zero_stage}; kernels: fused cross-entropy "
                 f"{kernels.fused_cross_entropy}, liger {kernels.liger}, apex {kernels.apex}, compile {kernels.compile}"
@@ -484,9 +493,15 @@ class Engine:
         return flops_per_token(*self._flops_shape, seq_len) * tok_per_s / (self.processes.world_size * peak)
 
     def params_sha256(self) -> str:
+        """The hash of the module's whole state; under ZeRO-3 each rank gathers the full parameters first (a
+        collective: every rank calls this at the same point)."""
+        import deepspeed
+
         params = hashlib.sha256()
-        for tensor in self.ds.module.state_dict().values():
-            params.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        with (deepspeed.zero.GatheredParameters(list(self.ds.module.parameters())) if self.zero_stage == 3
+              else contextlib.nullcontext()):
+            for tensor in self.ds.module.state_dict().values():
+                params.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return params.hexdigest()
 
     def replica_report(self, data_sha256: str) -> dict[str, Any]:
@@ -501,7 +516,7 @@ class Engine:
                 "params_identical": len({g["params_sha256"] for g in gathered}) == 1}
 
 
-@contextmanager
+@contextlib.contextmanager
 def loading_universal(ds: Any) -> Iterator[None]:
     """DeepSpeed decides at every ``load_checkpoint`` whether the checkpoint is universal from its config
     (``_config.load_universal_checkpoint``): on for one load of a converted checkpoint (a resume on another world
@@ -538,6 +553,8 @@ def build_engine(config: Config, schedule: Schedule, ds_config: dict[str, Any], 
     choice = choose_kernels(config.kernels, config.model.arch, device.type == "cuda")
     for note in choice.notes:
         log(note)
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        choice = _kernels_for_zero3(choice, config, log)
     patch_model_classes(choice)
     torch.manual_seed(config.run.seed)
     model = build_model(config.model, manifest["tokenizer"]["vocab_size"], schedule.max_seq_len,
@@ -568,6 +585,21 @@ def build_engine(config: Config, schedule: Schedule, ds_config: dict[str, Any], 
         part = module.compiled_part
         part.forward = torch.compile(part.forward, backend=monitor.backend, dynamic=False)
     return Engine(ds_engine, model, optimizer_name, choice, precision, processes, monitor)
+
+
+def _kernels_for_zero3(choice: KernelChoice, config: Config, log: Callable[[str], None]) -> KernelChoice:
+    """ZeRO-3 gathers a layer's parameters in hooks around that layer's forward: the fused loss reads the output
+    embedding outside its module, and ``torch.compile`` would trace the hooks. Neither is verified with it: ``auto``
+    turns them off (with a note), ``true`` is an error."""
+    for name, why in (("fused_cross_entropy", "it reads the output embedding outside its module"),
+                      ("compile", "it would trace DeepSpeed's parameter-gathering hooks")):
+        if getattr(choice, name):
+            if getattr(config.kernels, name) is True:
+                raise ConfigError(f"kernels.{name}", True, f"not verified with ZeRO stage 3 ({why}); set it to auto "
+                                                           "or false")
+            log(f"kernels.{name}: not used (ZeRO stage 3: {why})")
+            choice = dataclasses.replace(choice, **{name: False})
+    return choice  # CUDA graphs: build_engine keeps them to ZeRO stage 0
 
 
 def _build_optimizer(model: Any, config: Config, fused_adam: bool, offload: bool) -> tuple[Any, str]:

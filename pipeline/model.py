@@ -211,6 +211,11 @@ def build_model(model: ModelConfig, vocab_size: int, max_seq_len: int, eot_id: i
     return AutoModelForCausalLM.from_config(hf_config, attn_implementation=CAUSAL_SDPA)
 
 
+def param_numel(param: Any) -> int:
+    """A parameter's size, also when ZeRO-3 has partitioned it away (DeepSpeed keeps the full size as ``ds_numel``)."""
+    return getattr(param, "ds_numel", param.numel())
+
+
 def matmul_params(model: Any) -> int:
     """Parameters that take part in a matmul per token: all of them except the input embedding tables
     (a lookup, not a matmul); a tied output head still counts once."""
@@ -219,7 +224,7 @@ def matmul_params(model: Any) -> int:
     embeddings = {id(module.weight) for module in model.modules() if isinstance(module, torch.nn.Embedding)}
     head = model.get_output_embeddings()
     head_id = id(head.weight) if head is not None else None
-    return sum(p.numel() for p in model.parameters() if id(p) not in embeddings or id(p) == head_id)
+    return sum(param_numel(p) for p in model.parameters() if id(p) not in embeddings or id(p) == head_id)
 
 
 def flops_per_token(matmul_param_count: int, n_layer: int, d_model: int, seq_len: int) -> float:

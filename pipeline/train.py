@@ -307,7 +307,7 @@ def _check_resume(run_dir: Any, resume_path: Optional[Path], config: Config, sch
     """What a run must not do to what an earlier one wrote: start from step 0 in a directory that holds a run (its
     metrics would be overwritten), or load a checkpoint of another model shape or past this plan's end. Checked
     before anything is built or written."""
-    from pipeline.checkpoint import Checkpointer
+    from pipeline.checkpoint import Checkpointer, check_world_size
     from pipeline.rundir import read_records
 
     if resume_path is None:
@@ -316,6 +316,7 @@ def _check_resume(run_dir: Any, resume_path: Optional[Path], config: Config, sch
             raise ConfigError("--output-dir", str(run_dir), f"holds a run ({lines} metrics lines) and no checkpoint "
                               "to resume from: train into another --output-dir, or remove this one to start over")
         return
+    check_world_size(resume_path, schedule.world_size)
     saved = Checkpointer.peek(resume_path)
     if saved is None:
         return

@@ -204,9 +204,9 @@ CASES = [
     Case("ds-config: unknown template", None, "error: deepspeed.template = 'zero9':",
          "no template of that name (templates: default, rtx3090, zero2)",
          args=("--set", "deepspeed.template=zero9"), command="ds-config"),
-    Case("ds-config: ZeRO stage 3", None, "error: deepspeed.overrides.zero_optimization.stage = 3:",
-         "must be 0, 1 or 2 (ZeRO-3 is not supported", args=("--set", "deepspeed.overrides.zero_optimization.stage=3"),
-         command="ds-config"),
+    Case("ds-config: ZeRO stage 4", None, "error: deepspeed.overrides.zero_optimization.stage = 4:",
+         "must be 0 (off), 1 (optimizer state sharded), 2 (and gradients) or 3 (and parameters)",
+         args=("--set", "deepspeed.overrides.zero_optimization.stage=4"), command="ds-config"),
     Case("ds-config: zero_optimization not a mapping", None, "error: deepspeed.overrides.zero_optimization = 3:",
          "must be a mapping", args=("--set", "deepspeed.overrides.zero_optimization=3"), command="ds-config"),
 ]
@@ -248,14 +248,14 @@ def test_non_utf8_config_file(tmp_path) -> None:
     assert result.stderr.startswith(f"error: --config = '{config_file}': cannot read it as UTF-8 text")
 
 
-def test_zero3_template(tmp_path) -> None:
-    """A template file with ZeRO stage 3 is rejected, naming the template and the stage it sets."""
-    template = tmp_path / "zero3.json"
-    template.write_text('{"zero_optimization": {"stage": 3}}')
+def test_a_template_with_a_zero_stage_that_does_not_exist(tmp_path) -> None:
+    """A template file with ZeRO stage 4 is rejected, naming the template and the stage it sets."""
+    template = tmp_path / "zero4.json"
+    template.write_text('{"zero_optimization": {"stage": 4}}')
     result = run_cli(["ds-config", "--config", "tiny-cpu", "--set", f"deepspeed.template={template}"])
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.startswith(f"error: deepspeed.template = '{template}': sets zero_optimization.stage = 3; "
-                                    "must be 0, 1 or 2"), result.stderr
+    assert result.stderr.startswith(f"error: deepspeed.template = '{template}': sets zero_optimization.stage = 4; "
+                                    "must be 0 (off), 1"), result.stderr
 
 
 def test_template_owning_a_derived_key(tmp_path) -> None:

@@ -1,8 +1,8 @@
 """The DeepSpeed pin in setup.py, and the DeepSpeed internals ``pipeline/engine.py`` depends on (its docstring lists
 them), on real engines: each exists and takes the values the engine writes.
 
-Four engines on the CPU, built in one process of their own (gloo, one rank) by the project's ``build_engine`` from
-``derive_ds_config``: fp32 (ZeRO stage 0), ZeRO stage 2, DeepSpeed's bf16 mode, and fp32 under bf16 autocast. Each
+Five engines on the CPU, built in one process of their own (gloo, one rank) by the project's ``build_engine`` from
+``derive_ds_config``: fp32 (ZeRO stage 0), ZeRO stages 2 and 3, DeepSpeed's bf16 mode, and fp32 under bf16 autocast. Each
 enters a stage with clip 0.5 and trains one step of two micro-batches (10-30 s in all on 2 cores).
 """
 
@@ -21,6 +21,7 @@ from packaging.requirements import Requirement
 from pipeline.cli import setup_arguments
 
 ENGINES = """\
+import hashlib
 import json
 
 import torch
@@ -32,8 +33,8 @@ from pipeline.ds_config import derive_ds_config
 from pipeline.engine import build_engine, init_processes, loading_universal
 
 configs = {}
-for label, precision, zero_stage in [("fp32", "fp32", 0), ("zero2", "fp32", 2), ("bf16", "bf16", 0),
-                                     ("bf16-autocast", "bf16-autocast", 0)]:
+for label, precision, zero_stage in [("fp32", "fp32", 0), ("zero2", "fp32", 2), ("zero3", "fp32", 3),
+                                     ("bf16", "bf16", 0), ("bf16-autocast", "bf16-autocast", 0)]:
     configs[label] = precision, validate_config({
         "model": {"arch": "llama", "preset": "tiny", "overrides": {
             "num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
@@ -41,7 +42,9 @@ for label, precision, zero_stage in [("fp32", "fp32", 0), ("zero2", "fp32", 2), 
         # 4 sequences of 16 tokens per step: 2 micro-batches of 2
         "curriculum": {"stages": [{"until_step": 1, "seq_len": 16, "global_batch": 4, "micro_batch": 2,
                                    "grad_clip": 0.5}]},
-        "deepspeed": {"overrides": {"zero_optimization": {"stage": zero_stage}}},
+        # ZeRO-3: every parameter partitioned, however small (by default those under 100K elements are not)
+        "deepspeed": {"overrides": {"zero_optimization": {"stage": zero_stage} if zero_stage < 3 else
+                                    {"stage": 3, "stage3_param_persistence_threshold": 0}}},
         "kernels": {"compile": False}})
 processes = init_processes(configs["fp32"][1])
 found = {}
@@ -70,6 +73,9 @@ for label, (precision, config) in configs.items():
         "torch_autocast_enabled": ds._config.torch_autocast_enabled,
         "load_universal_checkpoint": ds._config.load_universal_checkpoint,
         "reads_load_universal": ds.load_universal_checkpoint(),
+        # after a step ZeRO-3 leaves each rank's module with empty placeholders: params_sha256 gathers first
+        "module_sizes": sorted({tuple(t.shape) == (0,) for t in ds.module.state_dict().values()}),
+        "params_sha256_of_nothing": engine.params_sha256() == hashlib.sha256().hexdigest(),
     }
     with loading_universal(ds):
         found[label]["reads_load_universal_inside"] = ds.load_universal_checkpoint()
@@ -100,6 +106,7 @@ def test_every_engine_has_the_internals_the_pipeline_uses(engines: dict[str, dic
         assert found["get_global_grad_norm"] and found["set_gradient_accumulation_boundary"], label
         assert isinstance(found["enable_backward_allreduce"], bool), label
         assert found["grad_norm"] is not None and found["grad_norm"] > 0, label
+        assert found["params_sha256_of_nothing"] is False, label
         # a load reads the flag from the config each time: on inside loading_universal only
         assert (found["load_universal_checkpoint"], found["reads_load_universal"], found["reads_load_universal_inside"],
                 found["reads_load_universal_after"]) == (False, False, True, False), label
@@ -108,6 +115,7 @@ def test_every_engine_has_the_internals_the_pipeline_uses(engines: dict[str, dic
 @pytest.mark.parametrize(("label", "clipping", "clip_grad", "autocast"), [
     ("fp32", 0.0, None, False),  # the engine clips itself, with the norm it computed before the update
     ("zero2", 0.5, 0.5, False),  # the ZeRO optimizer clips with its own copy of the clip
+    ("zero3", 0.5, 0.5, False),  # so does ZeRO-3's
     ("bf16", 0.5, 0.5, False),  # so does DeepSpeed's bf16 (on the CPU: fp16-unfused) optimizer wrapper
     ("bf16-autocast", 0.0, None, True),
 ])
@@ -117,7 +125,14 @@ def test_the_engine_writes_the_stage_clip_where_deepspeed_reads_it(engines: dict
     found = engines[label]
     assert (found["gradient_clipping"], found["clip_grad"], found["torch_autocast_enabled"]) == (clipping, clip_grad,
                                                                                                  autocast), found
-    assert found["norm_follows"] == (label in ("zero2", "bf16")), found  # the norm from get_global_grad_norm()
+    assert found["norm_follows"] == (label in ("zero2", "zero3", "bf16")), found  # the norm from get_global_grad_norm()
+
+
+def test_zero3_leaves_placeholders_in_the_module_after_a_step(engines: dict[str, dict[str, Any]]) -> None:
+    """What ``Engine.params_sha256`` gathers around: under ZeRO-3 every tensor of the module's state_dict is an
+    empty placeholder after a step (elsewhere none is), and the hash is still of the parameters."""
+    assert engines["zero3"]["module_sizes"] == [True]
+    assert all(found["module_sizes"] == [False] for label, found in engines.items() if label != "zero3")
 
 
 def test_one_rank_without_zero_skips_the_gradient_all_reduce(engines: dict[str, dict[str, Any]]) -> None:

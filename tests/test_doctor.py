@@ -237,9 +237,14 @@ def test_ds_override_of_an_owned_key_is_an_error_finding() -> None:
     assert finding.field == "deepspeed.overrides.train_batch_size"
 
 
-def test_zero3_is_an_error_finding() -> None:
-    cfg = config(STAGE, deepspeed={"overrides": {"zero_optimization": {"stage": 3}}})
+def test_a_zero_stage_that_does_not_exist_is_an_error_finding() -> None:
+    cfg = config(STAGE, deepspeed={"overrides": {"zero_optimization": {"stage": 4}}})
     assert one(findings_of(cfg), "ds-config", "error").field == "deepspeed.overrides.zero_optimization.stage"
+
+
+def test_zero3_is_no_finding() -> None:
+    cfg = config(STAGE, deepspeed={"overrides": {"zero_optimization": {"stage": 3}}})
+    assert [f for f in findings_of(cfg) if f.check == "ds-config"] == []
 
 
 def test_offload_with_zero0_is_an_error() -> None:

@@ -19,6 +19,7 @@ machine also JIT-builds DeepSpeed's shared-memory communication op (~40 s, cache
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -342,6 +343,41 @@ def test_a_checkpoint_resumes_on_another_world_size(saved: int, resumed: int, te
     assert [r["eval_loss"] for r in run.eval_rows()] == pytest.approx([r["eval_loss"] for r in straight.eval_rows()],
                                                                       rel=1e-5)
     assert run.replicas()["params_identical"] is True and len(run.replicas()["params_sha256"]) == resumed
+
+
+@pytest.mark.multiprocess
+def test_zero3_on_two_ranks_resumes_exactly_and_its_replica_report_gathers(config: Path, tmp_path: Path,
+                                                                           straight_w2: Run) -> None:
+    """ZeRO stage 3 with every parameter partitioned, 2 ranks through torchrun: the straight run has the ZeRO-0
+    run's losses to float rounding; stopped at step 7 and resumed across the stage boundary it ends bit-identical
+    to its own straight run; the replica report hashes the gathered parameters (the exported model's, not the empty
+    placeholders a rank holds between steps); the checkpoint is refused on 1 rank with one line."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    zero3 = ("--set", "deepspeed.overrides.zero_optimization.stage=3",
+             "--set", "deepspeed.overrides.zero_optimization.stage3_param_persistence_threshold=0")
+    straight = Run(tmp_path / "straight", torchrun_train(config, tmp_path / "straight", *zero3))
+    assert "ZeRO stage 3" in straight.output, log_tail(straight.output)
+    assert straight.losses() == pytest.approx(straight_w2.losses(), rel=1e-5)
+
+    stopped = tmp_path / "run"
+    torchrun_train(config, stopped, "--stop-at-step", str(STOP_STEP), *zero3)
+    refused = run_cli(["train", *train_args(config, stopped, *zero3)], env=process_env())
+    assert refused.returncode == 2, log_tail(refused.stdout + refused.stderr)
+    assert refused.stderr.splitlines()[-1] == (
+        f"error: --resume = '{stopped}/checkpoints/step{STOP_STEP:08d}': a ZeRO-3 checkpoint resumes only on the "
+        "world size that saved it (2; this run has 1): DeepSpeed's universal conversion does not bring its optimizer "
+        "state back exactly; launch 2 ranks")
+
+    resumed = Run(stopped, torchrun_train(config, stopped, *zero3))
+    assert_each_step_once(resumed)
+    assert_same_training(resumed, straight)
+    exported = AutoModelForCausalLM.from_pretrained(resumed.dir / "final")
+    weights = hashlib.sha256()
+    for tensor in exported.state_dict().values():
+        weights.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    assert resumed.replicas()["params_sha256"] == [weights.hexdigest()] * 2
 
 
 def test_stopped_run_says_where_it_stopped(stopped_w1: Run) -> None:
