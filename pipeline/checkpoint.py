@@ -45,6 +45,7 @@ import math
 import os
 import random
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -97,6 +98,11 @@ class RunState:
     model: dict[str, Any] = field(default_factory=dict)
     """The model's transformers config fields (``pipeline.model.model_config_dict``): a checkpoint only fits a model
     of the same shape."""
+    world_size: int = 0
+    """The ranks that saved it (0 in checkpoints from before it was recorded: their ``rank<r>.pt`` are counted)."""
+    zero_stage: Optional[int] = None
+    """The ZeRO stage it was saved under, which lays out the engine's files: a resume keeps it (None: not
+    recorded)."""
 
     RANK_FIELDS = ("data_sha256",)
 
@@ -132,8 +138,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def saved_world_size(path: Path) -> int:
-    """The number of ranks that saved the checkpoint at ``path`` (each writes its ``rank<r>.pt``)."""
-    return len(list(path.glob(RANK_FILES)))
+    """The number of ranks that saved the checkpoint at ``path``: its ``run_state.json`` says, and a checkpoint from
+    before it did has one ``rank<r>.pt`` per rank."""
+    state = Checkpointer.peek(path)
+    return state.world_size if state is not None and state.world_size else len(list(path.glob(RANK_FILES)))
 
 
 def check_world_size(path: Path, world_size: int) -> None:
@@ -253,31 +261,39 @@ class Checkpointer:
         """Restore engine, optimizer and this rank's RNG; return the client state and this rank's state. A
         checkpoint of another world size goes through ``_load_resharded``."""
         saved = saved_world_size(path)
-        if saved == 0 or not (path / "rank0.pt").is_file():
-            raise ConfigError("--resume", str(path), "not a complete checkpoint of this pipeline (it has no "
-                                                     "rank0.pt); resume from another checkpoint")
+        missing = [f"rank{r}.pt" for r in range(max(saved, 1)) if not (path / f"rank{r}.pt").is_file()]
+        if missing:
+            raise ConfigError("--resume", str(path), f"not a complete checkpoint of this pipeline: "
+                                                     f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
+                                                     f"missing of its {max(saved, 1)} ranks' files; resume from "
+                                                     "another checkpoint")
         if saved != self.world_size:
             return self._load_resharded(engine, path, saved)
-        if not (path / self._rank_file).is_file():
-            raise ConfigError("--resume", str(path), f"not a complete checkpoint of this pipeline: rank "
-                                                     f"{self.rank}'s {self._rank_file} is missing")
         client_state = _load_engine(engine, path.parent, path.name)
         rank_state = torch.load(path / self._rank_file, weights_only=False)
         set_rng_state(rank_state.pop("rng"))
         return client_state, rank_state
 
     def _load_resharded(self, engine: Any, path: Path, saved: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        """A checkpoint of ``saved`` ranks on this run's world size (see the module docstring)."""
+        """A checkpoint of ``saved`` ranks on this run's world size (see the module docstring). Rank 0 converts
+        while the others wait for its result on the filesystem they all read the checkpoint from, not in a
+        collective with a timeout (a conversion of a large model takes minutes)."""
         from pipeline.engine import loading_universal
 
         check_world_size(path, self.world_size)
         if any(path.glob(PARTITIONED_OPTIMIZER_FILES)):
-            universal = path / UNIVERSAL
-            if self.rank == 0 and not universal.is_dir():
-                _convert_to_universal(path, universal)
+            universal, failed = path / UNIVERSAL, path / f"{UNIVERSAL}.error"
+            if self.rank == 0:
+                failed.unlink(missing_ok=True)  # an earlier attempt's
             _barrier()
-            if not universal.is_dir():  # rank 0's conversion failed; it raised the error
-                raise ConfigError("--resume", str(path), f"the conversion to {UNIVERSAL}/ failed on rank 0")
+            if self.rank == 0 and not universal.is_dir():
+                error = _convert_to_universal(path, universal)
+                if error is not None:
+                    failed.write_text(error)
+            while not universal.is_dir() and not failed.is_file():  # a rank 0 that dies ends the job (peers.py)
+                time.sleep(1.0)
+            if failed.is_file():
+                raise ConfigError("--resume", str(path), failed.read_text())
             with loading_universal(engine):
                 client_state = _load_engine(engine, path, UNIVERSAL)
         else:
@@ -296,23 +312,25 @@ def _load_engine(engine: Any, load_dir: Path, tag: str) -> dict[str, Any]:
     return client_state
 
 
-def _convert_to_universal(path: Path, universal: Path) -> None:
+def _convert_to_universal(path: Path, universal: Path) -> Optional[str]:
     """DeepSpeed's ``ds_to_universal`` of the checkpoint at ``path`` into ``universal`` (through a ``.partial``
-    directory, so a kill leaves nothing half-made); its own output only when it fails."""
+    directory, so a kill leaves nothing half-made); None, or what went wrong in one line."""
     import subprocess
     import sys
 
     partial = universal.with_name(universal.name + PARTIAL)
     shutil.rmtree(partial, ignore_errors=True)
+    workers = str(min(8, os.cpu_count() or 1))
     proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
-                           "--output_folder", str(partial), "--num_extract_workers", "1", "--num_merge_workers", "1",
-                           "--inject_missing_state"], capture_output=True, text=True)
+                           "--output_folder", str(partial), "--num_extract_workers", workers,
+                           "--num_merge_workers", workers, "--inject_missing_state"], capture_output=True, text=True)
+    (path / "latest_universal").unlink(missing_ok=True)  # written beside the output; naming the .partial
     if proc.returncode != 0:
         shutil.rmtree(partial, ignore_errors=True)
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ConfigError("--resume", str(path), f"DeepSpeed's ds_to_universal could not convert it for another "
-                                                 f"world size: {last}")
+        return f"DeepSpeed's ds_to_universal could not convert it for another world size: {last}"
     move_into_place(partial, universal)
+    return None
 
 
 def resolve_resume(arg: str, checkpointer: Checkpointer, log: Optional[Callable[[str], None]] = None

@@ -29,7 +29,8 @@ What is looked for, with the thresholds (module constants) chosen:
   line, which pays for new shapes (allocation, kernel selection), is left out of the median and of the search.
 - diverged: a stage whose loss ended more than 10% above where it started (its final train loss, mean of the last 5
   lines, or its last line's loss, against its first line's: the sweep's rule, per stage and with a margin for the
-  noise of a stage that has levelled off), however few lines it has.
+  noise of a stage that has levelled off), however few lines it has; in a stage of fewer than 20 lines (just after a
+  switch, where a new stage's warmup can bump the loss up) a rise of 10-25% is a note, more a problem.
 - guard: the lines the training loop's spike guard writes (``kind: guard``: step, stage, seq_len, reason, action and
   the numbers it judged), consecutive ones with the same reason and action merged.
 
@@ -80,6 +81,8 @@ CLIP_SHARE = 0.5
 """Share of steps clipped above which the clip is binding most of the time."""
 RISE_MARGIN = 0.1
 """A stage's final loss this share above its first is a divergence (below it, noise on a level stretch)."""
+SHORT_RISE_MARGIN = 0.25
+"""The same for a stage of fewer than ``LOSS_ENDS_ROWS`` lines; between the two margins it is a note."""
 THROUGHPUT_DROP = 0.5
 """A line under this share of its stage's median tokens per second is a drop."""
 
@@ -402,15 +405,25 @@ def find_throughput_drops(train: Sequence[Record], fraction: float = THROUGHPUT_
 
 def find_divergence(train: Sequence[Record]) -> list[Finding]:
     """A stage whose finite loss ended more than ``RISE_MARGIN`` above where it started
-    (``pipeline.rundir.loss_rose``): judged however short the stage, since no history is needed to see it."""
+    (``pipeline.rundir.loss_rose``): judged however short the stage, since no history is needed to see it. A stage
+    of fewer than ``LOSS_ENDS_ROWS`` lines (a run stopped or still running just after a stage switch, where the
+    loss can bump up while the new stage's LR warms up) is a problem only above ``SHORT_RISE_MARGIN``, else a
+    note."""
     findings = []
     for stage, rows in split_stages(train).items():
-        if rose := loss_rose(rows, RISE_MARGIN):
-            findings.append(Finding(
-                "diverged", rows[0]["step"], rows[-1]["step"], stage,
-                f"the loss ended above where the stage started (seq_len {rows[0]['seq_len']}): {rose}",
-                "this stage's LR is past the edge of stability for the model and batch: lower its peak LR (an "
-                "`lr-find` or a `sweep` shows where the edge is), lengthen its warmup, or tighten its grad_clip"))
+        if not (rose := loss_rose(rows, RISE_MARGIN)):
+            continue
+        short = len(rows) < LOSS_ENDS_ROWS
+        if short and (steep := loss_rose(rows, SHORT_RISE_MARGIN)):
+            short, rose = False, steep
+        findings.append(Finding(
+            "diverged", rows[0]["step"], rows[-1]["step"], stage,
+            f"the loss ended above where the stage started (seq_len {rows[0]['seq_len']}): {rose}"
+            + (f"; a stage of {len(rows)} lines (a problem from {SHORT_RISE_MARGIN:.0%} up)" if short else ""),
+            "this stage's LR is past the edge of stability for the model and batch: lower its peak LR (an "
+            "`lr-find` or a `sweep` shows where the edge is), lengthen its warmup, or tighten its grad_clip"
+            + ("; or train on and run diagnose again" if short else ""),
+            severity="note" if short else "problem"))
     return findings
 
 

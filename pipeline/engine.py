@@ -493,14 +493,15 @@ class Engine:
         return flops_per_token(*self._flops_shape, seq_len) * tok_per_s / (self.processes.world_size * peak)
 
     def params_sha256(self) -> str:
-        """The hash of the module's whole state; under ZeRO-3 each rank gathers the full parameters first (a
-        collective: every rank calls this at the same point)."""
+        """The hash of the module's whole state. Under ZeRO-3 each parameter is gathered in turn (never the whole
+        model at once), a collective: every rank calls this at the same point; and since the ranks then hash the
+        same gathered tensors, the replica report's ``params_identical`` holds by construction there."""
         import deepspeed
 
         params = hashlib.sha256()
-        with (deepspeed.zero.GatheredParameters(list(self.ds.module.parameters())) if self.zero_stage == 3
-              else contextlib.nullcontext()):
-            for tensor in self.ds.module.state_dict().values():
+        for tensor in self.ds.module.state_dict(keep_vars=True).values():
+            with (deepspeed.zero.GatheredParameters([tensor]) if hasattr(tensor, "ds_id")
+                  else contextlib.nullcontext()):
                 params.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return params.hexdigest()
 

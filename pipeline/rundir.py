@@ -133,9 +133,3 @@ def loss_rose(train: Sequence[Record], margin: float = 0.0) -> Optional[str]:
     if losses[-1] > bar:
         return f"last train loss {losses[-1]:.4g} (step {train[-1]['step']}) {above}"
     return None
-    if final > losses[0]:
-        return (f"final train loss {final:.4g} (mean of the last {FINAL_LOSS_STEPS} steps) above the first step's "
-                f"{losses[0]:.4g}")
-    if losses[-1] > losses[0]:
-        return f"last train loss {losses[-1]:.4g} (step {train[-1]['step']}) above the first step's {losses[0]:.4g}"
-    return None

@@ -96,7 +96,8 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     model_fields = model_config_dict(config.model, tokenizer["vocab_size"], schedule.max_seq_len, tokenizer["eot_id"])
     checkpointer = Checkpointer(run_dir.checkpoints, config.run.keep_checkpoints, rank, world_size)
     resume_path = resolve_resume(resume, checkpointer, log)
-    _check_resume(run_dir, resume_path, config, schedule, model_fields)
+    zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    _check_resume(run_dir, resume_path, config, schedule, model_fields, zero_stage)
 
     # ------------------------------------------------------------------ the engine, compiled graphs, the run state
     engine = build_engine(config, schedule, ds_config, data.manifest, processes)
@@ -106,7 +107,8 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
         shapes = engine.warm_up(schedule, lambda stage, cursor: prefetcher.load(stage, -1, cursor), data.eval_batches)
         log(f"compiled and warmed up {len(engine.monitor.graphs)} graphs before step 0 in {engine.warmup_s:.1f} s: "
             + ", ".join(f"{shape} {seconds:.1f} s" for shape, seconds in shapes.items()))
-    state = RunState(curriculum=config.curriculum.model_dump(mode="json"), model=model_fields)
+    state = RunState(curriculum=config.curriculum.model_dump(mode="json"), model=model_fields, world_size=world_size,
+                     zero_stage=zero_stage)
     if resume_path is not None:
         state = _restore(checkpointer, engine, resume_path, config, model_fields, log)
     guard = SpikeGuard(config.guard)
@@ -250,7 +252,8 @@ def _restore(checkpointer: Any, engine: Any, path: Path, config: Config, model_f
     now = config.curriculum.model_dump(mode="json")
     for change in _changed_fields(state.curriculum, now, "curriculum"):
         log(f"resuming with a changed hyperparameter: {change}")
-    state.curriculum, state.model = now, model_fields
+    state.curriculum, state.model, state.world_size, state.zero_stage = (now, model_fields, checkpointer.world_size,
+                                                                         engine.zero_stage)
     return state
 
 
@@ -303,10 +306,10 @@ def _report_compile_surprises(engine: Any, step: int, logger: Any, log: Callable
 
 
 def _check_resume(run_dir: Any, resume_path: Optional[Path], config: Config, schedule: Schedule,
-                  model_fields: dict[str, Any]) -> None:
+                  model_fields: dict[str, Any], zero_stage: int) -> None:
     """What a run must not do to what an earlier one wrote: start from step 0 in a directory that holds a run (its
-    metrics would be overwritten), or load a checkpoint of another model shape or past this plan's end. Checked
-    before anything is built or written."""
+    metrics would be overwritten), or load a checkpoint of another model shape, past this plan's end, of another
+    ZeRO stage or one that cannot move to this world size. Checked before anything is built or written."""
     from pipeline.checkpoint import Checkpointer, check_world_size
     from pipeline.rundir import read_records
 
@@ -323,6 +326,13 @@ def _check_resume(run_dir: Any, resume_path: Optional[Path], config: Config, sch
     if saved.step > schedule.total_steps:
         raise ConfigError("--resume", str(resume_path),
                           f"checkpoint is at step {saved.step}, past this config's {schedule.total_steps} steps")
+    if saved.zero_stage is not None and saved.zero_stage != zero_stage:
+        overridden = "stage" in config.deepspeed.overrides.get("zero_optimization", {})
+        raise ConfigError("deepspeed.overrides.zero_optimization.stage" if overridden else "deepspeed.template",
+                          zero_stage if overridden else config.deepspeed.template,
+                          f"gives ZeRO stage {zero_stage}; the checkpoint {resume_path} was saved under stage "
+                          f"{saved.zero_stage}, whose files DeepSpeed lays out differently: resume with stage "
+                          f"{saved.zero_stage}, or train into another --output-dir")
     changed = sorted((key != "model_type", key) for key in set(saved.model) | set(model_fields)
                      if saved.model.get(key) != model_fields.get(key))
     if not saved.model or not changed:

@@ -169,6 +169,18 @@ def test_a_checkpoint_past_the_plan_is_refused(config: Path, run_dir: Path) -> N
             starts="error: --resume = ")
 
 
+@pytest.mark.parametrize(("sets", "starts"), [
+    (["deepspeed.template=zero2"], "error: deepspeed.template = 'zero2': gives ZeRO stage 2; the checkpoint "),
+    (["deepspeed.overrides.zero_optimization.stage=1"],
+     "error: deepspeed.overrides.zero_optimization.stage = 1: gives ZeRO stage 1; the checkpoint "),
+], ids=["template", "override"])
+def test_resuming_under_another_zero_stage_is_refused(config: Path, run_dir: Path, sets: list[str],
+                                                      starts: str) -> None:
+    """The run's ZeRO-0 checkpoint under stage 2 or 1: DeepSpeed would hand the stage's optimizer a state it did not
+    save (a traceback deep in torch's load_state_dict)."""
+    refused(config, run_dir, *[arg for item in sets for arg in ("--set", item)], starts=starts)
+
+
 def test_an_explicit_resume_path_that_is_not_a_checkpoint(config: Path, run_dir: Path, tmp_path: Path) -> None:
     refused(config, run_dir, "--resume", str(tmp_path / "nowhere"), starts="error: --resume = ")
 

@@ -297,21 +297,21 @@ def test_each_rank_gets_its_own_file(tmp_path: Path) -> None:
     assert torch.rand(2).tolist() == after_rank0_save
 
 
-def test_load_without_this_rank_file(tmp_path: Path) -> None:
-    """A checkpoint of two ranks whose rank1.pt is gone, loaded by rank 1 of two: a clear error, not a crash."""
+def test_load_without_a_rank_file(tmp_path: Path) -> None:
+    """A checkpoint of two ranks (as its run_state.json says) whose rank1.pt is gone: a clear error on every rank,
+    not a crash, and not a checkpoint of one rank."""
     directory = tmp_path / "checkpoints"
     engine = FakeEngine()
     rank0, rank1 = (Checkpointer(directory, keep=2, rank=0, world_size=2),  # rank 0 clears partials when made
                     Checkpointer(directory, keep=2, rank=1, world_size=2))
     rank1.save(engine, 100, {"step": 100}, {"data_sha256": "1"})
-    path = rank0.save(engine, 100, {"step": 100}, {"data_sha256": "0"})
+    path = rank0.save(engine, 100, {"step": 100}, {"data_sha256": "0"}, readable=json.dumps({"world_size": 2}))
     (path / "rank1.pt").unlink()
-    (path / "rank2.pt").write_bytes((path / "rank0.pt").read_bytes())  # still two rank files: the same world size
-    with pytest.raises(ConfigError) as err:
-        rank1.load(engine, path)
-    assert err.value.field == "--resume"
-    assert err.value.value == str(path)
-    assert "rank 1's rank1.pt is missing" in str(err.value)
+    for checkpointer in (rank0, rank1, Checkpointer(directory, keep=2, rank=0, world_size=1)):
+        with pytest.raises(ConfigError) as err:
+            checkpointer.load(engine, path)
+        assert (err.value.field, err.value.value) == ("--resume", str(path))
+        assert "rank1.pt missing of its 2 ranks' files" in str(err.value)
 
 
 def test_a_checkpoint_of_two_ranks_loads_on_one(tmp_path: Path) -> None:

@@ -274,7 +274,8 @@ def test_a_stage_too_short_to_judge_says_so(tmp_path: Path) -> None:
     stages, findings = diagnose(short_run(losses, stage_lines=6))
     assert [(f.kind, f.first_step, f.last_step, f.stage) for f in findings] == [("diverged", 0, 5, 0)]
     assert findings[0].message == ("the loss ended above where the stage started (seq_len 64): last train loss "
-                                   "13.1 (step 5) above the first step's 8.35 by more than 10%")
+                                   "13.1 (step 5) above the first step's 8.35 by more than 25%")
+    assert findings[0].severity == "problem"
     [stage] = stages
     assert (stage["loss_first"], stage["loss_last"], stage["spikes"], stage["clip_share"]) == (None, None, None, None)
     assert stage["not_judged"] == [
@@ -289,11 +290,22 @@ def test_a_stage_too_short_to_judge_says_so(tmp_path: Path) -> None:
 
 
 def test_a_stage_that_levels_off_is_not_diverged() -> None:
-    """Noise on a level stretch (the last lines up to 10% above the first) is not a divergence; 11% is."""
+    """Noise on a level stretch (the last lines up to 10% above the first) is not a divergence; a stage of 20 lines
+    whose loss climbs 10.4% is a problem; in a short one (9 lines: just after a switch) 11% is a note, 27% a
+    problem."""
     level = [6.0, 5.9, 6.1, 6.2, 6.3, 6.4, 6.5, 6.6]
     assert diagnose(short_run(level + [6.6], stage_lines=9))[1] == []
-    [finding] = diagnose(short_run(level + [6.66], stage_lines=9))[1]
-    assert finding.message.endswith("last train loss 6.66 (step 8) above the first step's 6 by more than 10%")
+    [note] = diagnose(short_run(level + [6.66], stage_lines=9))[1]
+    assert (note.kind, note.severity) == ("diverged", "note")
+    assert note.message.endswith("last train loss 6.66 (step 8) above the first step's 6 by more than 10%; a stage "
+                                 "of 9 lines (a problem from 25% up)")
+    [steep] = diagnose(short_run(level + [7.6], stage_lines=9))[1]
+    assert (steep.severity, steep.message.endswith("above the first step's 6 by more than 25%")) == ("problem", True)
+    rising = [6.0 + 0.7 * i / 19 for i in range(20)]  # 6.0 -> 6.7 in 20 lines: final (mean of 5) 6.626
+    [problem] = diagnose(short_run(rising, stage_lines=20))[1]
+    assert (problem.kind, problem.severity) == ("diverged", "problem")
+    assert problem.message.endswith("final train loss 6.626 (mean of the last 5 steps) above the first step's 6 by "
+                                    "more than 10%"), problem.message
 
 
 def test_loss_first_and_last_are_medians_of_disjoint_windows() -> None:

@@ -309,8 +309,9 @@ def test_the_export_loads_in_transformers_4(run: Path, tmp_path: Path) -> None:
     """transformers 4.x loads the export (tokenizer and model) and computes the logits transformers 5 does."""
     output = exported(run, tmp_path / "best", "--checkpoint", "best")
     loaded = {}
-    for name, path in (("4", str(Path(TRANSFORMERS4_PATH).resolve())), ("5", "")):
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
+    inherited = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
+    for name, first in (("4", [str(Path(TRANSFORMERS4_PATH).resolve())]), ("5", [])):
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(first + inherited)}
         proc = subprocess.run([sys.executable, "-c", LOAD_AND_RUN, str(output)], capture_output=True, text=True,
                               timeout=TIMEOUT_S, env=env)
         assert proc.returncode == 0, f"transformers {name}: {proc.stderr[-3000:]}"

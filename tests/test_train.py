@@ -320,12 +320,12 @@ def test_stop_and_resume_across_a_stage_boundary_is_exact(world_size: int, confi
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize(("saved", "resumed", "template"), [(2, 1, "zero2"), (1, 2, "default")])
+@pytest.mark.parametrize(("saved", "resumed", "template"), [(2, 1, "zero2"), (1, 2, "zero2"), (1, 2, "default")])
 def test_a_checkpoint_resumes_on_another_world_size(saved: int, resumed: int, template: str, config: Path,
                                                     tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    """Stopped at step 7 on ``saved`` ranks, resumed on ``resumed``: 2 ranks under ZeRO-2 (the optimizer state
-    partitioned by rank: converted once into ``universal/`` inside the checkpoint) on 1, and 1 rank under ZeRO-0 on
-    2. The resumed steps are the straight run's on the new world size to float rounding (the gradient sums run in
+    """Stopped at step 7 on ``saved`` ranks, resumed on ``resumed``: under ZeRO-2 (the optimizer state partitioned
+    by rank: rank 0 converts it once into ``universal/`` inside the checkpoint while the other rank waits) 2 ranks
+    on 1 and 1 on 2, and under ZeRO-0 1 rank on 2. The resumed steps are the straight run's on the new world size to float rounding (the gradient sums run in
     another order): the same data order, schedule and tokens; the log says what changed."""
     run_dir = tmp_path / "run"
     template_set = ("--set", f"deepspeed.template={template}")
@@ -343,6 +343,27 @@ def test_a_checkpoint_resumes_on_another_world_size(saved: int, resumed: int, te
     assert [r["eval_loss"] for r in run.eval_rows()] == pytest.approx([r["eval_loss"] for r in straight.eval_rows()],
                                                                       rel=1e-5)
     assert run.replicas()["params_identical"] is True and len(run.replicas()["params_sha256"]) == resumed
+
+
+@pytest.mark.multiprocess
+def test_a_failed_conversion_for_another_world_size_ends_every_rank_with_the_error(config: Path,
+                                                                                    tmp_path: Path) -> None:
+    """A ZeRO-2 checkpoint of 1 rank whose optimizer file is damaged, resumed on 2: rank 0's conversion fails, the
+    other rank, waiting for it, reads the same error; both exit with it (none waits forever), and nothing half-made
+    is left in the checkpoint."""
+    run_dir = tmp_path / "run"
+    template_set = ("--set", "deepspeed.template=zero2")
+    cli_train(config, run_dir, "--stop-at-step", str(STOP_STEP), *template_set)
+    checkpoint = run_dir / "checkpoints" / f"step{STOP_STEP:08d}"
+    (optimizer_file,) = checkpoint.glob("zero_pp_rank_0_*optim_states.pt")
+    optimizer_file.write_bytes(optimizer_file.read_bytes()[:100])
+    proc = subprocess.run(two_ranks("torchrun", "-m", "pipeline.train", *train_args(config, run_dir, *template_set)),
+                          cwd=REPO_ROOT, env=process_env(), capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: --resume = ")]
+    assert proc.returncode != 0 and len(errors) == 2, log_tail(proc.stdout + proc.stderr)
+    assert "DeepSpeed's ds_to_universal could not convert it for another world size" in errors[0]
+    assert errors[0] == errors[1]
+    assert sorted(p.name for p in checkpoint.iterdir() if "universal" in p.name) == ["universal.error"]
 
 
 @pytest.mark.multiprocess
