@@ -2,7 +2,7 @@
 careful engineer writes by hand; and the same figures read from a real ``train`` run.
 
     curriculum-pretrain bench --config X [--steps 20 --warmup 5] [--no-baseline] [--profile]
-    curriculum-pretrain bench --from-train RUN_DIR [--against BENCH_JSON]
+    curriculum-pretrain bench --from-train RUN_DIR [--against BENCH_JSON | --against REFERENCE_RUN_DIR]
 
 For each distinct (micro-batch, seq_len) of the curriculum, with that stage's gradient accumulation:
 
@@ -17,9 +17,11 @@ Reported per shape: median tok/s, MFU (``flops_per_token`` of ``pipeline.model``
 step time, peak memory, the first step's extra cost and the pipeline/baseline ratio; plus the warm-up (compile)
 time, the time to the first step and the stage-switch cost (near 0 once the warm-up built every graph). JSON.
 
-``--from-train`` reports, from a run directory's metrics: per stage median tok/s and MFU, the compile/warm-up time,
-the evaluation time and the share of the wall time that is not training steps; with ``--against`` it sets each
-stage beside the bench figure of the same shape.
+``--from-train`` reports, from a run directory's metrics: per stage median tok/s (of the job and per GPU) and MFU,
+the compile/warm-up time, the evaluation time and the share of the wall time that is not training steps. With
+``--against BENCH_JSON`` it sets each stage beside the bench figure of the same shape; with ``--against`` another run
+directory (the same recipe on fewer GPUs, say) it gives each stage's scaling efficiency: this run's tok/s per GPU
+over the reference run's, stage by stage (stages matched by their seq_len and global batch).
 """
 
 from __future__ import annotations
@@ -56,8 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also profile one step of the longest stage: GPU time by kernel kind (torch.profiler)")
     parser.add_argument("--from-train", default=None, metavar="RUN_DIR",
                         help="report the figures of a train run directory instead of measuring")
-    parser.add_argument("--against", default=None, metavar="BENCH_JSON",
-                        help="with --from-train: a bench JSON to compare each stage's tok/s with")
+    parser.add_argument("--against", default=None, metavar="BENCH_JSON|RUN_DIR",
+                        help="with --from-train: a bench JSON to compare each stage's tok/s with, or a reference run "
+                             "directory for each stage's scaling efficiency (tok/s per GPU over the reference's)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -295,29 +298,50 @@ def train_report(run_dir: Path, against: Optional[Path]) -> dict[str, Any]:
     if not train:
         raise ConfigError("--from-train", str(run_dir), "metrics.jsonl has no train lines yet")
     compiles = [r for r in records if r.get("kind") == "compile" and "warmup_s" in r]
-    bench_rows = _bench_rows(against) if against is not None else {}
-    stages = []
-    for index in sorted({r["stage"] for r in train}):
-        rows = [r for r in train if r["stage"] == index]
-        timed = rows[1:] or rows  # the first step of a stage enters it
-        stage = {"stage": index, "seq_len": rows[0]["seq_len"], "global_batch": rows[0]["global_batch"],
-                 "steps": len(rows), "median_tok_per_s": statistics.median(r["tok_per_s"] for r in timed),
-                 "median_mfu": statistics.median(r["mfu"] for r in timed) if timed[0].get("mfu") is not None
-                 else None}
-        match = bench_rows.get((stage["seq_len"], stage["global_batch"]))
-        if match is not None:
-            stage["bench_tok_per_s"] = match["tok_per_s"]
-            stage["vs_bench"] = stage["median_tok_per_s"] / match["tok_per_s"]
-        stages.append(stage)
+    world_size = paths.world_size()
+    stages = _stage_medians(train, world_size)
+    reference = None
+    if against is not None and against.is_dir():
+        if not RunDir(against).metrics.is_file():
+            raise ConfigError("--against", str(against), "holds no metrics.jsonl; give a bench JSON or a train run "
+                                                         "directory")
+        reference = train_report(against, None)
+        by_shape = {(s["seq_len"], s["global_batch"]): s for s in reference["stages"]}
+        for stage in stages:
+            if (match := by_shape.get((stage["seq_len"], stage["global_batch"]))) is not None:
+                stage["reference_tok_per_s_per_gpu"] = match["median_tok_per_s_per_gpu"]
+                stage["scaling_efficiency"] = stage["median_tok_per_s_per_gpu"] / match["median_tok_per_s_per_gpu"]
+    elif against is not None:
+        bench_rows = _bench_rows(against)
+        for stage in stages:
+            if (match := bench_rows.get((stage["seq_len"], stage["global_batch"]))) is not None:
+                stage["bench_tok_per_s"] = match["tok_per_s"]
+                stage["vs_bench"] = stage["median_tok_per_s"] / match["tok_per_s"]
     wall = train[-1]["elapsed_s"]
     train_s = train[-1].get("train_s")
     eval_s = sum(r.get("eval_s") or 0.0 for r in evals)
     warmup_s = sum(r["warmup_s"] for r in compiles)
-    return {"run_dir": str(run_dir), "stages": stages, "wall_s": wall, "train_s": train_s, "warmup_s": warmup_s,
-            "eval_s": eval_s, "evaluations": len(evals),
+    return {"run_dir": str(run_dir), "world_size": world_size, "stages": stages, "wall_s": wall, "train_s": train_s,
+            "warmup_s": warmup_s, "eval_s": eval_s, "evaluations": len(evals),
             "not_training_share": None if train_s is None else 1 - train_s / wall,
             "surprises": [r["surprise"] for r in records if r.get("kind") == "compile" and "surprise" in r],
-            "against": str(against) if against else None}
+            "against": str(against) if against else None,
+            "reference_world_size": reference["world_size"] if reference else None}
+
+
+def _stage_medians(train: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
+    """Per stage: median tok/s of the job and per GPU, and MFU, over its steps after the first (which enters it)."""
+    stages = []
+    for index in sorted({r["stage"] for r in train}):
+        rows = [r for r in train if r["stage"] == index]
+        timed = rows[1:] or rows
+        tok_per_s = statistics.median(r["tok_per_s"] for r in timed)
+        stages.append({"stage": index, "seq_len": rows[0]["seq_len"], "global_batch": rows[0]["global_batch"],
+                       "steps": len(rows), "median_tok_per_s": tok_per_s,
+                       "median_tok_per_s_per_gpu": tok_per_s / world_size,
+                       "median_mfu": statistics.median(r["mfu"] for r in timed) if timed[0].get("mfu") is not None
+                       else None})
+    return stages
 
 
 def _bench_rows(path: Path) -> dict[tuple[int, int], dict[str, Any]]:
@@ -329,14 +353,21 @@ def _bench_rows(path: Path) -> dict[tuple[int, int], dict[str, Any]]:
 
 
 def format_train_report(report: dict[str, Any]) -> list[str]:
-    lines = [f"{report['run_dir']}: per stage (median over its steps after the first)"]
+    world = report["world_size"]
+    lines = [f"{report['run_dir']} ({world} GPU{'s' if world > 1 else ''}): per stage (median over its steps after "
+             "the first)"]
     for s in report["stages"]:
         line = f"  stage {s['stage']} seq_len {s['seq_len']:>5} batch {s['global_batch']:>5}: " \
                f"{s['median_tok_per_s']:>10,.0f} tok/s"
+        if world > 1:
+            line += f" ({s['median_tok_per_s_per_gpu']:,.0f} per GPU)"
         if s["median_mfu"] is not None:
             line += f"  MFU {100 * s['median_mfu']:5.1f}%"
         if "vs_bench" in s:
             line += f"  bench {s['bench_tok_per_s']:,.0f} tok/s: {100 * (s['vs_bench'] - 1):+.1f}%"
+        if "scaling_efficiency" in s:
+            line += (f"  scaling efficiency {100 * s['scaling_efficiency']:.1f}% (against "
+                     f"{s['reference_tok_per_s_per_gpu']:,.0f} tok/s per GPU on {report['reference_world_size']})")
         lines.append(line)
     share = report["not_training_share"]
     lines.append(f"wall {report['wall_s']:.1f} s: training steps {report['train_s'] or 0:.1f} s, compile + warm-up "

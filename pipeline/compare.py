@@ -10,7 +10,7 @@ spike-guard events, spikes as the guard defines them (``pipeline.spikes``), and 
 classifies it (converged, unstable, diverged).
 
 Writes ``compare.json``, ``compare.md`` (the table) and ``compare.png`` (held-out loss against tokens and against
-wall-clock seconds, the target dashed) into ``--output-dir``.
+wall-clock seconds, the target dashed; the training loss against tokens) into ``--output-dir``.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class RunComparison:
 
     run_dir: str
     name: str
+    """The run config's ``name``; the directory's name when several runs share one."""
     status: str
     """``finished`` (summary.json written) or ``running or stopped``; then ``sweep``'s verdict on its losses."""
     steps: int
@@ -106,6 +107,9 @@ def compare_runs(run_dirs: Sequence[Path], target_loss: Optional[float]) -> tupl
             evaluations=len(evals), at_target={axis: reach(evals, target, axis) for axis in AXES}, speedup={},
             guard_events=sum(1 for r in records if r.get("kind") == "guard"),
             spikes=sum(1 for s in find_spike_steps(train, SpikeRule()).values() if not s.non_finite)))
+    if len({run.name for run in runs}) < len(runs):  # runs of one recipe: told apart by their directories
+        for run in runs:
+            run.name = Path(run.run_dir).name
     for run in runs:
         run.speedup = {axis: _ratio(runs[0].at_target[axis], run.at_target[axis]) for axis in AXES}
     return target, runs
@@ -144,21 +148,31 @@ def format_table(target: float, runs: Sequence[RunComparison]) -> str:
 
 def plot(target: float, runs: Sequence[RunComparison], run_records: Sequence[list[dict[str, Any]]],
          out: Path) -> Path:
+    """Held-out loss against tokens and against wall-clock seconds, and the training loss against tokens (a run's
+    losses at a shorter length are lower than at full length: compare those stage by stage)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import EngFormatter
 
-    fig, (by_tokens, by_time) = plt.subplots(1, 2, figsize=(13, 5))
-    for run, evals in zip(runs, run_records):
+    fig, (by_tokens, by_time, training) = plt.subplots(1, 3, figsize=(19, 5))
+    for run, records in zip(runs, run_records):
+        evals, train = eval_rows(records), train_rows(records)
         by_tokens.plot([r["tokens"] for r in evals], [r["eval_loss"] for r in evals], "o-", ms=3, label=run.name)
         by_time.plot([r.get("elapsed_s") for r in evals], [r["eval_loss"] for r in evals], "o-", ms=3, label=run.name)
+        training.plot([r["tokens"] for r in train], [r["loss"] for r in train], lw=1, label=run.name)
     for ax, label in ((by_tokens, "tokens"), (by_time, "wall-clock seconds (compile and evaluation included)")):
         ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:.4f}")
         ax.set(xlabel=label, ylabel="held-out loss (full length)")
         ax.legend(fontsize=8)
-    by_tokens.xaxis.set_major_formatter(EngFormatter())
+    training.set(xlabel="tokens", ylabel="training loss (at each step's length)")
+    later = [r["loss"] for records in run_records for r in train_rows(records)[10:] if math.isfinite(r["loss"])]
+    if later:  # the first steps fall from about ln(vocab size) and would flatten the rest
+        training.set_ylim(top=max(later) + 0.05 * (max(later) - min(later)))
+    training.legend(fontsize=8)
+    for ax in (by_tokens, training):
+        ax.xaxis.set_major_formatter(EngFormatter())
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -176,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     (out_dir / "compare.md").write_text(table)
     (out_dir / "compare.json").write_text(json.dumps({"target_loss": target, "runs": [asdict(r) for r in runs]},
                                                      indent=2) + "\n")
-    plot(target, runs, [eval_rows(read_records(RunDir(d).metrics)) for d in run_dirs], out_dir / "compare.png")
+    plot(target, runs, [read_records(RunDir(d).metrics) for d in run_dirs], out_dir / "compare.png")
     print(table)
     print(f"wrote {out_dir / 'compare.md'}, {out_dir / 'compare.json'} and {out_dir / 'compare.png'}")
     return 0

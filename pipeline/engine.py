@@ -492,6 +492,10 @@ class Engine:
             return None
         return flops_per_token(*self._flops_shape, seq_len) * tok_per_s / (self.processes.world_size * peak)
 
+    def peak_memory_gib(self) -> Optional[float]:
+        """This rank's peak GPU memory allocated so far (None off CUDA)."""
+        return torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+
     def params_sha256(self) -> str:
         """The hash of the module's whole state. Under ZeRO-3 each parameter is gathered in turn (never the whole
         model at once), a collective: every rank calls this at the same point; and since the ranks then hash the

@@ -47,6 +47,15 @@ class RunDir:
     final = property(lambda self: self.path / "final")
     train_log = property(lambda self: self.path / "train.log")
 
+    def world_size(self) -> int:
+        """The data-parallel ranks the run trained on: ds_config.json's ``train_batch_size`` over micro-batch x
+        accumulation (written at every start, so a run resumed on another world size gives the latest)."""
+        try:
+            ds = json.loads(self.ds_config.read_text())
+            return ds["train_batch_size"] // (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"])
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as err:
+            raise ConfigError(str(self.ds_config), None, f"does not give the run's world size ({err!r})") from None
+
     def __str__(self) -> str:
         return str(self.path)
 

@@ -388,7 +388,7 @@ def _write_outputs(config: Config, schedule: Schedule, engine: Any, run_dir: Any
                                       "precision": engine.precision, "device": engine.device.type,
                                       "optimizer": engine.optimizer_name, "replicas": replicas,
                                       "guard_events": guard_events, "warmup_s": engine.warmup_s,
-                                      "wall_s": elapsed_s})
+                                      "peak_memory_gib": engine.peak_memory_gib(), "wall_s": elapsed_s})
     plot = plot_run(run_dir.path)
     print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['elapsed_s']:.0f} s; "
           f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}, eval loss "

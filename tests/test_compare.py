@@ -94,3 +94,14 @@ def test_what_compare_cannot_compare_is_one_error(tmp_path: Path, make: object, 
     result = run_cli(["compare", str(base), str(other), "--output-dir", str(tmp_path / "out")])
     assert result.returncode == 2 and result.stderr.startswith(f"error: RUN_DIR = '{other}': {message}")
     assert not (tmp_path / "out").exists()
+
+
+def test_runs_of_one_recipe_are_named_by_their_directories(tmp_path: Path) -> None:
+    """Two runs whose config.json both say ``tiny-cpu`` (one recipe on 1 and on 2 GPUs, say) are told apart."""
+    runs = [write_run(tmp_path / name, BASELINE) for name in ("one-gpu", "two-gpus")]
+    for run in runs:
+        (run / "config.json").write_text(json.dumps({"name": "tiny-cpu"}))
+    _, compared = compare_runs(runs, None)
+    assert [run.name for run in compared] == ["one-gpu", "two-gpus"]
+    _, (alone,) = compare_runs(runs[:1], None)
+    assert alone.name == "tiny-cpu"

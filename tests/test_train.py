@@ -228,6 +228,7 @@ def test_single_process_follows_the_plan_and_writes_every_output(straight_w1: Ru
     assert summary["steps"] == TOTAL_STEPS and summary["tokens"] == TOTAL_STEPS * TOKENS_PER_STEP
     assert summary["replicas"]["params_identical"] is True and len(summary["replicas"]["params_sha256"]) == 1
     assert [s["seq_len"] for s in summary["stages"]] == [32, 64, 128]
+    assert summary["peak_memory_gib"] is None  # GPU memory only; there is no GPU here
 
     model = AutoModelForCausalLM.from_pretrained(run.dir / "final")
     tokenizer = AutoTokenizer.from_pretrained(run.dir / "final")

@@ -1,0 +1,88 @@
+"""``bench --from-train``: a train run's per-stage throughput read from its metrics, beside a bench JSON or, for
+scaling, beside a reference run on fewer GPUs; one error line for what it cannot read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+# Two stages of a run on one GPU. The first step of each stage enters it (new shapes) and is left out of the median.
+ONE_GPU_TOK_PER_S = {(128, 1024): [50.0, 1000.0, 1010.0, 990.0], (1024, 512): [40.0, 800.0, 820.0, 810.0]}
+
+
+def write_run(run_dir: Path, world_size: int, tok_per_s: dict[tuple[int, int], list[float]]) -> Path:
+    """A run directory with ``ds_config.json`` for ``world_size`` ranks (micro-batch 8, accumulation to the first
+    stage's global batch) and one train line per step, 1,000 tokens each."""
+    run_dir.mkdir(parents=True)
+    (seq_len, global_batch), *_ = tok_per_s
+    micro = 8
+    (run_dir / "ds_config.json").write_text(json.dumps({
+        "train_batch_size": global_batch, "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": global_batch // (micro * world_size)}))
+    lines, step = [], 0
+    for stage, ((seq_len, global_batch), rates) in enumerate(tok_per_s.items()):
+        for rate in rates:
+            lines.append({"kind": "train", "step": step, "tokens": 1000 * (step + 1), "stage": stage,
+                          "seq_len": seq_len, "global_batch": global_batch, "loss": 5.0, "tok_per_s": rate,
+                          "mfu": None, "elapsed_s": step + 10.0, "train_s": float(step)})
+            step += 1
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return run_dir
+
+
+def test_each_stage_gets_tok_per_s_per_gpu_and_its_scaling_efficiency(tmp_path: Path) -> None:
+    """2 GPUs at 1,900 tok/s (950 per GPU) against 1,000 on 1 GPU: 95 % at seq_len 128; 1,560 (780 per GPU) against
+    810: 96.3 % at 1024."""
+    reference = write_run(tmp_path / "one-gpu", 1, ONE_GPU_TOK_PER_S)
+    run = write_run(tmp_path / "two-gpus", 2, {(128, 1024): [90.0, 1900.0, 1850.0, 1950.0],
+                                               (1024, 512): [80.0, 1560.0, 1500.0, 1600.0]})
+    out = tmp_path / "scaling.json"
+    result = run_cli(["bench", "--from-train", str(run), "--against", str(reference), "--output", str(out)])
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert (report["world_size"], report["reference_world_size"]) == (2, 1)
+    first, last = report["stages"]
+    assert (first["median_tok_per_s"], first["median_tok_per_s_per_gpu"]) == (1900.0, 950.0)
+    assert first["reference_tok_per_s_per_gpu"] == 1000.0
+    assert first["scaling_efficiency"] == pytest.approx(0.95)
+    assert last["scaling_efficiency"] == pytest.approx(780 / 810)
+    assert ("stage 0 seq_len   128 batch  1024:      1,900 tok/s (950 per GPU)  scaling efficiency 95.0% (against "
+            "1,000 tok/s per GPU on 1)") in result.stdout
+
+
+def test_a_stage_the_reference_did_not_train_gets_no_efficiency(tmp_path: Path) -> None:
+    reference = write_run(tmp_path / "one-gpu", 1, {(128, 1024): ONE_GPU_TOK_PER_S[(128, 1024)]})
+    run = write_run(tmp_path / "two-gpus", 2, {(128, 1024): [1.0, 2000.0], (1024, 512): [1.0, 1600.0]})
+    out = tmp_path / "scaling.json"
+    assert run_cli(["bench", "--from-train", str(run), "--against", str(reference), "--output", str(out)]).returncode == 0
+    first, last = json.loads(out.read_text())["stages"]
+    assert first["scaling_efficiency"] == pytest.approx(1.0) and "scaling_efficiency" not in last
+
+
+def test_against_a_bench_json_each_stage_is_set_beside_its_shape(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "one-gpu", 1, ONE_GPU_TOK_PER_S)
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"shapes": [{"seq_len": 1024, "global_batch": 512, "tok_per_s": 900.0}]}))
+    out = tmp_path / "vs-bench.json"
+    result = run_cli(["bench", "--from-train", str(run), "--against", str(bench), "--output", str(out)])
+    assert result.returncode == 0, result.stderr
+    first, last = json.loads(out.read_text())["stages"]
+    assert "vs_bench" not in first and last["vs_bench"] == pytest.approx(810 / 900)
+    assert "bench 900 tok/s: -10.0%" in result.stdout
+
+
+def test_what_it_cannot_read_is_one_error_line(tmp_path: Path) -> None:
+    """A reference directory that is no run, and a run directory without its ds_config.json (no world size)."""
+    run = write_run(tmp_path / "run", 1, ONE_GPU_TOK_PER_S)
+    (tmp_path / "empty").mkdir()
+    result = run_cli(["bench", "--from-train", str(run), "--against", str(tmp_path / "empty")])
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"error: --against = '{tmp_path / 'empty'}': holds no metrics.jsonl; give a bench JSON or a train run "
+        "directory"]
+    (run / "ds_config.json").unlink()
+    result = run_cli(["bench", "--from-train", str(run)])
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith(f"error: {run / 'ds_config.json'} = None: does not give the run's world size")
