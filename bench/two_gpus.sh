@@ -5,10 +5,11 @@
 #   bash bench/two_gpus.sh checks    # a 2-GPU ZeRO-2 checkpoint resumed on 1 GPU; a killed rank; two "nodes" of one
 #                                    # GPU each through multi_node.sh (no ssh) and through torchrun.sh
 # The recipe is gpt2-124m-curriculum (embedding padded to 50,304 rows: GPT-2 124M's shapes) shortened to 20 steps
-# per stage: 80 steps, 22.3 M tokens, evaluations every 20 steps. Every stage keeps its global batch; 2 GPUs halve
-# the accumulation (128 x 128 x 4 x 2 = 131,072 tokens per step at seq_len 128, 32 x 1024 x 8 x 2 = 524,288 at 1024).
-# Outputs go to OUT_DIR (default runs/two-gpus); a run that finished there (summary.json) is not run again, so the
-# script can be taken up where it stopped. CPT is the command (default curriculum-pretrain).
+# per stage: 80 steps, 23.6 M tokens, evaluations every 20 steps. Every stage keeps its global batch; 2 GPUs halve
+# the accumulation (256 x 128 x 2 x 2 = 131,072 tokens per step at seq_len 128, 32 x 1024 x 8 x 2 = 524,288 at 1024).
+# Outputs go to OUT_DIR (default runs/two-gpus); a training run that finished there (summary.json) is not run again,
+# so the script can be taken up where it stopped; the kill and two-node checks start afresh each time. CPT is the
+# command (default curriculum-pretrain).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE="${1:?give scaling or checks}"
@@ -72,12 +73,13 @@ elif [ "$MODE" = checks ]; then
     on_gpus 0 29500 resume-2to1 "${ZERO2[@]}" --set kernels.compile=false --max-steps 40
 
     # kill -9 of rank 1 after 5 steps: the job must end non-zero within 60 s with the trainer's line naming the rank
+    rm -rf "$OUT_DIR/killed" "$OUT_DIR/killed.log"
     on_gpus 0,1 29502 killed --set kernels.compile=false & job=$!
     until [ "$(cat "$OUT_DIR/killed/metrics.jsonl" 2>/dev/null | grep -c '"kind": "train"')" -ge 5 ]; do
         kill -0 $job 2>/dev/null || { echo "error: the run to kill ended first (see $OUT_DIR/killed.log)" >&2; exit 1; }
         sleep 0.5
     done
-    pkill -9 -f -- '--local_rank=1'
+    pkill -9 -f -- "--local_rank=1 .*--output-dir $OUT_DIR/killed"
     killed_at=$(date +%s.%N)
     status=0
     wait $job || status=$?
@@ -86,6 +88,13 @@ elif [ "$MODE" = checks ]; then
     grep '^error:' "$OUT_DIR/killed.log" || true
 
     # two "nodes" of one GPU each on this host, 20 steps uncompiled: the DeepSpeed launcher without ssh, then torchrun
+    wait_nodes() {  # wait_nodes NAME: both nodes' launchers must exit 0
+        local status=0
+        wait "${nodes[0]}" || status=$?
+        wait "${nodes[1]}" || status=$?
+        [ $status -eq 0 ] || { echo "error: a node of $1 exited with $status (see $OUT_DIR/$1-*.log)" >&2; exit 1; }
+    }
+    rm -rf "$OUT_DIR"/nodes-*
     printf 'node-0 slots=2\nnode-1 slots=2\n' > "$OUT_DIR/hostfile"
     for node in 0 1; do
         HOSTFILE="$OUT_DIR/hostfile" INCLUDE=node-0:0@node-1:1 NODE_RANK=$node MASTER_ADDR=127.0.0.1 \
@@ -94,14 +103,14 @@ elif [ "$MODE" = checks ]; then
             > "$OUT_DIR/nodes-deepspeed-$node.log" 2>&1 &
         nodes[$node]=$!
     done
-    wait "${nodes[0]}" && wait "${nodes[1]}"
+    wait_nodes nodes-deepspeed
     for node in 0 1; do
         CUDA_VISIBLE_DEVICES=$node NNODES=2 NODE_RANK=$node NPROC_PER_NODE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=29504 \
             CONFIG=$RECIPE bash launch/torchrun.sh "${SETS[@]}" --max-steps 20 --set kernels.compile=false \
             --output-dir "$OUT_DIR/nodes-torchrun" > "$OUT_DIR/nodes-torchrun-$node.log" 2>&1 &
         nodes[$node]=$!
     done
-    wait "${nodes[0]}" && wait "${nodes[1]}"
+    wait_nodes nodes-torchrun
     for run in nodes-deepspeed nodes-torchrun; do
         python3 -c "import json, sys; s = json.load(open(sys.argv[1])); print(sys.argv[1], 'world size', \
 s['world_size'], 'steps', s['steps'], 'final loss', round(s['final_loss'], 4), 'replicas identical', \

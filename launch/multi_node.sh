@@ -7,8 +7,8 @@
 #   HOSTFILE=launch/hostfile NODE_RANK=0 MASTER_ADDR=10.0.0.1 CONFIG=gpt2-124m-curriculum bash launch/multi_node.sh
 #   HOSTFILE=launch/hostfile NODE_RANK=1 MASTER_ADDR=10.0.0.1 CONFIG=gpt2-124m-curriculum bash launch/multi_node.sh
 # This exact command is tested as two one-process "nodes" on one machine (tests/test_multinode.py: a hostfile of
-# "node-0 slots=2" and "node-1 slots=2", INCLUDE="node-0:0@node-1:1", MASTER_ADDR=127.0.0.1; with --no_ssh the names
-# are labels, never resolved).
+# "node-0 slots=1" and "node-1 slots=1", and one of "slots=2" lines with INCLUDE="node-0:0@node-1:1";
+# MASTER_ADDR=127.0.0.1; with --no_ssh the names are labels, never resolved).
 # Without --no_ssh and --node_rank, DeepSpeed would start every node from the first one over ssh (pdsh): not tested.
 # A rank that dies makes the others exit with status 3 within run.heartbeat_timeout_s, and each launcher with them.
 # INCLUDE (optional) picks GPUs per node, DeepSpeed's --include: "node-0:0@node-1:1" with "slots=2" lines runs node 0

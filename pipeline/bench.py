@@ -287,25 +287,27 @@ def from_train(run_dir: Path, against: Optional[Path], output: Optional[str]) ->
     return 0
 
 
-def train_report(run_dir: Path, against: Optional[Path]) -> dict[str, Any]:
-    from pipeline.rundir import RunDir, eval_rows, read_records, train_rows
+def train_report(run_dir: Path, against: Optional[Path], flag: str = "--from-train") -> dict[str, Any]:
+    """The figures of one train run directory (``flag`` names it in errors); ``against`` a bench JSON or a reference
+    run directory."""
+    from pipeline.rundir import RunDir, eval_rows, read_records, stage_throughput, train_rows
 
     paths = RunDir(run_dir)
     if not paths.metrics.is_file():
-        raise ConfigError("--from-train", str(run_dir), "holds no metrics.jsonl; give a train run directory")
+        raise ConfigError(flag, str(run_dir), "holds no metrics.jsonl; give a train run directory")
     records = read_records(paths.metrics)
     train, evals = train_rows(records), eval_rows(records)
     if not train:
-        raise ConfigError("--from-train", str(run_dir), "metrics.jsonl has no train lines yet")
-    compiles = [r for r in records if r.get("kind") == "compile" and "warmup_s" in r]
-    world_size = paths.world_size()
-    stages = _stage_medians(train, world_size)
+        raise ConfigError(flag, str(run_dir), "metrics.jsonl has no train lines yet")
+    fallback = None if all("world_size" in r for r in train) else paths.world_size()
+    sizes = list(dict.fromkeys(r.get("world_size", fallback) for r in train))  # in the order the run had them
+    if None in sizes:
+        raise ConfigError(flag, str(run_dir), "its train lines do not give their world size and its ds_config.json "
+                                              "does not either")
+    stages = stage_throughput(train, fallback)
     reference = None
     if against is not None and against.is_dir():
-        if not RunDir(against).metrics.is_file():
-            raise ConfigError("--against", str(against), "holds no metrics.jsonl; give a bench JSON or a train run "
-                                                         "directory")
-        reference = train_report(against, None)
+        reference = train_report(against, None, "--against")
         by_shape = {(s["seq_len"], s["global_batch"]): s for s in reference["stages"]}
         for stage in stages:
             if (match := by_shape.get((stage["seq_len"], stage["global_batch"]))) is not None:
@@ -320,28 +322,13 @@ def train_report(run_dir: Path, against: Optional[Path]) -> dict[str, Any]:
     wall = train[-1]["elapsed_s"]
     train_s = train[-1].get("train_s")
     eval_s = sum(r.get("eval_s") or 0.0 for r in evals)
-    warmup_s = sum(r["warmup_s"] for r in compiles)
-    return {"run_dir": str(run_dir), "world_size": world_size, "stages": stages, "wall_s": wall, "train_s": train_s,
+    warmup_s = sum(r["warmup_s"] for r in records if r.get("kind") == "compile" and "warmup_s" in r)
+    return {"run_dir": str(run_dir), "world_sizes": sizes, "stages": stages, "wall_s": wall, "train_s": train_s,
             "warmup_s": warmup_s, "eval_s": eval_s, "evaluations": len(evals),
             "not_training_share": None if train_s is None else 1 - train_s / wall,
             "surprises": [r["surprise"] for r in records if r.get("kind") == "compile" and "surprise" in r],
             "against": str(against) if against else None,
-            "reference_world_size": reference["world_size"] if reference else None}
-
-
-def _stage_medians(train: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
-    """Per stage: median tok/s of the job and per GPU, and MFU, over its steps after the first (which enters it)."""
-    stages = []
-    for index in sorted({r["stage"] for r in train}):
-        rows = [r for r in train if r["stage"] == index]
-        timed = rows[1:] or rows
-        tok_per_s = statistics.median(r["tok_per_s"] for r in timed)
-        stages.append({"stage": index, "seq_len": rows[0]["seq_len"], "global_batch": rows[0]["global_batch"],
-                       "steps": len(rows), "median_tok_per_s": tok_per_s,
-                       "median_tok_per_s_per_gpu": tok_per_s / world_size,
-                       "median_mfu": statistics.median(r["mfu"] for r in timed) if timed[0].get("mfu") is not None
-                       else None})
-    return stages
+            "reference_world_sizes": reference["world_sizes"] if reference else None}
 
 
 def _bench_rows(path: Path) -> dict[tuple[int, int], dict[str, Any]]:
@@ -353,21 +340,23 @@ def _bench_rows(path: Path) -> dict[tuple[int, int], dict[str, Any]]:
 
 
 def format_train_report(report: dict[str, Any]) -> list[str]:
-    world = report["world_size"]
-    lines = [f"{report['run_dir']} ({world} GPU{'s' if world > 1 else ''}): per stage (median over its steps after "
-             "the first)"]
+    def gpus(sizes: list[int]) -> str:
+        return " then ".join(map(str, sizes)) + (" GPU" if sizes == [1] else " GPUs")
+
+    lines = [f"{report['run_dir']} ({gpus(report['world_sizes'])}): per stage (median over its steps after the "
+             "first)"]
     for s in report["stages"]:
         line = f"  stage {s['stage']} seq_len {s['seq_len']:>5} batch {s['global_batch']:>5}: " \
                f"{s['median_tok_per_s']:>10,.0f} tok/s"
-        if world > 1:
+        if s["world_size"] != 1:
             line += f" ({s['median_tok_per_s_per_gpu']:,.0f} per GPU)"
         if s["median_mfu"] is not None:
             line += f"  MFU {100 * s['median_mfu']:5.1f}%"
         if "vs_bench" in s:
             line += f"  bench {s['bench_tok_per_s']:,.0f} tok/s: {100 * (s['vs_bench'] - 1):+.1f}%"
         if "scaling_efficiency" in s:
-            line += (f"  scaling efficiency {100 * s['scaling_efficiency']:.1f}% (against "
-                     f"{s['reference_tok_per_s_per_gpu']:,.0f} tok/s per GPU on {report['reference_world_size']})")
+            line += (f"  per GPU {100 * s['scaling_efficiency']:.1f}% of the reference's "
+                     f"{s['reference_tok_per_s_per_gpu']:,.0f} ({gpus(report['reference_world_sizes'])})")
         lines.append(line)
     share = report["not_training_share"]
     lines.append(f"wall {report['wall_s']:.1f} s: training steps {report['train_s'] or 0:.1f} s, compile + warm-up "

@@ -24,12 +24,14 @@ rollback both read it back through ``Checkpointer.load``. Its shared part is ran
 DeepSpeed); what differs between ranks (RNG states, the fingerprint of the data the rank trained on) goes to
 ``rank<r>.pt``, since DeepSpeed keeps only rank 0's client state.
 
-A checkpoint resumes on another world size (the number of ``rank<r>.pt`` files is the world size it was saved
-with). The data cursor counts samples over all ranks and the schedule is global, so both carry over; the config's
+A checkpoint resumes on another world size (``run_state.json`` records the world size and ZeRO stage it was saved
+with; for older checkpoints the number of ``rank<r>.pt`` files gives the world size). The data cursor counts samples over all ranks and the schedule is global, so both carry over; the config's
 validation for the new world size says when the plan no longer fits (a global batch the new ranks cannot split).
 Where the optimizer state is partitioned by rank (ZeRO 1 and 2, and DeepSpeed's bf16 optimizer:
 ``*zero_pp_rank_*`` files), rank 0 first converts the checkpoint with DeepSpeed's ``ds_to_universal`` into
-``<tag>/universal/`` (once; kept with the checkpoint and pruned with it) and every rank loads that; a ZeRO-0
+``<tag>/universal/`` (once; kept with the checkpoint and pruned with it; a failed conversion leaves
+``<tag>/universal.error``, which the other ranks, polling the shared filesystem, read and raise) and every rank
+loads that; a ZeRO-0
 checkpoint holds the whole optimizer state and loads as it is. The per-rank state cannot be split again: every rank
 takes rank 0's RNG state, and starts its data fingerprint from the hash of all the saved ranks' fingerprints. A
 ZeRO-3 checkpoint is refused on another world size: converted the same way, its resumed losses drifted from the
@@ -287,7 +289,10 @@ class Checkpointer:
                 failed.unlink(missing_ok=True)  # an earlier attempt's
             _barrier()
             if self.rank == 0 and not universal.is_dir():
-                error = _convert_to_universal(path, universal)
+                try:
+                    error = _convert_to_universal(path, universal)
+                except Exception as err:  # whatever it is, the waiting ranks must hear of it
+                    error = f"converting it for {self.world_size} ranks failed: {type(err).__name__}: {err}"
                 if error is not None:
                     failed.write_text(error)
             while not universal.is_dir() and not failed.is_file():  # a rank 0 that dies ends the job (peers.py)

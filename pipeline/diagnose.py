@@ -406,9 +406,9 @@ def find_throughput_drops(train: Sequence[Record], fraction: float = THROUGHPUT_
 def find_divergence(train: Sequence[Record]) -> list[Finding]:
     """A stage whose finite loss ended more than ``RISE_MARGIN`` above where it started
     (``pipeline.rundir.loss_rose``): judged however short the stage, since no history is needed to see it. A stage
-    of fewer than ``LOSS_ENDS_ROWS`` lines (a run stopped or still running just after a stage switch, where the
-    loss can bump up while the new stage's LR warms up) is a problem only above ``SHORT_RISE_MARGIN``, else a
-    note."""
+    of fewer than ``LOSS_ENDS_ROWS`` lines (a short stage, or the last one of a run stopped or still running just
+    after a switch: all of it is the time just after a switch, when the loss can bump up while the stage's LR warms
+    up) is a problem only above ``SHORT_RISE_MARGIN``, else a note."""
     findings = []
     for stage, rows in split_stages(train).items():
         if not (rose := loss_rose(rows, RISE_MARGIN)):

@@ -2,7 +2,7 @@
 
 One JSONL line per logged step (``kind: train``) and per evaluation (``kind: eval``). Fields of a train line:
 ``step, tokens, stage, seq_len, global_batch, lr, grad_clip, loss, grad_norm, tok_per_s, mfu, elapsed_s,
-train_s``; ``tokens`` counts tokens trained up to and including this step, from the batches actually trained.
+train_s, world_size`` (the CSV leaves out ``world_size``); ``tokens`` counts tokens trained up to and including this step, from the batches actually trained.
 ``tok_per_s`` is this step's tokens over its wall time (from the end of the previous step to this step's loss);
 ``mfu`` is ``flops_per_token(seq_len) * tok_per_s / (world_size * peak_flops)`` (see
 ``pipeline.model.flops_per_token``), empty where the peak is unknown (CPU). ``elapsed_s`` is the run's wall time
@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from pipeline.rundir import RunDir, final_train_loss, read_records
+from pipeline.rundir import RunDir, final_train_loss, read_records, stage_throughput
 
 CSV_FIELDS = ["kind", "step", "tokens", "stage", "seq_len", "global_batch", "lr", "grad_clip", "loss", "grad_norm",
               "tok_per_s", "mfu", "elapsed_s", "eval_loss", "eval_ppl", "train_s", "eval_s"]
@@ -223,12 +223,6 @@ def write_summary(run_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
     records = read_metrics(run_dir)
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
-    stages: dict[int, list[dict[str, Any]]] = {}
-    for r in train:
-        stages.setdefault(r["stage"], []).append(r)
-    # the first step of a stage pays for new shapes (allocation, kernel selection): leave it out of the medians,
-    # unless it is the stage's only step
-    timed = {index: rows[1:] or rows for index, rows in stages.items()}
     summary = {
         **extra,
         "steps": train[-1]["step"] + 1 if train else 0,
@@ -241,17 +235,7 @@ def write_summary(run_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
         "final_train_loss": final_train_loss(train),
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None,
         "final_eval_ppl": evals[-1]["eval_ppl"] if evals else None,
-        "stages": [
-            {
-                "stage": index,
-                "seq_len": rows[0]["seq_len"],
-                "steps": len(rows),
-                "mean_loss_last_10": _mean([r["loss"] for r in rows[-10:]]),
-                "median_tok_per_s": _median([r["tok_per_s"] for r in timed[index]]),
-                "median_mfu": _median([r["mfu"] for r in timed[index] if r["mfu"] is not None]),
-            }
-            for index, rows in sorted(stages.items())
-        ],
+        "stages": stage_throughput(train),
     }
     RunDir(run_dir).summary.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -323,15 +307,3 @@ def training_figure(records: list[dict[str, Any]]) -> Any:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
-
-
-def _mean(values: list[float]) -> Optional[float]:
-    return sum(values) / len(values) if values else None
-
-
-def _median(values: list[float]) -> Optional[float]:
-    if not values:
-        return None
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -47,14 +48,17 @@ class RunDir:
     final = property(lambda self: self.path / "final")
     train_log = property(lambda self: self.path / "train.log")
 
-    def world_size(self) -> int:
-        """The data-parallel ranks the run trained on: ds_config.json's ``train_batch_size`` over micro-batch x
-        accumulation (written at every start, so a run resumed on another world size gives the latest)."""
+    def world_size(self) -> Optional[int]:
+        """The data-parallel ranks of the run's latest start, from ds_config.json (``train_batch_size`` over
+        micro-batch x accumulation); None when it does not say. Train lines carry their own ``world_size``: this is
+        for lines written before they did."""
         try:
             ds = json.loads(self.ds_config.read_text())
-            return ds["train_batch_size"] // (ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"])
-        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as err:
-            raise ConfigError(str(self.ds_config), None, f"does not give the run's world size ({err!r})") from None
+            ranks, rest = divmod(ds["train_batch_size"],
+                                 ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"])
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+            return None
+        return ranks if isinstance(ranks, int) and ranks >= 1 and rest == 0 else None
 
     def __str__(self) -> str:
         return str(self.path)
@@ -124,6 +128,28 @@ def final_train_loss(train: Sequence[Record]) -> Optional[float]:
     if not last or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in last):
         return None
     return sum(last) / len(last)
+
+
+def stage_throughput(train: Sequence[Record], world_size: Optional[int] = None) -> list[Record]:
+    """Per stage, in order: its length, batch and steps, the mean loss of its last 10 steps, and the medians of tok/s
+    (of the whole job, and per GPU) and MFU over its steps after the first, which pays for new shapes (allocation,
+    kernel selection), unless that is its only step. Per GPU divides each line's tok/s by that line's
+    ``world_size`` (``world_size`` stands in for lines without one); the stage's ``world_size`` is None where its
+    lines disagree (a run resumed on another world size) or do not say."""
+    stages = []
+    for index in sorted({r["stage"] for r in train}):
+        rows = [r for r in train if r["stage"] == index]
+        timed = rows[1:] or rows
+        sizes = [r.get("world_size", world_size) for r in timed]
+        per_gpu = [r["tok_per_s"] / n for r, n in zip(timed, sizes) if n]
+        mfu = [r["mfu"] for r in timed if r.get("mfu") is not None]
+        stages.append({"stage": index, "seq_len": rows[0]["seq_len"], "global_batch": rows[0].get("global_batch"),
+                       "steps": len(rows), "world_size": sizes[0] if len(set(sizes)) == 1 else None,
+                       "mean_loss_last_10": sum(r["loss"] for r in rows[-10:]) / len(rows[-10:]),
+                       "median_tok_per_s": statistics.median(r["tok_per_s"] for r in timed),
+                       "median_tok_per_s_per_gpu": statistics.median(per_gpu) if len(per_gpu) == len(timed) else None,
+                       "median_mfu": statistics.median(mfu) if mfu else None})
+    return stages
 
 
 def loss_rose(train: Sequence[Record], margin: float = 0.0) -> Optional[str]:

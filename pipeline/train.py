@@ -196,7 +196,7 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
                   "grad_clip": stage.grad_clip, "loss": values.loss, "grad_norm": values.grad_norm,
                   "tok_per_s": step_tokens / step_time,
                   "mfu": engine.mfu(stage.seq_len, step_tokens / step_time, device_peak),
-                  "elapsed_s": elapsed(), "train_s": state.train_s}
+                  "elapsed_s": elapsed(), "train_s": state.train_s, "world_size": world_size}
         if logger is not None and (step % config.run.log_every == 0 or step == schedule.total_steps - 1):
             logger.log(record)
         progress.update(record, guard.events)

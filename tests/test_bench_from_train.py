@@ -13,9 +13,11 @@ from conftest import run_cli
 ONE_GPU_TOK_PER_S = {(128, 1024): [50.0, 1000.0, 1010.0, 990.0], (1024, 512): [40.0, 800.0, 820.0, 810.0]}
 
 
-def write_run(run_dir: Path, world_size: int, tok_per_s: dict[tuple[int, int], list[float]]) -> Path:
+def write_run(run_dir: Path, world_size: int, tok_per_s: dict[tuple[int, int], list[float]],
+              sizes_in_lines: bool = True) -> Path:
     """A run directory with ``ds_config.json`` for ``world_size`` ranks (micro-batch 8, accumulation to the first
-    stage's global batch) and one train line per step, 1,000 tokens each."""
+    stage's global batch) and one train line per step, 1,000 tokens each, carrying ``world_size`` as train writes
+    it (or not, as lines written before it did)."""
     run_dir.mkdir(parents=True)
     (seq_len, global_batch), *_ = tok_per_s
     micro = 8
@@ -27,7 +29,8 @@ def write_run(run_dir: Path, world_size: int, tok_per_s: dict[tuple[int, int], l
         for rate in rates:
             lines.append({"kind": "train", "step": step, "tokens": 1000 * (step + 1), "stage": stage,
                           "seq_len": seq_len, "global_batch": global_batch, "loss": 5.0, "tok_per_s": rate,
-                          "mfu": None, "elapsed_s": step + 10.0, "train_s": float(step)})
+                          "mfu": None, "elapsed_s": step + 10.0, "train_s": float(step),
+                          **({"world_size": world_size} if sizes_in_lines else {})})
             step += 1
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return run_dir
@@ -43,21 +46,50 @@ def test_each_stage_gets_tok_per_s_per_gpu_and_its_scaling_efficiency(tmp_path: 
     result = run_cli(["bench", "--from-train", str(run), "--against", str(reference), "--output", str(out)])
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
-    assert (report["world_size"], report["reference_world_size"]) == (2, 1)
+    assert (report["world_sizes"], report["reference_world_sizes"]) == ([2], [1])
     first, last = report["stages"]
     assert (first["median_tok_per_s"], first["median_tok_per_s_per_gpu"]) == (1900.0, 950.0)
     assert first["reference_tok_per_s_per_gpu"] == 1000.0
     assert first["scaling_efficiency"] == pytest.approx(0.95)
     assert last["scaling_efficiency"] == pytest.approx(780 / 810)
-    assert ("stage 0 seq_len   128 batch  1024:      1,900 tok/s (950 per GPU)  scaling efficiency 95.0% (against "
-            "1,000 tok/s per GPU on 1)") in result.stdout
+    assert ("stage 0 seq_len   128 batch  1024:      1,900 tok/s (950 per GPU)  per GPU 95.0% of the reference's "
+            "1,000 (1 GPU)") in result.stdout
+
+
+def test_a_run_resumed_on_another_world_size_is_divided_line_by_line(tmp_path: Path) -> None:
+    """Stage 0 on 2 GPUs, then resumed on 1 (its ds_config.json says 1): stage 0 is 1,900 tok/s, 950 per GPU, not
+    1,900 per GPU; stage 1 mixes both and its median is of per-GPU figures."""
+    rates = {(128, 1024): [1.0, 1900.0, 1900.0], (1024, 512): [1.0, 1600.0, 810.0]}
+    run = write_run(tmp_path / "resumed", 1, rates)
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for line, size in zip(lines, [2, 2, 2, 2, 2, 1]):
+        line["world_size"] = size
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "report.json"
+    result = run_cli(["bench", "--from-train", str(run), "--output", str(out)])
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    first, last = report["stages"]
+    assert report["world_sizes"] == [2, 1] and (first["world_size"], last["world_size"]) == (2, None)
+    assert first["median_tok_per_s_per_gpu"] == 950.0
+    assert last["median_tok_per_s_per_gpu"] == pytest.approx((800 + 810) / 2)
+    assert "(2 then 1 GPUs)" in result.stdout
+
+
+def test_lines_without_their_world_size_take_it_from_ds_config(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "old", 2, {(128, 1024): [1.0, 1900.0]}, sizes_in_lines=False)
+    out = tmp_path / "report.json"
+    assert run_cli(["bench", "--from-train", str(run), "--output", str(out)]).returncode == 0
+    (stage,) = json.loads(out.read_text())["stages"]
+    assert (stage["world_size"], stage["median_tok_per_s_per_gpu"]) == (2, 950.0)
 
 
 def test_a_stage_the_reference_did_not_train_gets_no_efficiency(tmp_path: Path) -> None:
     reference = write_run(tmp_path / "one-gpu", 1, {(128, 1024): ONE_GPU_TOK_PER_S[(128, 1024)]})
     run = write_run(tmp_path / "two-gpus", 2, {(128, 1024): [1.0, 2000.0], (1024, 512): [1.0, 1600.0]})
     out = tmp_path / "scaling.json"
-    assert run_cli(["bench", "--from-train", str(run), "--against", str(reference), "--output", str(out)]).returncode == 0
+    result = run_cli(["bench", "--from-train", str(run), "--against", str(reference), "--output", str(out)])
+    assert result.returncode == 0, result.stderr
     first, last = json.loads(out.read_text())["stages"]
     assert first["scaling_efficiency"] == pytest.approx(1.0) and "scaling_efficiency" not in last
 
@@ -75,14 +107,15 @@ def test_against_a_bench_json_each_stage_is_set_beside_its_shape(tmp_path: Path)
 
 
 def test_what_it_cannot_read_is_one_error_line(tmp_path: Path) -> None:
-    """A reference directory that is no run, and a run directory without its ds_config.json (no world size)."""
-    run = write_run(tmp_path / "run", 1, ONE_GPU_TOK_PER_S)
+    """A reference directory that is no run (named as ``--against``), and a run whose train lines do not give their
+    world size and whose ds_config.json is gone."""
+    run = write_run(tmp_path / "run", 1, ONE_GPU_TOK_PER_S, sizes_in_lines=False)
     (tmp_path / "empty").mkdir()
     result = run_cli(["bench", "--from-train", str(run), "--against", str(tmp_path / "empty")])
     assert result.returncode == 2 and result.stderr.splitlines() == [
-        f"error: --against = '{tmp_path / 'empty'}': holds no metrics.jsonl; give a bench JSON or a train run "
-        "directory"]
+        f"error: --against = '{tmp_path / 'empty'}': holds no metrics.jsonl; give a train run directory"]
     (run / "ds_config.json").unlink()
     result = run_cli(["bench", "--from-train", str(run)])
-    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
-    assert result.stderr.startswith(f"error: {run / 'ds_config.json'} = None: does not give the run's world size")
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"error: --from-train = '{run}': its train lines do not give their world size and its ds_config.json does "
+        "not either"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch.distributed as dist
@@ -93,16 +94,18 @@ def error_lines(output: str) -> list[str]:
 
 
 @pytest.mark.multiprocess
-def test_two_single_process_nodes_through_the_deepspeed_launcher_without_ssh(config: Path, tmp_path: Path) -> None:
-    """``launch/multi_node.sh`` on each "node" (``deepspeed --hostfile H --include node-0:0@node-1:1 --no_ssh
-    --node_rank N --master_addr 127.0.0.1 --master_port P --module pipeline.train``, as two "nodes" share a 2-GPU
-    host): both launchers exit 0, the two replicas are identical after training on different data, every step is
-    logged once."""
+@pytest.mark.parametrize(("slots", "include"), [(1, None), (2, "node-0:0@node-1:1")], ids=["hostfile", "include"])
+def test_two_single_process_nodes_through_the_deepspeed_launcher_without_ssh(slots: int, include: Optional[str],
+                                                                             config: Path, tmp_path: Path) -> None:
+    """``launch/multi_node.sh`` on each "node" (``deepspeed --hostfile H --no_ssh --node_rank N --master_addr
+    127.0.0.1 --master_port P --module pipeline.train``): as separate nodes run it (``slots=1`` lines), and as two
+    "nodes" that share a 2-GPU host do (``slots=2`` lines, ``INCLUDE=node-0:0@node-1:1``, one GPU each). Both
+    launchers exit 0, the two replicas are identical after training on different data, every step is logged once."""
     hostfile, run_dir, port = tmp_path / "hostfile", tmp_path / "run", free_port()
-    hostfile.write_text("node-0 slots=2\nnode-1 slots=2\n")
+    hostfile.write_text(f"node-0 slots={slots}\nnode-1 slots={slots}\n")
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # the `deepspeed` of this Python
-    envs = [{"HOSTFILE": str(hostfile), "INCLUDE": "node-0:0@node-1:1", "NODE_RANK": str(node_rank),
-             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "CONFIG": str(config), "PATH": path}
+    envs = [{"HOSTFILE": str(hostfile), "NODE_RANK": str(node_rank), "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(port), "CONFIG": str(config), "PATH": path, **({"INCLUDE": include} if include else {})}
             for node_rank in (0, 1)]
     nodes = run_together([["bash", "launch/multi_node.sh", "--output-dir", str(run_dir)]] * 2, tmp_path, envs)
     assert [node.status for node in nodes] == [0, 0], "\n\n".join(

@@ -326,8 +326,9 @@ def test_a_checkpoint_resumes_on_another_world_size(saved: int, resumed: int, te
                                                     tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """Stopped at step 7 on ``saved`` ranks, resumed on ``resumed``: under ZeRO-2 (the optimizer state partitioned
     by rank: rank 0 converts it once into ``universal/`` inside the checkpoint while the other rank waits) 2 ranks
-    on 1 and 1 on 2, and under ZeRO-0 1 rank on 2. The resumed steps are the straight run's on the new world size to float rounding (the gradient sums run in
-    another order): the same data order, schedule and tokens; the log says what changed."""
+    on 1 and 1 on 2, and under ZeRO-0 1 rank on 2. The resumed steps are the straight run's on the new world size to
+    float rounding (the gradient sums run in another order): the same data order, schedule and tokens; the log says
+    what changed."""
     run_dir = tmp_path / "run"
     template_set = ("--set", f"deepspeed.template={template}")
     train_with_world(saved, config, run_dir, "--stop-at-step", str(STOP_STEP), *template_set)
