@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The CPU study of docs/RESULTS.md ("Length or batch: a first study on CPU"): the tiny Llama on the Python standard
 # library, 819,200 tokens per run, held-out loss at the full length 256 every 40 steps. Configs in bench/study/.
-#   bash bench/study_cpu.sh      # about 55 minutes on 2 CPU cores; OUT_DIR (default runs/study) gets every run
+#   bash bench/study_cpu.sh      # about 70 minutes on 2 CPU cores; OUT_DIR (default runs/study) gets every run
 # 1. sweep tunes the baseline's LR (7 LRs, 2x apart); the best is the lowest final held-out loss of a run that did not
 #    diverge. 2. every variant trains at that LR. 3. lr-find caps each length of length.yaml, which then trains at
 #    4x the tuned LR under the caps. 4. stability: the curricula at each LR above the tuned one where the baseline's
-#    sweep run was unstable (spikes, guard events) or diverged. 5. a second seed for the baseline, the controls and
+#    sweep run was unstable (spikes, guard events) or diverged. 5. seeds 2 and 3 for the baseline, the controls and
 #    the curricula. 6. compare, against the tuned baseline.
 # A run that finished (summary.json) is not run again, so the script can be taken up where it stopped.
 set -euo pipefail
@@ -61,17 +61,20 @@ for lr in $unstable; do
     done
 done
 
-# 5. a second seed
-train baseline-seed2 baseline --set "curriculum.base_lr=$best" --set run.seed=2
-for variant in baseline-stage-shape length length-reshape length-warmup pacing batch-warmup; do
-    train "$variant-seed2" "$variant" --set "curriculum.base_lr=$best" --set run.seed=2
+# 5. seeds 2 and 3
+for seed in 2 3; do
+    for variant in baseline baseline-stage-shape length length-reshape length-warmup pacing batch-warmup; do
+        train "$variant-seed$seed" "$variant" --set "curriculum.base_lr=$best" --set "run.seed=$seed"
+    done
 done
 
 # 6. against the tuned baseline
-$CPT compare "$baseline" "$OUT_DIR"/{baseline-seed2,baseline-stage-shape,baseline-stage-shape-seed2,length} \
-    "$OUT_DIR"/{length-seed2,length-reshape,length-reshape-seed2,length-seed-rule,length-4x-capped,batch-warmup} \
-    "$OUT_DIR"/{batch-warmup-seed2,length-warmup,length-warmup-seed2,pacing,pacing-seed2} \
-    --output-dir "$OUT_DIR/compare"
+all=("$baseline")
+for variant in baseline baseline-stage-shape length-reshape length batch-warmup length-warmup pacing; do
+    [ $variant = baseline ] || all+=("$OUT_DIR/$variant")
+    all+=("$OUT_DIR/$variant-seed2" "$OUT_DIR/$variant-seed3")
+done
+$CPT compare "${all[@]}" "$OUT_DIR"/{length-seed-rule,length-4x-capped} --output-dir "$OUT_DIR/compare"
 $CPT compare "$baseline" "$OUT_DIR"/{baseline-stage-shape,length-reshape,length,batch-warmup,length-warmup,pacing} \
     --output-dir "$OUT_DIR/compare-main"
 [ ${#stability[@]} -eq 0 ] || $CPT compare "$baseline" "${stability[@]}" --output-dir "$OUT_DIR/compare-stability"
