@@ -25,8 +25,9 @@ DeepSpeed); what differs between ranks (RNG states, the fingerprint of the data 
 ``rank<r>.pt``, since DeepSpeed keeps only rank 0's client state.
 
 A checkpoint resumes on another world size (``run_state.json`` records the world size and ZeRO stage it was saved
-with; for older checkpoints the number of ``rank<r>.pt`` files gives the world size). The data cursor counts samples over all ranks and the schedule is global, so both carry over; the config's
-validation for the new world size says when the plan no longer fits (a global batch the new ranks cannot split).
+with; for older checkpoints the number of ``rank<r>.pt`` files gives the world size). The data cursor counts
+samples over all ranks and the schedule is global, so both carry over; the config's validation for the new world
+size says when the plan no longer fits (a global batch the new ranks cannot split).
 Where the optimizer state is partitioned by rank (ZeRO 1 and 2, and DeepSpeed's bf16 optimizer:
 ``*zero_pp_rank_*`` files), rank 0 first converts the checkpoint with DeepSpeed's ``ds_to_universal`` into
 ``<tag>/universal/`` (once; kept with the checkpoint and pruned with it; a failed conversion leaves

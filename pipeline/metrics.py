@@ -2,7 +2,8 @@
 
 One JSONL line per logged step (``kind: train``) and per evaluation (``kind: eval``). Fields of a train line:
 ``step, tokens, stage, seq_len, global_batch, lr, grad_clip, loss, grad_norm, tok_per_s, mfu, elapsed_s,
-train_s, world_size`` (the CSV leaves out ``world_size``); ``tokens`` counts tokens trained up to and including this step, from the batches actually trained.
+train_s, world_size`` (the CSV leaves out ``world_size``); ``tokens`` counts tokens trained up to and including
+this step, from the batches actually trained.
 ``tok_per_s`` is this step's tokens over its wall time (from the end of the previous step to this step's loss);
 ``mfu`` is ``flops_per_token(seq_len) * tok_per_s / (world_size * peak_flops)`` (see
 ``pipeline.model.flops_per_token``), empty where the peak is unknown (CPU). ``elapsed_s`` is the run's wall time

@@ -12,7 +12,6 @@ One tiny run, stopped at step 7 of 15 (checkpoints at 4 and 7, seven metrics lin
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
-from conftest import REPO_ROOT, TINY_LLAMA_YAML, process_env
+from conftest import REPO_ROOT, TINY_LLAMA_YAML, Run, process_env
 
 CONFIG_YAML = """\
 name: bad-input-runs
@@ -61,11 +60,6 @@ def assert_refused(result: subprocess.CompletedProcess[str], starts: str) -> Non
     assert result.returncode == 2, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     assert len(errors) == 1 and errors[0].startswith(starts), result.stderr
     assert "Traceback" not in result.stderr
-
-
-def train_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if json.loads(line)["kind"] == "train"]
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +109,7 @@ def test_a_latest_naming_a_missing_checkpoint_falls_back_to_the_newest_complete_
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "names step00000007, which is not there: resuming from the newest complete checkpoint, step00000004" \
            in result.stdout
-    assert [r["step"] for r in train_metrics(run_dir)] == list(range(15))
+    assert [r["step"] for r in Run(run_dir).train_rows()] == list(range(15))
 
 
 @pytest.mark.parametrize("resume", ["none", "auto"])
@@ -148,7 +142,7 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(config: Path, run_dir: Pa
         f.write('{"kind": "train", "step": 7, "tok')
     result = cli("train", "--config", str(config), "--output-dir", str(run_dir))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert [r["step"] for r in train_metrics(run_dir)] == list(range(15))
+    assert [r["step"] for r in Run(run_dir).train_rows()] == list(range(15))
 
 
 @pytest.mark.parametrize(("sets", "starts"), [
