@@ -23,8 +23,9 @@ The dtype is uint16 when every token id fits (vocabulary of at most 65,536 ids),
 the file, the ``<|endoftext|>`` after each document included.
 
 Documents: one per ``.txt`` file, one per ``.jsonl`` line and one per ``.parquet`` row (the ``--text-field`` value),
-one per ``.py`` file of the built-in ``python-stdlib`` source. Documents that are empty or only whitespace are dropped.
-They are packed in the order text, python-stdlib, jsonl, parquet, each in file order (directories sorted).
+one per ``.py`` file of the built-in ``python-stdlib`` and ``python-packages`` sources, and one per file of the built-in
+``python-docs`` source (see ``python_docs_files``). Documents that are empty or only whitespace are dropped. They are
+packed in the order text, Python sources, documentation, jsonl, parquet, each in file order (directories sorted).
 The split is by whole documents: a permutation seeded by ``--seed`` picks ``max(1, round(val_fraction * n))`` of
 the ``n`` documents for validation; the rest train, in corpus order. The tokenizer is trained on the training
 documents only. A document that contains the text ``<|endoftext|>`` gets that text's ordinary ids, so the end-of-text
@@ -32,8 +33,8 @@ id only ever separates documents.
 
 Text must be UTF-8: a file that is not is an error naming the file, the line and the byte offset (convert it, e.g.
 with ``iconv -f latin1 -t utf-8``). Bytes are never replaced: U+FFFD in place of every byte of a wrongly encoded
-corpus would be trained on without a word (``python-stdlib`` excepted: a few of its test files are broken on purpose,
-see ``read_python_source``). An empty ``.txt`` file is an empty document (dropped); a ``.jsonl`` file
+corpus would be trained on without a word (the built-in sources excepted: a few of the standard library's test files are
+broken on purpose, see ``read_python_source``). An empty ``.txt`` file is an empty document (dropped); a ``.jsonl`` file
 without a JSON line and a ``.parquet`` file without rows are errors (most likely not the file meant).
 
 Loading and tokenizing go through ``datasets`` (local builders only, nothing is downloaded) with its cache in
@@ -84,18 +85,21 @@ MIN_VOCAB_SIZE = 256 + 1  # byte-level BPE starts from the 256 byte tokens, plus
 MAX_VOCAB_SIZE = 2**32  # ids 0 .. 2**32 - 1 fit uint32
 UINT16_IDS = 2**16  # ids 0 .. 65535 fit uint16
 MAX_DEFAULT_PROCS = 8
-BUILTIN_SOURCES = ("python-stdlib",)
-DEFAULT_OUTPUT = {"python-stdlib": Path("data/python-stdlib")}
+BUILTIN_SOURCES = ("python-stdlib", "python-packages", "python-docs")
+DEFAULT_OUTPUT = {name: Path("data") / name for name in BUILTIN_SOURCES}
 SUFFIX_KINDS = {".txt": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
 SUPPORTED = ".txt, .jsonl or .parquet"
-KIND_ORDER = ("text", "python", "jsonl", "parquet")  # the order documents are packed in
+KIND_ORDER = ("text", "python", "docs", "jsonl", "parquet")  # the order documents are packed in
+DOC_SUFFIXES = (".md", ".rst", ".txt")
+NOT_DOCS = ("license", "licence", "copying", "notice", "authors", "requirements")  # file names that start so
+MIN_DOCSTRING_WORDS = 5
 BATCH_DOCUMENTS = 1000
 PREPARE_HINT = "run `curriculum-pretrain prepare-data` first"
 REPREPARE_HINT = "run `curriculum-pretrain prepare-data` again"
 TOKEN_DTYPES = ("uint16", "uint32")
 ID_CHECK_CHUNK = 2**24  # ids read at a time by the id check: 32 MiB of uint16
 
-SourceKind = Literal["text", "python", "jsonl", "parquet"]
+SourceKind = Literal["text", "python", "docs", "jsonl", "parquet"]
 
 
 # --------------------------------------------------------------------------------------------------- the command
@@ -108,12 +112,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from pipeline.commands import finite_float
 
     parser.add_argument("sources", nargs="*", default=[],
-                        help="files (.txt, .jsonl, .parquet), directories or glob patterns; or the built-in "
-                             "source python-stdlib (the running interpreter's standard library sources)")
+                        help="files (.txt, .jsonl, .parquet), directories or glob patterns; or a built-in "
+                             "source: python-stdlib (the running interpreter's standard library sources), "
+                             "python-packages (its installed packages' .py files), python-docs (natural language: "
+                             "docstrings, package descriptions and documentation files of both)")
     parser.add_argument("--source", action="append", default=[], dest="named_sources", metavar="NAME",
-                        help="a built-in source (python-stdlib); same as giving it as a positional source")
+                        help=f"a built-in source ({', '.join(BUILTIN_SOURCES)}); same as giving it as a "
+                             "positional source")
     parser.add_argument("--output", default=None,
-                        help="output directory (default data/python-stdlib for that source, else required)")
+                        help="output directory (default data/<name> for a built-in source alone, else required)")
     tokenizer = parser.add_mutually_exclusive_group()
     tokenizer.add_argument("--tokenizer", default=None,
                            help="a local tokenizer.json file or a directory holding one (default: train one)")
@@ -208,7 +215,7 @@ def prepare_data(
     shutil.rmtree(cache_dir, ignore_errors=True)  # left by a crashed run
     created = _make_directory(output_dir)
     try:
-        documents = load_documents(files, text_field, cache_dir)
+        documents = load_documents(files, text_field, cache_dir, num_proc)
         if len(documents) < 2:
             found = "every document is empty or only whitespace" if len(documents) == 0 else "1 non-empty document"
             raise ConfigError("sources", sources, f"{found}; need at least 2 (one to validate on)")
@@ -302,7 +309,10 @@ def resolve_sources(sources: list[str], max_files: Optional[int]) -> list[Source
 
 def _expand_source(source: str) -> list[SourceFile]:
     if source in BUILTIN_SOURCES:  # the bare name wins; write ./python-stdlib for a directory of that name
-        return [SourceFile(path, "python") for path in python_stdlib_files()]
+        if source == "python-docs":
+            return [SourceFile(path, "docs") for path in python_docs_files()]
+        files = python_stdlib_files() if source == "python-stdlib" else python_package_files()
+        return [SourceFile(path, "python") for path in files]
     if glob.has_magic(source):
         matches = [Path(match) for match in sorted(glob.glob(source, recursive=True))]
         found = [f for match in matches for f in (_files_under(match) if match.is_dir() else _regular(match))]
@@ -354,6 +364,66 @@ def python_stdlib_files() -> list[Path]:
                   if not {"site-packages", "dist-packages"} & set(path.relative_to(root).parts))
 
 
+def site_packages() -> list[Path]:
+    """The running interpreter's package directories (site-packages, dist-packages), each once, in sorted order."""
+    import site
+
+    found = {*site.getsitepackages(), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    return sorted({Path(p).resolve() for p in found if Path(p).is_dir()})
+
+
+def python_package_files() -> list[Path]:
+    """Every ``.py`` file of the running interpreter's installed packages, sorted."""
+    return sorted(path for root in site_packages() for path in root.rglob("*.py"))
+
+
+def python_docs_files() -> list[Path]:
+    """The files the ``python-docs`` source reads, sorted: every ``.py`` file of the standard library and the
+    installed packages (for its docstrings), each installed package's metadata (``METADATA``/``PKG-INFO``, for its
+    long description) and the ``.md``, ``.rst`` and ``.txt`` files inside packages, except license, notice, author
+    and requirement lists and the other files of ``*.dist-info``/``*.egg-info`` directories."""
+    found = set(python_stdlib_files())
+    for root in site_packages():
+        for path in root.rglob("*"):
+            in_metadata = any(part.endswith((".dist-info", ".egg-info")) for part in path.relative_to(root).parts[:-1])
+            if path.suffix == ".py":
+                found.add(path)
+            elif in_metadata:
+                if path.name in ("METADATA", "PKG-INFO"):
+                    found.add(path)
+            elif path.suffix.lower() in DOC_SUFFIXES and not path.name.lower().startswith(NOT_DOCS):
+                found.add(path)
+    return sorted(path for path in found if path.is_file())
+
+
+def documentation_text(path: str) -> str:
+    """The natural language of one ``python-docs`` file: a ``.py`` file's docstrings (module, classes and functions,
+    in source order, those of at least ``MIN_DOCSTRING_WORDS`` words, each once), a metadata file's body (the long
+    description after the header lines), any other file as it is. Undecodable bytes are replaced; a file that does
+    not parse gives no docstrings."""
+    import ast
+    import warnings
+
+    if path.endswith(".py"):
+        try:
+            with warnings.catch_warnings():  # invalid escape sequences and the like in installed code
+                warnings.simplefilter("ignore")
+                tree = ast.parse(read_python_source(path))
+        except (SyntaxError, ValueError, RecursionError):
+            return ""
+        nodes = (n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                                              ast.AsyncFunctionDef)))
+        docstrings = (ast.get_docstring(n) for n in sorted(nodes, key=lambda n: getattr(n, "lineno", 0)))
+        kept = dict.fromkeys(d for d in docstrings if d and len(d.split()) >= MIN_DOCSTRING_WORDS)
+        return "\n\n".join(kept)
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if Path(path).name in ("METADATA", "PKG-INFO"):
+        _, _, body = text.partition("\n\n")  # RFC 822 headers, a blank line, then the description
+        return body
+    return text
+
+
 def read_python_source(path: str) -> str:
     """A ``.py`` file as text, decoded as its coding line says (UTF-8 by default), newlines as ``\\n``."""
     try:
@@ -377,8 +447,9 @@ def describe_file(path: Path) -> dict:
 # --------------------------------------------------------------------------------------------------- loading
 
 
-def load_documents(files: list[SourceFile], text_field: str, cache_dir: Path) -> datasets.Dataset:
-    """One ``text`` column, one row per non-empty document, packed in ``KIND_ORDER`` then file order."""
+def load_documents(files: list[SourceFile], text_field: str, cache_dir: Path, num_proc: int = 1) -> datasets.Dataset:
+    """One ``text`` column, one row per non-empty document, packed in ``KIND_ORDER`` then file order. ``num_proc``
+    processes read the built-in sources' files (in contiguous shards, so the order stays)."""
     for f in files:  # cheap checks first: a parquet file's schema is in its footer, a JSON line is at the top
         if f.kind == "parquet":
             check_parquet_schema(f.path, text_field)
@@ -387,12 +458,13 @@ def load_documents(files: list[SourceFile], text_field: str, cache_dir: Path) ->
     _offline()
     import datasets
 
-    loaders = {"text": _load_text, "python": _load_python, "jsonl": _load_jsonl, "parquet": _load_parquet}
+    loaders = {"text": _load_text, "python": _load_python, "docs": _load_docs, "jsonl": _load_jsonl,
+               "parquet": _load_parquet}
     parts = []
     for kind in KIND_ORDER:
         paths = [f.path for f in files if f.kind == kind]
         if paths:
-            parts.append(loaders[kind](paths, text_field, str(cache_dir)))
+            parts.append(loaders[kind](paths, text_field, str(cache_dir), num_proc))
     return _drop_blank(datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0])
 
 
@@ -402,7 +474,7 @@ def _offline() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _load_text(paths: list[Path], text_field: str, cache_dir: str) -> datasets.Dataset:
+def _load_text(paths: list[Path], text_field: str, cache_dir: str, num_proc: int) -> datasets.Dataset:
     import datasets
 
     try:
@@ -431,11 +503,16 @@ def utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
             offset += len(raw)
 
 
-def _load_python(paths: list[Path], text_field: str, cache_dir: str) -> datasets.Dataset:
+def _load_python(paths: list[Path], text_field: str, cache_dir: str, num_proc: int) -> datasets.Dataset:
+    return _generated(_python_documents, paths, cache_dir, num_proc)
+
+
+def _generated(generator: Callable[[list[str]], Iterator[dict[str, str]]], paths: list[Path], cache_dir: str,
+               num_proc: int) -> datasets.Dataset:
     import datasets
 
     return datasets.Dataset.from_generator(
-        _python_documents, gen_kwargs={"paths": [str(p) for p in paths]},
+        generator, gen_kwargs={"paths": [str(p) for p in paths]}, num_proc=min(num_proc, len(paths)),
         features=datasets.Features({"text": datasets.Value("string")}), cache_dir=cache_dir)
 
 
@@ -444,11 +521,20 @@ def _python_documents(paths: list[str]) -> Iterator[dict[str, str]]:
         yield {"text": read_python_source(path)}
 
 
-def _load_jsonl(paths: list[Path], text_field: str, cache_dir: str) -> datasets.Dataset:
+def _load_docs(paths: list[Path], text_field: str, cache_dir: str, num_proc: int) -> datasets.Dataset:
+    return _generated(_docs_documents, paths, cache_dir, num_proc)
+
+
+def _docs_documents(paths: list[str]) -> Iterator[dict[str, str]]:
+    for path in paths:
+        yield {"text": documentation_text(path)}
+
+
+def _load_jsonl(paths: list[Path], text_field: str, cache_dir: str, num_proc: int) -> datasets.Dataset:
     return _load_rows("json", paths, text_field, cache_dir, _find_bad_jsonl_line, "line of the .jsonl files")
 
 
-def _load_parquet(paths: list[Path], text_field: str, cache_dir: str) -> datasets.Dataset:
+def _load_parquet(paths: list[Path], text_field: str, cache_dir: str, num_proc: int) -> datasets.Dataset:
     return _load_rows("parquet", paths, text_field, cache_dir, _find_bad_parquet_row, "row of the .parquet files",
                       columns=[text_field])
 

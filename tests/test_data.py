@@ -26,9 +26,13 @@ from pipeline.data import (
     EOT_TOKEN,
     choose_validation,
     load_tokens,
+    documentation_text,
     prepare_data,
+    python_docs_files,
+    python_package_files,
     python_stdlib_files,
     read_manifest,
+    site_packages,
 )
 
 TEXT_FILES = {
@@ -194,6 +198,64 @@ def test_python_stdlib_through_the_cli_defaults(tmp_path: Path, monkeypatch: pyt
     assert splits["train"]["documents"] + splits["val"]["documents"] == non_blank
     assert splits["val"]["documents"] == 1  # max(1, round(0.01 * n))
     assert f"wrote {Path('data/python-stdlib')}" in capsys.readouterr().out
+
+
+def test_python_packages_are_the_installed_packages_sources(tmp_path: Path) -> None:
+    """``python-packages`` reads the ``.py`` files under site-packages (this environment has torch), none of the
+    standard library's; its first files become documents as ``python-stdlib``'s do."""
+    files = python_package_files()
+    roots = site_packages()
+    assert files == sorted(files) and all(path.suffix == ".py" for path in files)
+    assert all(any(root in path.parents for root in roots) for path in files)
+    assert any(path.parts[-2:] == ("torch", "__init__.py") for path in files)
+    assert not set(files) & set(python_stdlib_files())
+    manifest = prepare_data(["python-packages"], tmp_path / "out", **{**OPTIONS, "max_files": 12})
+    assert [source["path"] for source in manifest["sources"]] == [str(path) for path in files[:12]]
+
+
+def test_python_docs_reads_docstrings_descriptions_and_documentation(tmp_path: Path) -> None:
+    """``python-docs`` takes from a ``.py`` file only its docstrings of at least 5 words (module, class, function,
+    in source order, each once), from package metadata the description after the headers, and documentation files
+    as they are; licenses and the other files of ``.dist-info`` directories are not read."""
+    module = tmp_path / "m.py"
+    module.write_text('''"""A module docstring with enough words in it."""
+import os
+
+def f():
+    """Short one."""
+    x = "a string that is not a docstring at all, however long"
+    return x
+
+class C:
+    """A class docstring, also long enough to keep."""
+
+    def g(self):
+        """A module docstring with enough words in it."""
+''', encoding="utf-8")
+    assert documentation_text(str(module)) == ("A module docstring with enough words in it.\n\n"
+                                               "A class docstring, also long enough to keep.")
+    broken = tmp_path / "broken.py"
+    broken.write_text('"""Never parsed because the file is not Python."""\ndef (:\n', encoding="utf-8")
+    assert documentation_text(str(broken)) == ""
+    metadata = tmp_path / "METADATA"
+    metadata.write_text("Metadata-Version: 2.1\nName: pkg\nSummary: s\n\n# pkg\n\nWhat it does.\n", encoding="utf-8")
+    assert documentation_text(str(metadata)) == "# pkg\n\nWhat it does.\n"
+    readme = tmp_path / "guide.rst"
+    readme.write_bytes("Usage\n=====\n\nCaf\u00e9 \xff".encode("utf-8") + b"\xff")
+    assert documentation_text(str(readme)) == "Usage\n=====\n\nCaf\u00e9 \xff\ufffd"
+
+    files = python_docs_files()
+    names = {path.name for path in files}
+    assert "METADATA" in names and set(python_stdlib_files()) <= set(files)
+    assert any(path.suffix in (".md", ".rst", ".txt") for path in files)
+    assert not any(path.name.lower().startswith(("license", "copying")) for path in files)
+    assert not any(path.parent.name.endswith(".dist-info") and path.name != "METADATA" for path in files)
+    prepare_data(["python-docs"], tmp_path / "out", **{**OPTIONS, "max_files": 40})
+    tok = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
+    decoded = sum(len(tok.decode(load_tokens(tmp_path / "out", split).tolist())) for split in ("train", "val"))
+    texts = [documentation_text(str(path)) for path in files[:40]]
+    assert decoded == sum(len(text) for text in texts if text.strip())  # the docstrings alone, not the code
+    assert decoded < sum(path.stat().st_size for path in files[:40]) / 3
 
 
 @pytest.mark.parametrize(("n_documents", "val_fraction", "n_val"), [

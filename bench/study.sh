@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# The length-or-batch study of docs/RESULTS.md, with the project's own commands. By default the CPU study (the tiny
+# Llama on the Python standard library, 819,200 tokens per run, configs in bench/study/); bench/study_gpu.sh runs
+# the GPU study through the same steps with its own settings:
+#   bash bench/study.sh      # CPU: about 70 minutes on 2 cores
+# Settings (environment): STUDY (config directory, default bench/study), OUT_DIR (default runs/study), DATA (the
+# data directory every run reads, default data/python-stdlib, prepared here if it is that one), LRS (the sweep's
+# LRs), STABILITY_LRS (how many of the unstable LRs above the tuned one to test, lowest first; default all), SEEDS
+# and SEED_VARIANTS (the extra seeds and the variants they run), DROP_CHECKPOINTS=1 (remove each finished run's
+# checkpoints: 1.5 GB a run at 124M).
+# 1. sweep tunes the baseline's LR; the best is the lowest final held-out loss of a run that did not diverge.
+# 2. every variant trains at that LR. 3. stability: the curricula at each LR above the tuned one where the
+# baseline's sweep run was unstable (spikes, guard events) or diverged. 4. the extra seeds. 5. lr-find caps each
+# length of length.yaml, which then trains at 4x the tuned LR under the caps. 6. compare, against the tuned baseline.
+# A run that finished (summary.json) is not run again, so the script can be taken up where it stopped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STUDY="${STUDY:-bench/study}"
+OUT_DIR="${OUT_DIR:-runs/study}"
+DATA="${DATA:-data/python-stdlib}"
+LRS="${LRS:-1e-3,2e-3,4e-3,8e-3,1.6e-2,3.2e-2,6.4e-2}"
+STABILITY_LRS="${STABILITY_LRS:-99}"
+SEEDS="${SEEDS:-2 3}"
+SEED_VARIANTS="${SEED_VARIANTS:-baseline baseline-stage-shape length length-reshape length-warmup pacing batch-warmup}"
+CPT="${CPT:-curriculum-pretrain}"
+mkdir -p "$OUT_DIR"
+if [ "$DATA" = data/python-stdlib ] && [ ! -f "$DATA/manifest.json" ]; then
+    $CPT prepare-data --source python-stdlib --vocab-size 4096
+fi
+
+drop_checkpoints() {  # drop_checkpoints RUN_DIR...: with DROP_CHECKPOINTS=1, those of the finished runs
+    local run
+    if [ "${DROP_CHECKPOINTS:-0}" = 1 ]; then
+        for run in "$@"; do [ ! -f "$run/summary.json" ] || rm -rf "$run/checkpoints"; done
+    fi
+}
+
+train() {  # train RUN CONFIG [ARGS...]: one run into OUT_DIR/RUN, its output in OUT_DIR/RUN.log
+    local run=$1 config=$2
+    shift 2
+    if [ -f "$OUT_DIR/$run/summary.json" ]; then return; fi
+    echo "$(date +%T) $run: $config $*"
+    $CPT train --config "$STUDY/$config.yaml" --set "data.dir=$DATA" "$@" --output-dir "$OUT_DIR/$run" \
+        > "$OUT_DIR/$run.log" 2>&1 || true
+    drop_checkpoints "$OUT_DIR/$run"
+}
+
+# 1. the baseline's LR
+[ -f "$OUT_DIR/baseline-sweep/lr_sweep_analysis.json" ] ||
+    $CPT sweep --config "$STUDY/baseline.yaml" --set "data.dir=$DATA" --lrs "$LRS" \
+        --output-dir "$OUT_DIR/baseline-sweep" > "$OUT_DIR/baseline-sweep.log" 2>&1 ||
+        true  # a run the guard stopped (diverged) makes the sweep's status 1; its analysis is written all the same
+drop_checkpoints "$OUT_DIR"/baseline-sweep/lr_*
+best=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['best_lr'])" \
+    "$OUT_DIR/baseline-sweep/lr_sweep_analysis.json")
+echo "tuned baseline LR: $best"
+baseline="$OUT_DIR/baseline-sweep/lr_$(python3 -c "print(f'{$best:.2e}')")"
+
+# 2. every variant at the tuned LR
+variants="baseline-stage-shape length length-reshape length-seed-rule batch-warmup length-warmup pacing"
+for variant in $variants; do
+    train "$variant" "$variant" --set "curriculum.base_lr=$best"
+done
+
+# 3. stability: the curricula at the LRs above the tuned one where the baseline's sweep run was unstable or diverged
+unstable=$(python3 -c "import json, sys; a = json.load(open(sys.argv[1])); print(' '.join([repr(r['lr']) for r in \
+sorted(a['runs'], key=lambda r: r['lr']) if r['lr'] > a['best_lr'] and r['status'] in ('unstable', 'diverged')]\
+[:int(sys.argv[2])]))" "$OUT_DIR/baseline-sweep/lr_sweep_analysis.json" "$STABILITY_LRS")
+echo "the baseline was unstable or diverged at: $unstable"
+stability=()
+for lr in $unstable; do
+    factor=$(python3 -c "print(f'{$lr / $best:g}x')")
+    stability+=("$OUT_DIR/baseline-sweep/lr_$(python3 -c "print(f'{$lr:.2e}')")")
+    for variant in length length-warmup pacing; do
+        train "$variant-$factor" "$variant" --set "curriculum.base_lr=$lr"
+        stability+=("$OUT_DIR/$variant-$factor")
+    done
+done
+
+# 4. the extra seeds
+for seed in $SEEDS; do
+    for variant in $SEED_VARIANTS; do
+        train "$variant-seed$seed" "$variant" --set "curriculum.base_lr=$best" --set "run.seed=$seed"
+    done
+done
+
+# 5. lr-find's caps, then 4x the tuned LR under them
+[ -f "$OUT_DIR/length-lr-find/lr_caps.yaml" ] ||
+    $CPT lr-find --config "$STUDY/length.yaml" --set "data.dir=$DATA" --steps 100 \
+        --output-dir "$OUT_DIR/length-lr-find" > "$OUT_DIR/length-lr-find.log" 2>&1
+train length-4x-capped length --set "curriculum.base_lr=$(python3 -c "print(4 * $best)")" \
+    --overlay "$OUT_DIR/length-lr-find/lr_caps.yaml"
+
+# 6. against the tuned baseline
+all=("$baseline")
+for variant in baseline baseline-stage-shape length-reshape length batch-warmup length-warmup pacing; do
+    [ $variant = baseline ] || all+=("$OUT_DIR/$variant")
+    for seed in $SEEDS; do
+        [ ! -d "$OUT_DIR/$variant-seed$seed" ] || all+=("$OUT_DIR/$variant-seed$seed")
+    done
+done
+$CPT compare "${all[@]}" "$OUT_DIR"/{length-seed-rule,length-4x-capped} --output-dir "$OUT_DIR/compare"
+$CPT compare "$baseline" "$OUT_DIR"/{baseline-stage-shape,length-reshape,length,batch-warmup,length-warmup,pacing} \
+    --output-dir "$OUT_DIR/compare-main"
+[ ${#stability[@]} -eq 0 ] || $CPT compare "$baseline" "${stability[@]}" --output-dir "$OUT_DIR/compare-stability"
