@@ -285,8 +285,13 @@ class GuardConfig(Section):
     """``ratio``: how many times the recent mean a loss may be."""
     grad_norm_factor: FiniteFloat = Field(default=10.0, gt=1.0)
     window: PositiveSteps = 20
+    new_level_after: PositiveSteps = 3
+    """A gradient-norm spike after this many of them in a row starts a new level of the norm: it is still an event,
+    the norm history restarts from it, and under ``skip`` its update is applied at ``lr_scale`` x the LR, because
+    skipping cannot move the weights out of a lasting change. Loss spikes never start a new level."""
     action: Literal["skip", "scale_lr", "rollback"] = "skip"
-    """``skip``: drop the update (a gradient-norm spike, known only after DeepSpeed's step, scales the LR instead).
+    """``skip``: drop the update (a gradient-norm spike, known only after DeepSpeed's step, scales the LR instead;
+    so does a new level, see ``new_level_after``).
     ``scale_lr``: multiply the LR by ``lr_scale`` for ``lr_scale_steps`` steps (compounding per event).
     ``rollback``: reload the last checkpoint and skip the batches from there up to the spike."""
     lr_scale: FiniteFloat = Field(default=0.5, gt=0.0, lt=1.0)

@@ -5,7 +5,9 @@ twice per step. ``before_update`` once the step's mean loss over ranks (and, wit
 gradient norm) is known, so the update can still be dropped; ``after_update`` with the gradient norm DeepSpeed
 computed inside its step (bf16 mode, ZeRO), when it is too late to drop the update. Each returns a ``Verdict``:
 ``apply`` (a clean step, taken into the history), ``skip``, ``scale_lr`` or ``rollback``, and whether the run must
-stop (``guard.max_events`` reached). The guard owns the LR factor that ``scale_lr`` events compound. Its state is
+stop (``guard.max_events`` reached). A gradient norm that starts a new level (``pipeline.spikes``: flagged after
+``guard.new_level_after`` norm spikes in a row) is not skipped once more: skipping leaves the weights where they
+are, so it would be flagged for ever; its update is applied at the scaled LR (``scale_lr``). The guard owns the LR factor that ``scale_lr`` events compound. Its state is
 small and goes into checkpoints.
 """
 
@@ -26,6 +28,8 @@ class Verdict:
     """``apply``, ``skip``, ``scale_lr`` or ``rollback``."""
     spike: Optional[Spike] = None
     stop: bool = False
+    new_level: bool = False
+    """The spike starts a new level of the gradient norm: the norm history restarted from it."""
     """``guard.max_events`` reached with this event: the run checkpoints its last good state and stops."""
 
     @property
@@ -56,7 +60,9 @@ class SpikeGuard:
             if not norm_follows:
                 self.accept(loss, grad_norm)
             return APPLY
-        return self._event(step, self.config.action, spike)
+        new_level = self.detector.flag(spike)
+        action = "scale_lr" if new_level and self.config.action == "skip" else self.config.action
+        return self._event(step, action, spike, new_level)
 
     def after_update(self, step: int, stage: int, loss: float, grad_norm: Optional[float]) -> Verdict:
         """The verdict on a gradient norm known only after the update was applied: too late to drop it, so the LR
@@ -66,12 +72,13 @@ class SpikeGuard:
         if spike is None:
             self.accept(loss, grad_norm)
             return APPLY
+        new_level = self.detector.flag(spike)
         rollback = self.config.action == "rollback" or spike.non_finite
-        return self._event(step, "rollback" if rollback else "scale_lr", spike)
+        return self._event(step, "rollback" if rollback else "scale_lr", spike, new_level)
 
-    def _event(self, step: int, action: str, spike: Spike) -> Verdict:
+    def _event(self, step: int, action: str, spike: Spike, new_level: bool) -> Verdict:
         self.record(step, action)
-        return Verdict(action, spike, stop=self.exhausted)
+        return Verdict(action, spike, stop=self.exhausted, new_level=new_level)
 
     # --------------------------------------------------------------------------------------------- detection
 

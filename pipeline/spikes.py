@@ -11,7 +11,14 @@ step is above its recent level in units of its recent spread:
   ``centre + loss_spread x spread`` (6 by default) is a spike;
 - **gradient norm**: against the median of the last ``window`` accepted norms, across stages (a stage switch moves
   the norm by 2-3x, a blow-up by 10x or more); above ``grad_norm_factor`` (10) times that median is a spike;
-- a non-finite loss or norm is always one.
+- a non-finite loss or norm is always one;
+- a gradient norm flagged after ``new_level_after`` (3) gradient-norm spikes in a row is a **new level**: still
+  reported, but the norm history restarts from it. Flagged steps never enter the history, so without this a lasting
+  change of the norm (a model moved into a region of larger gradients, which skipping its updates cannot move it out
+  of) would be judged against the old level for ever: on an H200, GPT-2 124M runs whose gradient norm went from 2 to
+  25-90 in their first 15 steps (loss 6.8 -> 7.9) were skipped step after step until the guard stopped them. The
+  norm changes level for good reasons (stage switches, early training) and clipping bounds the update whatever it
+  is; a loss that stays high is what divergence looks like, so loss spikes never start a new level.
 
 On the cases that ratio missed (``tests/test_spikes.py``): 3.0 -> 5.5 with +-0.05 of noise is 82 spreads; a loss
 jump 3.9 -> 7.4 is 89, with its gradient norm 1 -> 21 (21x); the tiny test model after a 10x LR event, loss 5.4 ->
@@ -52,11 +59,13 @@ class SpikeRule:
     loss_spread: float = 6.0
     loss_factor: float = 2.0
     grad_norm_factor: float = 10.0
+    new_level_after: int = 3
 
     @classmethod
     def of(cls, config: Any) -> "SpikeRule":
         """The rule of a ``GuardConfig``."""
-        return cls(config.method, config.window, config.loss_spread, config.loss_factor, config.grad_norm_factor)
+        return cls(config.method, config.window, config.loss_spread, config.loss_factor, config.grad_norm_factor,
+                   config.new_level_after)
 
     @property
     def history(self) -> int:
@@ -83,13 +92,15 @@ class Spike:
 
 class SpikeDetector:
     """Online: ``check_loss`` / ``check_grad_norm`` judge a step against the history of accepted ones, ``accept``
-    adds a clean step to it. The state is small and goes into checkpoints (``state_dict``)."""
+    adds a clean step to it, ``flag`` notes a flagged one. The state is small and goes into checkpoints
+    (``state_dict``)."""
 
     def __init__(self, rule: SpikeRule) -> None:
         self.rule = rule
         self.stage: Optional[int] = None
         self.losses: deque[float] = deque(maxlen=rule.window)
         self.grad_norms: deque[float] = deque(maxlen=rule.window)
+        self.flagged_in_a_row = 0
 
     def _enter(self, stage: int) -> None:
         if stage != self.stage:
@@ -125,9 +136,24 @@ class SpikeDetector:
             else None
 
     def accept(self, loss: float, grad_norm: Optional[float]) -> None:
+        self.flagged_in_a_row = 0
         self.losses.append(loss)
         if grad_norm is not None:
             self.grad_norms.append(grad_norm)
+
+    def flag(self, spike: Spike) -> bool:
+        """Note a flagged step. True when it is a new level of the gradient norm: a ``grad_norm_spike`` after
+        ``new_level_after`` of them in a row; the norm history then restarts from its value."""
+        if spike.reason != "grad_norm_spike":
+            self.flagged_in_a_row = 0
+            return False
+        if self.flagged_in_a_row < self.rule.new_level_after:
+            self.flagged_in_a_row += 1
+            return False
+        self.flagged_in_a_row = 0
+        self.grad_norms.clear()
+        self.grad_norms.append(spike.value)
+        return True
 
     def _loss_centre(self) -> Optional[float]:
         if not self.losses:
@@ -140,12 +166,14 @@ class SpikeDetector:
         return _mean(self.grad_norms) if self.rule.method == "ratio" else statistics.median(self.grad_norms)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "losses": list(self.losses), "grad_norms": list(self.grad_norms)}
+        return {"stage": self.stage, "losses": list(self.losses), "grad_norms": list(self.grad_norms),
+                "flagged_in_a_row": self.flagged_in_a_row}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stage = state["stage"]
         self.losses = deque(state["losses"], maxlen=self.rule.window)
         self.grad_norms = deque(state["grad_norms"], maxlen=self.rule.window)
+        self.flagged_in_a_row = state.get("flagged_in_a_row", 0)  # absent from checkpoints of earlier versions
 
 
 def robust_centre_and_spread(values: "deque[float] | list[float]") -> tuple[float, float]:
@@ -157,7 +185,8 @@ def robust_centre_and_spread(values: "deque[float] | list[float]") -> tuple[floa
 
 def find_spike_steps(rows: list[dict[str, Any]], rule: SpikeRule) -> dict[int, Spike]:
     """Replay a run's train lines (in step order) through a detector, as the guard sees them: step -> spike for
-    every flagged step (a flagged step is not accepted into the history, as the guard does not accept it)."""
+    every flagged step (a flagged step is not accepted into the history, as the guard does not accept it; a new
+    level of the gradient norm restarts the norm history)."""
     detector = SpikeDetector(rule)
     found: dict[int, Spike] = {}
     for row in rows:
@@ -167,6 +196,7 @@ def find_spike_steps(rows: list[dict[str, Any]], rule: SpikeRule) -> dict[int, S
         if spike is None:
             detector.accept(row["loss"], norm)
         else:
+            detector.flag(spike)
             found[row["step"]] = spike
     return found
 

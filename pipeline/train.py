@@ -403,14 +403,16 @@ def _event_line(step: int, stage: Any, values: Any, verdict: Any, guard: Any) ->
     spike = verdict.spike
     return {"kind": "guard", "step": step, "stage": stage.index, "seq_len": stage.seq_len, "loss": values.loss,
             "grad_norm": values.grad_norm, "reason": spike.reason, "value": spike.value,
-            "running_average": spike.running_average, "action": verdict.action, "events": guard.events}
+            "running_average": spike.running_average, "action": verdict.action, "events": guard.events,
+            "new_level": verdict.new_level}
 
 
 def _event_message(event: dict[str, Any], max_events: int) -> str:
     average = event["running_average"]
     return (f"step {event['step']}: {event['reason']} ({event['value']:.4g} vs running average "
             f"{average if average is None else f'{average:.4g}'}) in stage {event['stage']} (seq_len "
-            f"{event['seq_len']}): {event['action']} [event {event['events']} of at most {max_events}]")
+            f"{event['seq_len']}): {event['action']}{' (a new level of the gradient norm: its history restarts here)' if event['new_level'] else ''}"
+            f" [event {event['events']} of at most {max_events}]")
 
 
 def _changed_fields(old: Any, new: Any, path: str) -> list[str]:

@@ -152,6 +152,34 @@ def test_scale_lr_compounds_and_ends_lr_scale_steps_after_the_last_event() -> No
     assert [other.lr_factor(step) for step in range(10, 13)] == [1.0, 1.0, 1.0]
 
 
+def test_a_lasting_gradient_norm_is_a_new_level_after_three_skips() -> None:
+    """Skipping leaves the weights where they are, so a lasting change of the gradient norm is flagged at every step.
+    Under ``skip`` the first 3 norm spikes in a row are skipped; the 4th (``new_level_after`` 3) is applied at
+    ``lr_scale`` x the LR (``scale_lr``) and restarts the norm history, so the steps after it, at the new level, are
+    clean. A norm spike that passes (flagged, then a clean step) starts the count again, and loss spikes never make
+    a new level: they are skipped until ``max_events``."""
+    guard = make_guard(lr_scale=0.5, lr_scale_steps=5)
+    fill(guard, 0, [1.0] * 4)
+    verdicts = [guard.before_update(step, 0, 1.0, 30.0) for step in range(10, 14)]
+    assert [(v.action, v.new_level, v.update_applies) for v in verdicts] == [
+        ("skip", False, False)] * 3 + [("scale_lr", True, True)]
+    assert guard.events == 4 and guard.lr_factor(13) == 0.5
+    assert list(guard.detector.grad_norms) == [30.0]
+    assert [guard.before_update(step, 0, 1.0, 30.0).action for step in range(14, 24)] == ["apply"] * 10
+
+    passing = make_guard()
+    fill(passing, 0, [1.0] * 4)
+    for start in (10, 20, 30):
+        actions = [passing.before_update(start + k, 0, 1.0, norm).action for k, norm in enumerate([30.0] * 3 + [1.0])]
+        assert actions == ["skip"] * 3 + ["apply"]
+
+    diverging = make_guard(loss_factor=2.0, max_events=8)
+    fill(diverging, 0, [1.0] * 4)
+    verdicts = [diverging.before_update(step, 0, 3.0, 1.0) for step in range(10, 18)]
+    assert {v.action for v in verdicts} == {"skip"} and not any(v.new_level for v in verdicts)
+    assert verdicts[-1].stop
+
+
 def test_exhausted_after_max_events() -> None:
     guard = make_guard(max_events=3)
     for step, action in enumerate(["skip", "scale_lr"]):
@@ -176,8 +204,8 @@ def test_state_dict_round_trips_through_a_checkpoint() -> None:
     fill(guard, 1, [1.0, 2.0, 3.0, 4.0, 5.0], grad_norm=0.5)  # the window keeps the last four: mean 3.5
     guard.record(20, "scale_lr")
     state = guard.state_dict()
-    assert state == {"stage": 1, "losses": [2.0, 3.0, 4.0, 5.0], "grad_norms": [0.5] * 4, "events": 1,
-                     "lr_factor": 0.5, "scale_until": 26}
+    assert state == {"stage": 1, "losses": [2.0, 3.0, 4.0, 5.0], "grad_norms": [0.5] * 4, "flagged_in_a_row": 0,
+                     "events": 1, "lr_factor": 0.5, "scale_until": 26}
 
     restored = make_guard(loss_factor=2.0, lr_scale=0.5, lr_scale_steps=5)
     restored.load_state_dict(json.loads(json.dumps(state)))

@@ -75,6 +75,19 @@ def test_the_robust_rule_waits_for_ten_values_or_a_shorter_window() -> None:
     assert list(find_spike_steps(detector_rows, SpikeRule(window=4))) == [9]
 
 
+def test_a_lasting_gradient_norm_is_a_new_level_after_three_flags() -> None:
+    """A gradient norm that moves from 1 to 30 for good is flagged 4 times (steps 20-23); the 4th norm spike in a row
+    restarts the norm history (``new_level_after`` 3), and the new level is judged against itself from then on. A
+    norm spike between clean steps does not count towards it, and a loss that stays high is flagged at every step."""
+    norms = [1.0] * 20 + [30.0] * 30
+    rows = [{**row, "grad_norm": norm} for row, norm in zip(lines(noisy(3.0, 50)), norms)]
+    assert list(find_spike_steps(rows, ROBUST)) == [20, 21, 22, 23]
+    bumps = [1.0] * 20 + [30.0, 1.0] * 4 + [1.0] * 10
+    rows = [{**row, "grad_norm": norm} for row, norm in zip(lines(noisy(3.0, 38)), bumps)]
+    assert list(find_spike_steps(rows, ROBUST)) == [20, 22, 24, 26]
+    assert list(find_spike_steps(lines(noisy(3.0, 20) + noisy(6.0, 30)), ROBUST)) == list(range(20, 50))
+
+
 # --------------------------------------------------------------------------------------------------- what ratio missed
 
 
