@@ -7,8 +7,8 @@ computed inside its step (bf16 mode, ZeRO), when it is too late to drop the upda
 ``apply`` (a clean step, taken into the history), ``skip``, ``scale_lr`` or ``rollback``, and whether the run must
 stop (``guard.max_events`` reached). A gradient norm that starts a new level (``pipeline.spikes``: flagged after
 ``guard.new_level_after`` norm spikes in a row) is not skipped once more: skipping leaves the weights where they
-are, so it would be flagged for ever; its update is applied at the scaled LR (``scale_lr``). The guard owns the LR factor that ``scale_lr`` events compound. Its state is
-small and goes into checkpoints.
+are, so it would be flagged for ever; its update is applied at the scaled LR (``scale_lr``). The guard owns the LR
+factor that ``scale_lr`` events compound. Its state is small and goes into checkpoints.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ class Verdict:
     """``apply``, ``skip``, ``scale_lr`` or ``rollback``."""
     spike: Optional[Spike] = None
     stop: bool = False
+    """``guard.max_events`` reached with this event: the run checkpoints its last good state and stops."""
     new_level: bool = False
     """The spike starts a new level of the gradient norm: the norm history restarted from it."""
-    """``guard.max_events`` reached with this event: the run checkpoints its last good state and stops."""
 
     @property
     def update_applies(self) -> bool:

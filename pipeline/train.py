@@ -407,12 +407,15 @@ def _event_line(step: int, stage: Any, values: Any, verdict: Any, guard: Any) ->
             "new_level": verdict.new_level}
 
 
+NEW_LEVEL_NOTE = " (a new level of the gradient norm: its history restarts here)"
+
+
 def _event_message(event: dict[str, Any], max_events: int) -> str:
     average = event["running_average"]
     return (f"step {event['step']}: {event['reason']} ({event['value']:.4g} vs running average "
             f"{average if average is None else f'{average:.4g}'}) in stage {event['stage']} (seq_len "
-            f"{event['seq_len']}): {event['action']}{' (a new level of the gradient norm: its history restarts here)' if event['new_level'] else ''}"
-            f" [event {event['events']} of at most {max_events}]")
+            f"{event['seq_len']}): {event['action']}{NEW_LEVEL_NOTE if event['new_level'] else ''} "
+            f"[event {event['events']} of at most {max_events}]")
 
 
 def _changed_fields(old: Any, new: Any, path: str) -> list[str]:

@@ -129,6 +129,21 @@ def test_a_10x_lr_event_on_the_tiny_model_is_caught_by_its_gradient_norm() -> No
     assert guard_flags(rows, GuardConfig(method="ratio")) == {} and diagnose_flags(rows, RATIO) == []
 
 
+def test_an_early_norm_jump_of_gpt2_124m_is_a_new_level_not_a_stop() -> None:
+    """The first 20 steps of a GPT-2 124M run on an H200 (the GPU study's `length` on Python code, docs/RESULTS.md):
+    the gradient norm went from about 1-2 to 27-86 at step 16 and stayed there. The guard used to skip every step
+    from 16 on (the weights could not move) until max_events stopped the run at step 34; now 16-18 are skipped and
+    step 19, the 4th norm spike in a row, is applied at half the LR as a new level."""
+    rows = recorded(REPO_ROOT / "tests/data/gpt2-124m-norm-jump.train.jsonl")
+    guard = SpikeGuard(GuardConfig())
+    verdicts = {row["step"]: guard.before_update(row["step"], row["stage"], row["loss"], row["grad_norm"])
+                for row in rows}
+    flagged = {step: (v.spike.reason, v.action, v.new_level) for step, v in verdicts.items() if v.spike is not None}
+    assert flagged == {16: ("grad_norm_spike", "skip", False), 17: ("grad_norm_spike", "skip", False),
+                       18: ("grad_norm_spike", "skip", False), 19: ("grad_norm_spike", "scale_lr", True)}
+    assert guard.lr_factor(19) == 0.5 and not guard.exhausted
+
+
 # --------------------------------------------------------------------------------------------------- no false alarms
 
 
