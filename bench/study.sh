@@ -98,9 +98,10 @@ done
 if step lrfind; then
     [ -f "$OUT_DIR/length-lr-find/lr_caps.yaml" ] ||
         $CPT lr-find --config "$STUDY/length.yaml" --set "data.dir=$DATA" --steps 100 \
-            --output-dir "$OUT_DIR/length-lr-find" > "$OUT_DIR/length-lr-find.log" 2>&1
-    train length-4x-capped length --set "curriculum.base_lr=$(python3 -c "print(4 * $best)")" \
-        --overlay "$OUT_DIR/length-lr-find/lr_caps.yaml"
+            --output-dir "$OUT_DIR/length-lr-find" > "$OUT_DIR/length-lr-find.log" 2>&1 || true
+    [ ! -f "$OUT_DIR/length-lr-find/lr_caps.yaml" ] ||
+        train length-4x-capped length --set "curriculum.base_lr=$(python3 -c "print(4 * $best)")" \
+            --overlay "$OUT_DIR/length-lr-find/lr_caps.yaml"
 fi
 
 # 6. against the tuned baseline

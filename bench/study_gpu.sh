@@ -14,12 +14,15 @@ CPT="${CPT:-curriculum-pretrain}"
 CORPORA=(python-packages python-docs)
 mkdir -p "$OUT_DIR"
 
+preparing=()
 for corpus in "${CORPORA[@]}"; do  # both at once, on the CPU cores
-    [ -f "data/$corpus/manifest.json" ] ||
+    if [ ! -f "data/$corpus/manifest.json" ]; then
         $CPT prepare-data --source "$corpus" --vocab-size 16384 --val-fraction 0.02 --num-proc 8 \
             > "$OUT_DIR/prepare-$corpus.log" 2>&1 &
+        preparing+=($!)
+    fi
 done
-wait
+for pid in "${preparing[@]}"; do wait "$pid" || { echo "prepare-data failed: see $OUT_DIR/prepare-*.log"; exit 1; }; done
 for corpus in "${CORPORA[@]}"; do tail -n 4 "$OUT_DIR/prepare-$corpus.log" 2>/dev/null || true; done
 
 round() {  # round SETTING...: bench/study.sh once per corpus with these settings

@@ -288,7 +288,8 @@ class GuardConfig(Section):
     new_level_after: PositiveSteps = 3
     """A gradient-norm spike after this many of them in a row starts a new level of the norm: it is still an event,
     the norm history restarts from it, and under ``skip`` its update is applied at ``lr_scale`` x the LR, because
-    skipping cannot move the weights out of a lasting change. Loss spikes never start a new level."""
+    skipping cannot move the weights out of a lasting change. Loss spikes never start a new level, nor does anything
+    under ``rollback``, which puts the weights back."""
     action: Literal["skip", "scale_lr", "rollback"] = "skip"
     """``skip``: drop the update (a gradient-norm spike, known only after DeepSpeed's step, scales the LR instead;
     so does a new level, see ``new_level_after``).

@@ -132,7 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["auto", *TOKEN_DTYPES], default="auto",
                         help="token dtype (auto: uint16 when the vocabulary fits)")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the train/validation split")
-    parser.add_argument("--num-proc", type=int, default=None, help="tokenizer processes (default: CPU count, max 8)")
+    parser.add_argument("--num-proc", type=int, default=None, help="processes that tokenize, and that read the built-in sources (default: CPU count, max 8)")
     parser.add_argument("--max-files", type=int, default=None, help="use at most this many source files")
 
 
@@ -299,10 +299,10 @@ def resolve_sources(sources: list[str], max_files: Optional[int]) -> list[Source
     """Expand built-in names, directories (recursively, sorted) and glob patterns into files; each file once."""
     if not sources:
         raise ConfigError("sources", sources, "give at least one file, directory, glob pattern or built-in source")
-    files: dict[Path, SourceFile] = {}  # by resolved path, in first-seen order
+    files: dict[tuple[Path, str], SourceFile] = {}  # by resolved path and how it is read, in first-seen order
     for source in sources:
-        for found in _expand_source(source):
-            files.setdefault(found.path.resolve(), found)
+        for found in _expand_source(source):  # python-stdlib and python-docs both read the standard library's files
+            files.setdefault((found.path.resolve(), found.kind), found)
     chosen = list(files.values())
     return chosen if max_files is None else chosen[:max_files]
 

@@ -7,7 +7,8 @@ computed inside its step (bf16 mode, ZeRO), when it is too late to drop the upda
 ``apply`` (a clean step, taken into the history), ``skip``, ``scale_lr`` or ``rollback``, and whether the run must
 stop (``guard.max_events`` reached). A gradient norm that starts a new level (``pipeline.spikes``: flagged after
 ``guard.new_level_after`` norm spikes in a row) is not skipped once more: skipping leaves the weights where they
-are, so it would be flagged for ever; its update is applied at the scaled LR (``scale_lr``). The guard owns the LR
+are, so it would be flagged for ever; its update is applied at the scaled LR (``scale_lr``). Under ``rollback`` there
+is no new level: the rollback puts the weights back where the old level holds. The guard owns the LR
 factor that ``scale_lr`` events compound. Its state is small and goes into checkpoints.
 """
 
@@ -60,7 +61,8 @@ class SpikeGuard:
             if not norm_follows:
                 self.accept(loss, grad_norm)
             return APPLY
-        new_level = self.detector.flag(spike)
+        # a rollback puts the weights back at the old level: the norm history must stay there too
+        new_level = self.config.action != "rollback" and self.detector.flag(spike)
         action = "scale_lr" if new_level and self.config.action == "skip" else self.config.action
         return self._event(step, action, spike, new_level)
 
@@ -72,8 +74,8 @@ class SpikeGuard:
         if spike is None:
             self.accept(loss, grad_norm)
             return APPLY
-        new_level = self.detector.flag(spike)
         rollback = self.config.action == "rollback" or spike.non_finite
+        new_level = not rollback and self.detector.flag(spike)
         return self._event(step, "rollback" if rollback else "scale_lr", spike, new_level)
 
     def _event(self, step: int, action: str, spike: Spike, new_level: bool) -> Verdict:

@@ -13,7 +13,7 @@ step is above its recent level in units of its recent spread:
   the norm by 2-3x, a blow-up by 10x or more); above ``grad_norm_factor`` (10) times that median is a spike;
 - a non-finite loss or norm is always one;
 - a gradient norm flagged after ``new_level_after`` (3) gradient-norm spikes in a row is a **new level**: still
-  reported, but the norm history restarts from it. Flagged steps never enter the history, so without this a lasting
+  reported, but the norm history restarts at it (judged against it from the next step). Flagged steps never enter the history, so without this a lasting
   change of the norm (a model moved into a region of larger gradients, which skipping its updates cannot move it out
   of) would be judged against the old level for ever: on an H200, GPT-2 124M runs whose gradient norm went from 2 to
   25-90 in their first 15 steps (loss 6.8 -> 7.9) were skipped step after step until the guard stopped them. The
@@ -143,7 +143,8 @@ class SpikeDetector:
 
     def flag(self, spike: Spike) -> bool:
         """Note a flagged step. True when it is a new level of the gradient norm: a ``grad_norm_spike`` after
-        ``new_level_after`` of them in a row; the norm history then restarts from its value."""
+        ``new_level_after`` of them in a row; the norm history then restarts as ``history`` copies of its value, so
+        the next norm is judged against the new level at once."""
         if spike.reason != "grad_norm_spike":
             self.flagged_in_a_row = 0
             return False
@@ -152,7 +153,7 @@ class SpikeDetector:
             return False
         self.flagged_in_a_row = 0
         self.grad_norms.clear()
-        self.grad_norms.append(spike.value)
+        self.grad_norms.extend([spike.value] * self.rule.history)
         return True
 
     def _loss_centre(self) -> Optional[float]:

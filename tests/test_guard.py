@@ -164,14 +164,30 @@ def test_a_lasting_gradient_norm_is_a_new_level_after_three_skips() -> None:
     assert [(v.action, v.new_level, v.update_applies) for v in verdicts] == [
         ("skip", False, False)] * 3 + [("scale_lr", True, True)]
     assert guard.events == 4 and guard.lr_factor(13) == 0.5
-    assert list(guard.detector.grad_norms) == [30.0]
+    assert list(guard.detector.grad_norms) == [30.0] * 4  # a full window: the next norm is judged at once
     assert [guard.before_update(step, 0, 1.0, 30.0).action for step in range(14, 24)] == ["apply"] * 10
+    assert guard.before_update(24, 0, 1.0, 5000.0).action == "skip"
 
     passing = make_guard()
     fill(passing, 0, [1.0] * 4)
     for start in (10, 20, 30):
         actions = [passing.before_update(start + k, 0, 1.0, norm).action for k, norm in enumerate([30.0] * 3 + [1.0])]
         assert actions == ["skip"] * 3 + ["apply"]
+
+    rolling_back = make_guard(action="rollback")
+    fill(rolling_back, 0, [1.0] * 4)
+    verdicts = [rolling_back.before_update(step, 0, 1.0, 30.0) for step in range(10, 16)]
+    assert {(v.action, v.new_level) for v in verdicts} == {("rollback", False)}  # the weights go back: no new level
+    assert list(rolling_back.detector.grad_norms) == [1.0] * 4
+
+    restored = make_guard()
+    fill(restored, 0, [1.0] * 4)
+    for step in range(10, 13):
+        restored.before_update(step, 0, 1.0, 30.0)
+    reloaded = make_guard()
+    reloaded.load_state_dict(json.loads(json.dumps(restored.state_dict())))
+    assert reloaded.detector.flagged_in_a_row == 3
+    assert reloaded.before_update(13, 0, 1.0, 30.0).new_level  # the count came through the checkpoint
 
     diverging = make_guard(loss_factor=2.0, max_events=8)
     fill(diverging, 0, [1.0] * 4)
