@@ -211,7 +211,8 @@ def test_python_packages_are_the_installed_packages_sources(tmp_path: Path) -> N
     assert any(path.parts[-2:] == ("torch", "__init__.py") for path in files)
     assert not set(files) & set(python_stdlib_files())
     both = resolve_sources(["python-stdlib", "python-docs"], None)  # the stdlib's files once as code, once as docs
-    assert {f.kind for f in both if f.path == python_stdlib_files()[0]} == {"python", "docs"}
+    first = python_stdlib_files()[0]
+    assert {f.kind for f in both if f.path == first} == {"python", "docs"}
     manifest = prepare_data(["python-packages"], tmp_path / "out", **{**OPTIONS, "max_files": 12})
     assert [source["path"] for source in manifest["sources"]] == [str(path) for path in files[:12]]
 
