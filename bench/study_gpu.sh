@@ -22,7 +22,9 @@ for corpus in "${CORPORA[@]}"; do  # both at once, on the CPU cores
         preparing+=($!)
     fi
 done
-for pid in "${preparing[@]}"; do wait "$pid" || { echo "prepare-data failed: see $OUT_DIR/prepare-*.log"; exit 1; }; done
+for pid in "${preparing[@]}"; do
+    wait "$pid" || { echo "prepare-data failed: see $OUT_DIR/prepare-*.log"; exit 1; }
+done
 for corpus in "${CORPORA[@]}"; do tail -n 4 "$OUT_DIR/prepare-$corpus.log" 2>/dev/null || true; done
 
 round() {  # round SETTING...: bench/study.sh once per corpus with these settings

@@ -132,7 +132,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["auto", *TOKEN_DTYPES], default="auto",
                         help="token dtype (auto: uint16 when the vocabulary fits)")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the train/validation split")
-    parser.add_argument("--num-proc", type=int, default=None, help="processes that tokenize, and that read the built-in sources (default: CPU count, max 8)")
+    parser.add_argument("--num-proc", type=int, default=None,
+                        help="processes that tokenize, and that read the built-in sources (default: CPU count, max 8)")
     parser.add_argument("--max-files", type=int, default=None, help="use at most this many source files")
 
 

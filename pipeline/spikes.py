@@ -13,12 +13,13 @@ step is above its recent level in units of its recent spread:
   the norm by 2-3x, a blow-up by 10x or more); above ``grad_norm_factor`` (10) times that median is a spike;
 - a non-finite loss or norm is always one;
 - a gradient norm flagged after ``new_level_after`` (3) gradient-norm spikes in a row is a **new level**: still
-  reported, but the norm history restarts at it (judged against it from the next step). Flagged steps never enter the history, so without this a lasting
-  change of the norm (a model moved into a region of larger gradients, which skipping its updates cannot move it out
-  of) would be judged against the old level for ever: on an H200, GPT-2 124M runs whose gradient norm went from 2 to
-  25-90 in their first 15 steps (loss 6.8 -> 7.9) were skipped step after step until the guard stopped them. The
-  norm changes level for good reasons (stage switches, early training) and clipping bounds the update whatever it
-  is; a loss that stays high is what divergence looks like, so loss spikes never start a new level.
+  reported, but the norm history restarts at it (judged against it from the next step). Flagged steps never enter
+  the history, so without this a lasting change of the norm (a model moved into a region of larger gradients, which
+  skipping its updates cannot move it out of) would be judged against the old level for ever: on an H200, GPT-2
+  124M runs whose gradient norm went from 2 to 25-90 in their first 15 steps (loss 6.8 -> 7.9) were skipped step
+  after step until the guard stopped them. The norm changes level for good reasons (stage switches, early
+  training) and clipping bounds the update whatever it is; a loss that stays high is what divergence looks like, so
+  loss spikes never start a new level.
 
 On the cases that ratio missed (``tests/test_spikes.py``): 3.0 -> 5.5 with +-0.05 of noise is 82 spreads; a loss
 jump 3.9 -> 7.4 is 89, with its gradient norm 1 -> 21 (21x); the tiny test model after a 10x LR event, loss 5.4 ->
