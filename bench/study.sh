@@ -7,13 +7,16 @@
 # data directory every run reads, default data/python-stdlib, prepared here if it is that one), LRS (the sweep's
 # LRs), VARIANTS (those trained at the tuned LR), STABILITY_LRS (how many of the unstable LRs above the tuned one
 # to test, lowest first; default all) and STABILITY_VARIANTS, SEEDS and SEED_VARIANTS (the extra seeds and the
-# variants they run; `best` is the curriculum with the lowest final held-out loss so far), STEPS (which of the steps
-# below to take, default all: sweep variants stability seeds lrfind compare), DROP_CHECKPOINTS=1 (remove each
+# variants they run; `best` is the curriculum with the lowest final held-out loss so far), LONGER and LONG_VARIANTS
+# (the longer runs' factor, default 4, and their variants, default "baseline best"), STEPS (which of the steps below
+# to take, default all but long: sweep variants stability seeds lrfind compare), DROP_CHECKPOINTS=1 (remove each
 # finished run's checkpoints: 1.5 GB a run at 124M).
 # 1. sweep tunes the baseline's LR; the best is the lowest final held-out loss of a run that did not diverge.
 # 2. every variant trains at that LR. 3. stability: the curricula at each LR above the tuned one where the
-# baseline's sweep run was unstable (spikes, guard events) or diverged. 4. the extra seeds. 5. lr-find caps each
-# length of length.yaml, which then trains at 4x the tuned LR under the caps. 6. compare, against the tuned baseline.
+# baseline's sweep run was unstable (spikes, guard events) or diverged. 4. the extra seeds. 5. long: LONG_VARIANTS
+# at the tuned LR with LONGER x the tokens, every stage's end and pacing's length scaled alike (so start-up and
+# compilation weigh less in wall-clock time). 6. lr-find caps each length of length.yaml, which then trains at 4x
+# the tuned LR under the caps. 7. compare, against the tuned baseline (and the longer runs against theirs).
 # A run that finished (summary.json) is not run again, so the script can be taken up where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +29,8 @@ VARIANTS="${VARIANTS:-baseline-stage-shape length length-reshape length-seed-rul
 STABILITY_VARIANTS="${STABILITY_VARIANTS:-length length-warmup pacing}"
 SEEDS="${SEEDS:-2 3}"
 SEED_VARIANTS="${SEED_VARIANTS:-baseline baseline-stage-shape length length-reshape length-warmup pacing batch-warmup}"
+LONGER="${LONGER:-4}"
+LONG_VARIANTS="${LONG_VARIANTS:-baseline best}"
 STEPS="${STEPS:-sweep variants stability seeds lrfind compare}"
 CPT="${CPT:-curriculum-pretrain}"
 mkdir -p "$OUT_DIR"
@@ -94,7 +99,14 @@ for seed in $SEEDS; do
     done
 done
 
-# 5. lr-find's caps, then 4x the tuned LR under them
+# 5. the longer runs
+for variant in ${LONG_VARIANTS//best/$best_curriculum}; do
+    longer=$(python3 bench/longer.py "$STUDY/$variant.yaml" "$LONGER")
+    # shellcheck disable=SC2086  # $longer is several --set arguments
+    ! step long || train "long-$variant" "$variant" --set "curriculum.base_lr=$best" $longer
+done
+
+# 6. lr-find's caps, then 4x the tuned LR under them
 if step lrfind; then
     [ -f "$OUT_DIR/length-lr-find/lr_caps.yaml" ] ||
         $CPT lr-find --config "$STUDY/length.yaml" --set "data.dir=$DATA" --steps 100 \
@@ -104,7 +116,7 @@ if step lrfind; then
             --overlay "$OUT_DIR/length-lr-find/lr_caps.yaml"
 fi
 
-# 6. against the tuned baseline
+# 7. against the tuned baseline
 step compare || exit 0
 all=("$baseline")
 for variant in baseline baseline-stage-shape length-reshape length batch-warmup length-warmup pacing; do
@@ -121,3 +133,8 @@ done
 $CPT compare "${all[@]}" --output-dir "$OUT_DIR/compare"
 $CPT compare "${main[@]}" --output-dir "$OUT_DIR/compare-main"
 [ ${#stability[@]} -eq 0 ] || $CPT compare "$baseline" "${stability[@]}" --output-dir "$OUT_DIR/compare-stability"
+long=()
+for variant in ${LONG_VARIANTS//best/$best_curriculum}; do
+    [ ! -d "$OUT_DIR/long-$variant" ] || long+=("$OUT_DIR/long-$variant")
+done
+[ ${#long[@]} -lt 2 ] || $CPT compare "${long[@]}" --output-dir "$OUT_DIR/compare-long"

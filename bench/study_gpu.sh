@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
 # The GPU study of docs/RESULTS.md: GPT-2 124M (vocabulary 16,384) on two corpora prepared from the machine's own
 # Python installation, 8,388,608 tokens per run, configs in bench/study-gpu/, each corpus through bench/study.sh:
-#   bash bench/study_gpu.sh      # one GPU; OUT_DIR (default runs/study-gpu) gets runs/study-gpu/<corpus>/
+#   bash bench/study_gpu.sh      # OUT_DIR (default runs/study-gpu) gets runs/study-gpu/<corpus>/
 # python-packages: the installed packages' .py files; python-docs: natural language, the docstrings, package
 # descriptions and documentation files of the standard library and the packages (`prepare-data --help`).
-# The two corpora take turns, in rounds of most to least needed (the sweeps, the length and batch variants, the
-# other curricula, stability at the baseline's first unstable LR, a second seed of the baseline and of the best
-# curriculum, the seed's LR rule, lr-find), so a run cut short by time still has both corpora's main comparison.
+# Each corpus takes its steps from most to least needed (the sweep, the length and batch variants, the other
+# curricula, a second seed of the baseline and of the best curriculum, stability at the baseline's first unstable
+# LR, the baseline and the best curriculum at 4x the tokens, the seed's LR rule, lr-find), so a study cut short by
+# time still has the main comparison. With two GPUs or more each corpus has its own GPU; with one they take turns.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT_DIR:-runs/study-gpu}"
 CPT="${CPT:-curriculum-pretrain}"
 CORPORA=(python-packages python-docs)
+declare -A LRS=([python-packages]=6e-4,1.2e-3,2.4e-3,4.8e-3,9.6e-3,1.92e-2  # up to 16x the best of the first study
+                [python-docs]=1.5e-4,3e-4,6e-4,1.2e-3,2.4e-3,4.8e-3,9.6e-3)  # the first study's best was its lowest
 mkdir -p "$OUT_DIR"
 
 preparing=()
 for corpus in "${CORPORA[@]}"; do  # both at once, on the CPU cores
     if [ ! -f "data/$corpus/manifest.json" ]; then
-        $CPT prepare-data --source "$corpus" --vocab-size 16384 --val-fraction 0.02 --num-proc 8 \
-            > "$OUT_DIR/prepare-$corpus.log" 2>&1 &
+        $CPT prepare-data --source "$corpus" --vocab-size 16384 --val-fraction 0.02 \
+            --num-proc $(($(nproc) / ${#CORPORA[@]})) > "$OUT_DIR/prepare-$corpus.log" 2>&1 &
         preparing+=($!)
     fi
 done
@@ -27,18 +30,34 @@ for pid in "${preparing[@]}"; do
 done
 for corpus in "${CORPORA[@]}"; do tail -n 4 "$OUT_DIR/prepare-$corpus.log" 2>/dev/null || true; done
 
-round() {  # round SETTING...: bench/study.sh once per corpus with these settings
-    local corpus
-    for corpus in "${CORPORA[@]}"; do
-        env "$@" DROP_CHECKPOINTS=1 STUDY=bench/study-gpu OUT_DIR="$OUT_DIR/$corpus" DATA="data/$corpus" CPT="$CPT" \
-            LRS=6e-4,1.2e-3,2.4e-3,4.8e-3,9.6e-3,1.92e-2 STABILITY_LRS=1 SEEDS=2 \
-            bash bench/study.sh >> "$OUT_DIR/$corpus.log" 2>&1 || true
-    done
+study() {  # study CORPUS SETTING...: bench/study.sh for one corpus with these settings
+    local corpus=$1
+    shift
+    env "$@" DROP_CHECKPOINTS=1 STUDY=bench/study-gpu OUT_DIR="$OUT_DIR/$corpus" DATA="data/$corpus" CPT="$CPT" \
+        LRS="${LRS[$corpus]}" STABILITY_LRS=1 SEEDS=2 SEED_VARIANTS="baseline best" LONG_VARIANTS="baseline best" \
+        bash bench/study.sh >> "$OUT_DIR/$corpus.log" 2>&1 || true
 }
-round STEPS=sweep
-round STEPS=variants VARIANTS="length length-warmup batch-warmup baseline-stage-shape"
-round STEPS=variants VARIANTS="pacing length-reshape"
-round STEPS=stability STABILITY_VARIANTS="length-warmup length"
-round STEPS=seeds SEED_VARIANTS="baseline best"
-round STEPS=variants VARIANTS=length-seed-rule
-round STEPS="lrfind compare"
+
+ROUNDS=8
+round() {  # round N CORPUS: the Nth of the study's steps for one corpus
+    case $1 in
+        1) study "$2" STEPS=sweep ;;
+        2) study "$2" STEPS=variants VARIANTS="length length-warmup batch-warmup baseline-stage-shape" ;;
+        3) study "$2" STEPS=variants VARIANTS="pacing length-reshape" ;;
+        4) study "$2" STEPS=seeds ;;
+        5) study "$2" STEPS=stability STABILITY_VARIANTS="length-warmup length" ;;
+        6) study "$2" STEPS=long ;;
+        7) study "$2" STEPS=variants VARIANTS=length-seed-rule ;;
+        8) study "$2" STEPS="lrfind compare" ;;
+    esac
+}
+
+gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
+if [ "$gpus" -ge ${#CORPORA[@]} ]; then
+    for i in "${!CORPORA[@]}"; do
+        (export CUDA_VISIBLE_DEVICES=$i; for n in $(seq $ROUNDS); do round "$n" "${CORPORA[$i]}"; done) &
+    done
+    wait
+else
+    for n in $(seq $ROUNDS); do for corpus in "${CORPORA[@]}"; do round "$n" "$corpus"; done; done
+fi
