@@ -100,11 +100,13 @@ for seed in $SEEDS; do
 done
 
 # 5. the longer runs
-for variant in ${LONG_VARIANTS//best/$best_curriculum}; do
-    longer=$(python3 bench/longer.py "$STUDY/$variant.yaml" "$LONGER")
-    # shellcheck disable=SC2086  # $longer is several --set arguments
-    ! step long || train "long-$variant" "$variant" --set "curriculum.base_lr=$best" $longer
-done
+if step long; then
+    for variant in ${LONG_VARIANTS//best/$best_curriculum}; do
+        longer=$(python3 bench/longer.py "$STUDY/$variant.yaml" "$LONGER")
+        # shellcheck disable=SC2086  # $longer is several --set arguments
+        train "long-$variant" "$variant" --set "curriculum.base_lr=$best" $longer
+    done
+fi
 
 # 6. lr-find's caps, then 4x the tuned LR under them
 if step lrfind; then

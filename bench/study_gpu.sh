@@ -34,7 +34,7 @@ study() {  # study CORPUS SETTING...: bench/study.sh for one corpus with these s
     local corpus=$1
     shift
     env "$@" DROP_CHECKPOINTS=1 STUDY=bench/study-gpu OUT_DIR="$OUT_DIR/$corpus" DATA="data/$corpus" CPT="$CPT" \
-        LRS="${LRS[$corpus]}" STABILITY_LRS=1 SEEDS=2 SEED_VARIANTS="baseline best" LONG_VARIANTS="baseline best" \
+        LRS="${LRS[$corpus]}" STABILITY_LRS=1 SEEDS=2 SEED_VARIANTS="baseline best" \
         bash bench/study.sh >> "$OUT_DIR/$corpus.log" 2>&1 || true
 }
 
