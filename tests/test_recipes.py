@@ -28,7 +28,8 @@ STEP_KEYS = {"step", "seq_len", "global_batch", "lr", "grad_clip"}
 
 def test_the_shipped_recipes_are_listed() -> None:
     """recipe_names() finds the YAML files that ship in curriculum/recipes."""
-    assert {"seed003", "tiny-cpu", "gpt2-124m-curriculum", "gpt2-124m-baseline"} <= set(RECIPES)
+    assert {"seed003", "tiny-cpu", "gpt2-124m-curriculum", "gpt2-124m-baseline", "gpt2-124m-seq-warmup",
+            "gpt2-124m-seq-warmup-baseline"} <= set(RECIPES)
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
