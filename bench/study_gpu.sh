@@ -38,8 +38,7 @@ study() {  # study CORPUS SETTING...: bench/study.sh for one corpus with these s
         bash bench/study.sh >> "$OUT_DIR/$corpus.log" 2>&1 || true
 }
 
-ROUNDS=8
-round() {  # round N CORPUS: the Nth of the study's steps for one corpus
+round() {  # round N CORPUS: the Nth of the study's steps for one corpus; status 1 past the last
     case $1 in
         1) study "$2" STEPS=sweep ;;
         2) study "$2" STEPS=variants VARIANTS="length length-warmup batch-warmup baseline-stage-shape" ;;
@@ -49,15 +48,16 @@ round() {  # round N CORPUS: the Nth of the study's steps for one corpus
         6) study "$2" STEPS=long ;;
         7) study "$2" STEPS=variants VARIANTS=length-seed-rule ;;
         8) study "$2" STEPS="lrfind compare" ;;
+        *) return 1 ;;
     esac
 }
 
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 if [ "$gpus" -ge ${#CORPORA[@]} ]; then
     for i in "${!CORPORA[@]}"; do
-        (export CUDA_VISIBLE_DEVICES=$i; for n in $(seq $ROUNDS); do round "$n" "${CORPORA[$i]}"; done) &
+        (export CUDA_VISIBLE_DEVICES=$i; for ((n = 1; ; n++)); do round "$n" "${CORPORA[$i]}" || break; done) &
     done
     wait
 else
-    for n in $(seq $ROUNDS); do for corpus in "${CORPORA[@]}"; do round "$n" "$corpus"; done; done
+    for ((n = 1; ; n++)); do for corpus in "${CORPORA[@]}"; do round "$n" "$corpus" || break 2; done; done
 fi

@@ -80,7 +80,10 @@ def reach(evals: Sequence[dict[str, Any]], target: float, axis: str) -> Optional
     return None
 
 
-def compare_runs(run_dirs: Sequence[Path], target_loss: Optional[float]) -> tuple[float, list[RunComparison]]:
+def compare_runs(run_dirs: Sequence[Path], target_loss: Optional[float]
+                 ) -> tuple[float, list[RunComparison], list[list[dict[str, Any]]]]:
+    """The target loss, each run's comparison and the metrics records it was read from (read once: a running run
+    gives the table and the figure the same lines)."""
     from pipeline.spikes import SpikeRule, find_spike_steps
     from pipeline.sweep.analysis import classify_run
 
@@ -112,7 +115,7 @@ def compare_runs(run_dirs: Sequence[Path], target_loss: Optional[float]) -> tupl
             run.name = Path(run.run_dir).name
     for run in runs:
         run.speedup = {axis: _ratio(runs[0].at_target[axis], run.at_target[axis]) for axis in AXES}
-    return target, runs
+    return target, runs, [records for _, _, records, _ in loaded]
 
 
 def _name(paths: RunDir) -> str:
@@ -184,13 +187,13 @@ def run(args: argparse.Namespace) -> int:
 
     out_dir = output_directory("--output-dir", args.output_dir)
     run_dirs = [Path(d) for d in args.run_dirs]
-    target, runs = compare_runs(run_dirs, args.target_loss)
+    target, runs, records = compare_runs(run_dirs, args.target_loss)
     table = format_table(target, runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "compare.md").write_text(table)
     (out_dir / "compare.json").write_text(json.dumps({"target_loss": target, "runs": [asdict(r) for r in runs]},
                                                      indent=2) + "\n")
-    plot(target, runs, [read_records(RunDir(d).metrics) for d in run_dirs], out_dir / "compare.png")
+    plot(target, runs, records, out_dir / "compare.png")
     print(table)
     print(f"wrote {out_dir / 'compare.md'}, {out_dir / 'compare.json'} and {out_dir / 'compare.png'}")
     return 0

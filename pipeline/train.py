@@ -80,8 +80,10 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     from pipeline.model import model_config_dict
     from pipeline.rundir import RunDir
 
+    startup = _Phases()  # where the time before step 0 goes, in the log
     # ------------------------------------------------------------------ plan, data, checkpoint: checked before writing
     processes = init_processes(config)
+    startup.done("processes")
     rank, world_size, log = processes.rank, processes.world_size, processes.log
     schedule = build_schedule(config, world_size)
     end_step = schedule.total_steps if stop_at_step is None else stop_at_step
@@ -98,15 +100,18 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     resume_path = resolve_resume(resume, checkpointer, log)
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     _check_resume(run_dir, resume_path, config, schedule, model_fields, zero_stage)
+    startup.done("data and checks")
 
     # ------------------------------------------------------------------ the engine, compiled graphs, the run state
     engine = build_engine(config, schedule, ds_config, data.manifest, processes)
     prefetcher = Prefetcher(data.sampler, schedule, rank, processes.device)
     log(engine.describe())
+    startup.done("engine")
     if engine.monitor is not None and config.kernels.compile_warmup:
         shapes = engine.warm_up(schedule, lambda stage, cursor: prefetcher.load(stage, -1, cursor), data.eval_batches)
         log(f"compiled and warmed up {len(engine.monitor.graphs)} graphs before step 0 in {engine.warmup_s:.1f} s: "
             + ", ".join(f"{shape} {seconds:.1f} s" for shape, seconds in shapes.items()))
+        startup.done("compile warm-up")
     state = RunState(curriculum=config.curriculum.model_dump(mode="json"), model=model_fields, world_size=world_size,
                      zero_stage=zero_stage)
     if resume_path is not None:
@@ -119,6 +124,8 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
               else None)
     progress = Progress(config, schedule, state.step, enabled=rank == 0)
     stop_requested = _install_stop_handler()
+    startup.done("resume and outputs")
+    log(startup.line())
     device_peak = config.run.peak_flops or peak_flops(processes.device)
     run_start = time.perf_counter()
     elapsed_before = state.elapsed_s + (run_start - PROCESS_START)  # this segment's start-up and compilation count
@@ -255,6 +262,23 @@ def _restore(checkpointer: Any, engine: Any, path: Path, config: Config, model_f
     state.curriculum, state.model, state.world_size, state.zero_stage = (now, model_fields, checkpointer.world_size,
                                                                          engine.zero_stage)
     return state
+
+
+class _Phases:
+    """The process's seconds before step 0, phase by phase; the first phase is the imports and the config read
+    since this module was imported."""
+
+    def __init__(self) -> None:
+        self.mark = time.perf_counter()
+        self.seconds = {"imports and config": self.mark - PROCESS_START}
+
+    def done(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase], self.mark = now - self.mark, now
+
+    def line(self) -> str:
+        return (f"start-up {sum(self.seconds.values()):.1f} s before step 0: "
+                + ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.seconds.items()))
 
 
 def _open_outputs(run_dir: Any, config: Config, schedule: Schedule, ds_config: dict[str, Any], state: Any,

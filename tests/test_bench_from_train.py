@@ -76,6 +76,26 @@ def test_a_run_resumed_on_another_world_size_is_divided_line_by_line(tmp_path: P
     assert "(2 then 1 GPUs)" in result.stdout
 
 
+def test_the_wall_time_is_split_into_steps_compile_evaluation_start_up_and_the_rest(tmp_path: Path) -> None:
+    """Step 0 ends at 17 s after 2 s of step time and a 5 s warm-up: 10 s of start-up. 21 s of wall time = 4 s of
+    steps + 5 s warm-up + 1.5 s of evaluation + 10 s start-up + 0.5 s of the rest (a checkpoint, say)."""
+    run = write_run(tmp_path / "run", 1, {(128, 1024): [1.0, 1000.0, 1000.0]})
+    lines = [{"kind": "compile", "step": 0, "graphs": ["8x128"], "warmup_s": 5.0}]
+    lines += [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for line, (elapsed, train_s) in zip(lines[1:], [(17.0, 2.0), (18.0, 3.0), (21.0, 4.0)]):
+        line["elapsed_s"], line["train_s"] = elapsed, train_s
+    lines.insert(3, {"kind": "eval", "step": 1, "eval_loss": 5.0, "eval_s": 1.5, "elapsed_s": 19.5, "train_s": 3.0})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "report.json"
+    result = run_cli(["bench", "--from-train", str(run), "--output", str(out)])
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert (report["wall_s"], report["train_s"], report["warmup_s"], report["eval_s"]) == (21.0, 4.0, 5.0, 1.5)
+    assert report["startup_s"] == pytest.approx(10.0) and report["other_s"] == pytest.approx(0.5)
+    assert ("wall 21.0 s: training steps 4.0 s, compile + warm-up 5.0 s, 1 evaluations 1.5 s, start-up 10.0 s, other "
+            "(checkpoints, logging) 0.5 s; not training: 81.0 %") in result.stdout
+
+
 def test_lines_without_their_world_size_take_it_from_ds_config(tmp_path: Path) -> None:
     run = write_run(tmp_path / "old", 2, {(128, 1024): [1.0, 1900.0]}, sizes_in_lines=False)
     out = tmp_path / "report.json"

@@ -49,7 +49,7 @@ def test_speedups_against_the_first_run(tmp_path: Path) -> None:
     training, 60 s of wall time); the faster run gets there at 2,666.7 tokens, 13.33 s and 33.33 s."""
     base = write_run(tmp_path / "baseline", BASELINE)
     fast = write_run(tmp_path / "curriculum", FASTER, finished=False, torn=True)
-    target, (b, f) = compare_runs([base, fast], None)
+    target, (b, f), _ = compare_runs([base, fast], None)
     assert target == 3.0
     assert b.at_target == {"tokens": 4000, "train_s": 40.0, "elapsed_s": 60.0}
     assert b.speedup == {"tokens": 1.0, "train_s": 1.0, "elapsed_s": 1.0}
@@ -62,7 +62,7 @@ def test_speedups_against_the_first_run(tmp_path: Path) -> None:
 def test_a_run_that_never_reaches_the_target(tmp_path: Path) -> None:
     base = write_run(tmp_path / "baseline", BASELINE)
     slow = write_run(tmp_path / "slow", [(19, 4.5, 20.0, 30.0), (39, 3.4, 40.0, 60.0)])
-    _, (_, s) = compare_runs([base, slow], None)
+    _, (_, s), _ = compare_runs([base, slow], None)
     assert s.at_target == {"tokens": None, "train_s": None, "elapsed_s": None}
     assert s.speedup == {"tokens": None, "train_s": None, "elapsed_s": None}
 
@@ -101,7 +101,7 @@ def test_runs_of_one_recipe_are_named_by_their_directories(tmp_path: Path) -> No
     runs = [write_run(tmp_path / name, BASELINE) for name in ("one-gpu", "two-gpus")]
     for run in runs:
         (run / "config.json").write_text(json.dumps({"name": "tiny-cpu"}))
-    _, compared = compare_runs(runs, None)
+    _, compared, _ = compare_runs(runs, None)
     assert [run.name for run in compared] == ["one-gpu", "two-gpus"]
-    _, (alone,) = compare_runs(runs[:1], None)
+    _, (alone,), _ = compare_runs(runs[:1], None)
     assert alone.name == "tiny-cpu"
