@@ -18,8 +18,9 @@ step time, peak memory, the first step's extra cost and the pipeline/baseline ra
 time, the time to the first step and the stage-switch cost (near 0 once the warm-up built every graph). JSON.
 
 ``--from-train`` reports, from a run directory's metrics: per stage median tok/s (of the job and per GPU) and MFU,
-the compile/warm-up time, the evaluation time, the start-up before step 0 (imports, engine, model, data), the rest
-(checkpoints, logging) and the share of the wall time that is not training steps. With
+the compile/warm-up time, the evaluation time, the first process's start-up before its first step (imports,
+engine, model, data), the rest (checkpoint saves, rollbacks, a resumed process's start-up) and the share of the wall
+time that is not training steps. With
 ``--against BENCH_JSON`` it sets each stage beside the bench figure of the same shape; with ``--against`` another run
 directory (the same recipe on fewer GPUs, say) it gives each stage's scaling efficiency: this run's tok/s per GPU
 over the reference run's, stage by stage (stages matched by their seq_len and global batch).
@@ -324,9 +325,12 @@ def train_report(run_dir: Path, against: Optional[Path], flag: str = "--from-tra
     wall = max(r["elapsed_s"] for r in (train[-1], *evals[-1:]) if "elapsed_s" in r)  # the last evaluation included
     train_s = train[-1].get("train_s")
     eval_s = sum(r.get("eval_s") or 0.0 for r in evals)
-    warmup_s = sum(r["warmup_s"] for r in records if r.get("kind") == "compile" and "warmup_s" in r)
-    # before step 0: process start-up (imports, the engine, the model, the data) and the warm-up
-    startup_s = None if train_s is None else train[0]["elapsed_s"] - (train[0].get("train_s") or 0.0) - warmup_s
+    warmups = [r for r in records if r.get("kind") == "compile" and "warmup_s" in r]  # one per process (resumes)
+    warmup_s = sum(r["warmup_s"] for r in warmups)
+    # before the first step: the first process's start-up (imports, the engine, the model, the data) and warm-up
+    first_warmup_s = sum(r["warmup_s"] for r in warmups if r["step"] <= train[0]["step"])
+    startup_s = (None if train_s is None
+                 else train[0]["elapsed_s"] - (train[0].get("train_s") or 0.0) - first_warmup_s)
     return {"run_dir": str(run_dir), "world_sizes": sizes, "stages": stages, "wall_s": wall, "train_s": train_s,
             "warmup_s": warmup_s, "eval_s": eval_s, "evaluations": len(evals), "startup_s": startup_s,
             "other_s": None if train_s is None else wall - train_s - warmup_s - eval_s - startup_s,
@@ -364,8 +368,8 @@ def format_train_report(report: dict[str, Any]) -> list[str]:
                      f"{s['reference_tok_per_s_per_gpu']:,.0f} ({gpus(report['reference_world_sizes'])})")
         lines.append(line)
     share = report["not_training_share"]
-    rest = "" if share is None else (f", start-up {report['startup_s']:.1f} s, other (checkpoints, logging) "
-                                     f"{report['other_s']:.1f} s")
+    rest = "" if share is None else (f", start-up {report['startup_s']:.1f} s, other (checkpoint saves, rollbacks, "
+                                     f"resumed processes' start-up) {report['other_s']:.1f} s")
     lines.append(f"wall {report['wall_s']:.1f} s: training steps {report['train_s'] or 0:.1f} s, compile + warm-up "
                  f"{report['warmup_s']:.1f} s, {report['evaluations']} evaluations {report['eval_s']:.1f} s{rest}; "
                  f"not training: {'-' if share is None else f'{100 * share:.1f} %'}")

@@ -80,7 +80,7 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     from pipeline.model import model_config_dict
     from pipeline.rundir import RunDir
 
-    startup = _Phases()  # where the time before step 0 goes, in the log
+    startup = _Phases()  # where the time before the first step goes, in the log
     # ------------------------------------------------------------------ plan, data, checkpoint: checked before writing
     processes = init_processes(config)
     startup.done("processes")
@@ -265,8 +265,8 @@ def _restore(checkpointer: Any, engine: Any, path: Path, config: Config, model_f
 
 
 class _Phases:
-    """The process's seconds before step 0, phase by phase; the first phase is the imports and the config read
-    since this module was imported."""
+    """The process's seconds before its first step, phase by phase; the first phase is the imports and the config
+    read since this module was imported."""
 
     def __init__(self) -> None:
         self.mark = time.perf_counter()
@@ -277,7 +277,7 @@ class _Phases:
         self.seconds[phase], self.mark = now - self.mark, now
 
     def line(self) -> str:
-        return (f"start-up {sum(self.seconds.values()):.1f} s before step 0: "
+        return (f"{sum(self.seconds.values()):.1f} s before the first step (compile warm-up included): "
                 + ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.seconds.items()))
 
 

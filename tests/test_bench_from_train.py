@@ -78,7 +78,7 @@ def test_a_run_resumed_on_another_world_size_is_divided_line_by_line(tmp_path: P
 
 def test_the_wall_time_is_split_into_steps_compile_evaluation_start_up_and_the_rest(tmp_path: Path) -> None:
     """Step 0 ends at 17 s after 2 s of step time and a 5 s warm-up: 10 s of start-up. 21 s of wall time = 4 s of
-    steps + 5 s warm-up + 1.5 s of evaluation + 10 s start-up + 0.5 s of the rest (a checkpoint, say)."""
+    steps + 5 s warm-up + 1.5 s of evaluation + 10 s start-up + 0.5 s of the rest (a checkpoint save, say)."""
     run = write_run(tmp_path / "run", 1, {(128, 1024): [1.0, 1000.0, 1000.0]})
     lines = [{"kind": "compile", "step": 0, "graphs": ["8x128"], "warmup_s": 5.0}]
     lines += [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -93,7 +93,25 @@ def test_the_wall_time_is_split_into_steps_compile_evaluation_start_up_and_the_r
     assert (report["wall_s"], report["train_s"], report["warmup_s"], report["eval_s"]) == (21.0, 4.0, 5.0, 1.5)
     assert report["startup_s"] == pytest.approx(10.0) and report["other_s"] == pytest.approx(0.5)
     assert ("wall 21.0 s: training steps 4.0 s, compile + warm-up 5.0 s, 1 evaluations 1.5 s, start-up 10.0 s, other "
-            "(checkpoints, logging) 0.5 s; not training: 81.0 %") in result.stdout
+            "(checkpoint saves, rollbacks, resumed processes' start-up) 0.5 s; not training: 81.0 %") in result.stdout
+
+
+def test_a_resumed_process_keeps_its_warm_up_out_of_the_first_start_up(tmp_path: Path) -> None:
+    """The first process: 10 s of start-up, a 5 s warm-up, steps 0-1 (1 s each). The second, resumed at step 2: 8 s of
+    start-up and a 4 s warm-up (its compile line at step 2), then step 2. Start-up 10 s; compile 9 s; the other 8 s
+    are the second process's start-up."""
+    run = write_run(tmp_path / "run", 1, {(128, 1024): [1.0, 1000.0, 1000.0]})
+    train = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for line, (elapsed, train_s) in zip(train, [(16.0, 1.0), (17.0, 2.0), (30.0, 3.0)]):
+        line["elapsed_s"], line["train_s"] = elapsed, train_s
+    lines = [{"kind": "compile", "step": 0, "warmup_s": 5.0}, *train[:2],
+             {"kind": "compile", "step": 2, "warmup_s": 4.0}, train[2]]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "report.json"
+    assert run_cli(["bench", "--from-train", str(run), "--output", str(out)]).returncode == 0
+    report = json.loads(out.read_text())
+    assert (report["wall_s"], report["train_s"], report["warmup_s"]) == (30.0, 3.0, 9.0)
+    assert report["startup_s"] == pytest.approx(10.0) and report["other_s"] == pytest.approx(8.0)
 
 
 def test_lines_without_their_world_size_take_it_from_ds_config(tmp_path: Path) -> None:
