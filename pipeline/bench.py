@@ -20,10 +20,10 @@ time, the time to the first step and the stage-switch cost (near 0 once the warm
 ``--from-train`` reports, from a run directory's metrics: per stage median tok/s (of the job and per GPU) and MFU,
 the compile/warm-up time, the evaluation time, the first process's start-up before its first step (imports,
 engine, model, data), the rest (checkpoint saves, rollbacks, a resumed process's start-up) and the share of the wall
-time that is not training steps. With
-``--against BENCH_JSON`` it sets each stage beside the bench figure of the same shape; with ``--against`` another run
-directory (the same recipe on fewer GPUs, say) it gives each stage's scaling efficiency: this run's tok/s per GPU
-over the reference run's, stage by stage (stages matched by their seq_len and global batch).
+time that is not training steps. With ``--against BENCH_JSON`` it sets each stage beside the bench figure of the
+same shape; with ``--against`` another run directory (the same recipe on fewer GPUs, say) it gives each stage's
+scaling efficiency: this run's tok/s per GPU over the reference run's, stage by stage (stages matched by their
+seq_len and global batch).
 """
 
 from __future__ import annotations
