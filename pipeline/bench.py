@@ -329,12 +329,14 @@ def train_report(run_dir: Path, against: Optional[Path], flag: str = "--from-tra
     warmup_s = sum(r["warmup_s"] for r in warmups)
     # before the first step: the first process's start-up (imports, the engine, the model, the data) and warm-up
     first_warmup_s = sum(r["warmup_s"] for r in warmups if r["step"] <= train[0]["step"])
-    startup_s = (None if train_s is None
-                 else train[0]["elapsed_s"] - (train[0].get("train_s") or 0.0) - first_warmup_s)
+    startup_s = other_s = not_training = None  # runs older than the train_s field: no split
+    if train_s is not None:
+        startup_s = train[0]["elapsed_s"] - (train[0].get("train_s") or 0.0) - first_warmup_s
+        other_s = wall - train_s - warmup_s - eval_s - startup_s
+        not_training = 1 - train_s / wall
     return {"run_dir": str(run_dir), "world_sizes": sizes, "stages": stages, "wall_s": wall, "train_s": train_s,
             "warmup_s": warmup_s, "eval_s": eval_s, "evaluations": len(evals), "startup_s": startup_s,
-            "other_s": None if train_s is None else wall - train_s - warmup_s - eval_s - startup_s,
-            "not_training_share": None if train_s is None else 1 - train_s / wall,
+            "other_s": other_s, "not_training_share": not_training,
             "surprises": [r["surprise"] for r in records if r.get("kind") == "compile" and "surprise" in r],
             "against": str(against) if against else None,
             "reference_world_sizes": reference["world_sizes"] if reference else None}
@@ -368,8 +370,9 @@ def format_train_report(report: dict[str, Any]) -> list[str]:
                      f"{s['reference_tok_per_s_per_gpu']:,.0f} ({gpus(report['reference_world_sizes'])})")
         lines.append(line)
     share = report["not_training_share"]
+    other = None if share is None else round(report["other_s"], 1) + 0.0  # + 0.0: a rounding's -0.0 reads 0.0
     rest = "" if share is None else (f", start-up {report['startup_s']:.1f} s, other (checkpoint saves, rollbacks, "
-                                     f"resumed processes' start-up) {report['other_s']:.1f} s")
+                                     f"resumed processes' start-up) {other:.1f} s")
     lines.append(f"wall {report['wall_s']:.1f} s: training steps {report['train_s'] or 0:.1f} s, compile + warm-up "
                  f"{report['warmup_s']:.1f} s, {report['evaluations']} evaluations {report['eval_s']:.1f} s{rest}; "
                  f"not training: {'-' if share is None else f'{100 * share:.1f} %'}")

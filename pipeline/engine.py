@@ -558,14 +558,18 @@ def build_engine(config: Config, schedule: Schedule, ds_config: dict[str, Any], 
     choice = choose_kernels(config.kernels, config.model.arch, device.type == "cuda")
     for note in choice.notes:
         log(note)
-    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    if zero3:
         choice = _kernels_for_zero3(choice, config, log)
     patch_model_classes(choice)
     torch.manual_seed(config.run.seed)
-    model = build_model(config.model, manifest["tokenizer"]["vocab_size"], schedule.max_seq_len,
-                        manifest["tokenizer"]["eot_id"])
-    if choice.apex:
-        log(f"kernels.apex: {swap_apex_norms(model)} norm layers replaced by apex fused ones")
+    # built where it trains (initialising 124M parameters on the host takes seconds); ZeRO-3 partitions a model that
+    # may not fit on one device, so it starts on the host
+    with torch.device("cpu" if zero3 else device):
+        model = build_model(config.model, manifest["tokenizer"]["vocab_size"], schedule.max_seq_len,
+                            manifest["tokenizer"]["eot_id"])
+        if choice.apex:
+            log(f"kernels.apex: {swap_apex_norms(model)} norm layers replaced by apex fused ones")
     module = CausalLMWithLoss(model, fused_cross_entropy=choice.fused_cross_entropy)
     optimizer, optimizer_name = _build_optimizer(module, config, choice.fused_adam, cpu_offload(ds_config))
     ds_engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)

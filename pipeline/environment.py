@@ -1,10 +1,12 @@
-"""Process environment fixes applied before DeepSpeed is imported."""
+"""Process environment fixes applied before DeepSpeed is imported, and a check of the bytecode cache behind start-up."""
 
 from __future__ import annotations
 
+import os
 import re
 import socket
-from typing import MutableMapping
+import sys
+from typing import MutableMapping, Optional
 
 
 # what a launcher (deepspeed, torchrun) sets for each worker; a process that starts runs of its own drops them
@@ -60,3 +62,22 @@ def prepare_environment(environ: MutableMapping[str, str], cuda_available: bool)
     if note:
         notes.append(note)
     return notes
+
+
+def uncached_modules() -> int:
+    """Imported modules with no bytecode cached on disk: Python compiled each from source in this process and will
+    again in the next (``PYTHONDONTWRITEBYTECODE`` set, as many container images do, or packages installed without
+    ``.pyc`` in a read-only place)."""
+    return sum(1 for module in list(sys.modules.values())
+               if isinstance(cached := getattr(module, "__cached__", None), str) and not os.path.exists(cached))
+
+
+def bytecode_note(minimum: int = 100) -> Optional[str]:
+    """A note for the log when at least ``minimum`` modules are uncached: on the H200 machine that was about 3,000
+    modules and 10 s of every process's start-up."""
+    uncached = uncached_modules()
+    if uncached < minimum:
+        return None
+    return (f"start-up: {uncached} imported modules have no cached bytecode, so every process compiles them from "
+            "source; unset PYTHONDONTWRITEBYTECODE (and, where the packages' directories are read-only, set "
+            "PYTHONPYCACHEPREFIX to a writable directory)")

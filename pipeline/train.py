@@ -75,6 +75,7 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     from pipeline.commands import output_directory
     from pipeline.ds_config import derive_ds_config
     from pipeline.engine import build_engine, close_processes, device_precision, init_processes, peak_flops
+    from pipeline.environment import bytecode_note
     from pipeline.guard import SpikeGuard
     from pipeline.metrics import Progress
     from pipeline.model import model_config_dict
@@ -126,6 +127,8 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     stop_requested = _install_stop_handler()
     startup.done("resume and outputs")
     log(startup.line())
+    if note := bytecode_note():
+        log(note)
     device_peak = config.run.peak_flops or peak_flops(processes.device)
     run_start = time.perf_counter()
     elapsed_before = state.elapsed_s + (run_start - PROCESS_START)  # this segment's start-up and compilation count

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
 from typing import Optional
 
 import pytest
 
-from pipeline.environment import prepare_environment, sanitize_cuda_arch_list, single_process_defaults
+from pipeline.environment import (bytecode_note, prepare_environment, sanitize_cuda_arch_list,
+                                  single_process_defaults, uncached_modules)
 
 RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -97,3 +101,28 @@ def test_prepare_environment_reports_the_arch_fix() -> None:
     assert environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
     assert len(notes) == 1 and "TORCH_CUDA_ARCH_LIST" in notes[0]
     assert "DS_ACCELERATOR" not in environ
+
+
+# --------------------------------------------------------------------------------------------------- bytecode cache
+
+
+def test_modules_imported_without_a_bytecode_cache_are_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    """A module imported while Python writes no bytecode (PYTHONDONTWRITEBYTECODE) counts as uncached and reaches the
+    note; one imported with its bytecode written does not."""
+    for name in ("uncached_probe_module", "cached_probe_module"):
+        (tmp_path / f"{name}.py").write_text("VALUE = 1\n")
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = uncached_modules()
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    importlib.import_module("uncached_probe_module")
+    assert uncached_modules() == before + 1
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    importlib.import_module("cached_probe_module")
+    assert uncached_modules() == before + 1
+    note = bytecode_note(minimum=before + 1)
+    assert note is not None and f"{before + 1} imported modules" in note and "PYTHONDONTWRITEBYTECODE" in note
+    assert bytecode_note(minimum=before + 2) is None
+    for name in ("uncached_probe_module", "cached_probe_module"):
+        del sys.modules[name]

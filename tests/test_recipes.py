@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import json
 import math
 import re
@@ -11,8 +13,10 @@ import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from conftest import REPO_ROOT, run_cli
 
 from curriculum.loading import load_config, recipe_names, resolve_config_path
@@ -301,3 +305,30 @@ def test_a_bad_max_steps_is_one_error_line(args: list[str], env: dict[str, str],
     """0, negative or not a number: exit 2 and one line, naming the variable only when it set the value."""
     result = run_cli(["plan", "--config", "tiny-cpu", *args], env=env)
     assert (result.returncode, result.stdout, result.stderr) == (2, "", line + "\n")
+
+
+@pytest.mark.parametrize(("recipe", "study"), [("gpt2-124m-seq-warmup", "length-warmup"),
+                                                ("gpt2-124m-seq-warmup-baseline", "baseline")])
+def test_the_seq_warmup_recipes_are_the_measured_runs(recipe: str, study: str) -> None:
+    """docs/RESULTS.md measured these recipes as the GPU study's configs at 4x the tokens (bench/longer.py) with the
+    tuned LR: the same plan step for step (stages, LRs, warmups, clips) and the same settings otherwise, but for the
+    name and the export a recipe makes at its end."""
+    spec = importlib.util.spec_from_file_location("longer", REPO_ROOT / "bench" / "longer.py")
+    longer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(longer)
+    path = REPO_ROOT / "bench" / "study-gpu" / f"{study}.yaml"
+    sets = [*longer.longer_sets(yaml.safe_load(path.read_text()), 4), "curriculum.base_lr=6e-4"]
+    measured, shipped = load_config(str(path), sets, environ={}), load_config(recipe, environ={})
+
+    def plan(config: Any) -> Any:  # lr_source says how the LR was written (lr_mult 1.0 or left out), not what it is
+        schedule = build_schedule(config)
+        return dataclasses.replace(schedule, stages=tuple(dataclasses.replace(s, lr_source="") for s in schedule.stages))
+
+    def settings(config: Any) -> dict[str, Any]:
+        dumped = config.model_dump()
+        del dumped["name"], dumped["run"]["export"], dumped["curriculum"]["stages"]
+        return dumped
+
+    assert plan(shipped) == plan(measured)
+    assert settings(shipped) == settings(measured)
+    assert (shipped.run.export, measured.run.export) == (True, False)
