@@ -68,8 +68,13 @@ def uncached_modules() -> int:
     """Imported modules with no bytecode cached on disk: Python compiled each from source in this process and will
     again in the next (``PYTHONDONTWRITEBYTECODE`` set, as many container images do, or packages installed without
     ``.pyc`` in a read-only place)."""
-    return sum(1 for module in list(sys.modules.values())
-               if isinstance(cached := getattr(module, "__cached__", None), str) and not os.path.exists(cached))
+    count = 0
+    for module in list(sys.modules.values()):
+        names = getattr(module, "__dict__", {})  # not getattr(module, ...): lazy modules' __getattr__ hooks stay out
+        source, cached = names.get("__file__"), names.get("__cached__")
+        if isinstance(source, str) and isinstance(cached, str) and not os.path.exists(cached):
+            count += os.path.isfile(source)  # a source file on disk, not one inside a zip archive
+    return count
 
 
 def bytecode_note(minimum: int = 100) -> Optional[str]:

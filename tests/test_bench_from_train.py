@@ -157,3 +157,16 @@ def test_what_it_cannot_read_is_one_error_line(tmp_path: Path) -> None:
     assert result.returncode == 2 and result.stderr.splitlines() == [
         f"error: --from-train = '{run}': its train lines do not give their world size and its ds_config.json does "
         "not either"]
+
+
+def test_a_rounding_remainder_prints_as_zero_not_minus_zero() -> None:
+    """The rest of the wall time is a difference of measured times: -0.001 s (a rounding remainder) prints as 0.0 s;
+    a real negative remainder still shows."""
+    from pipeline.bench import format_train_report
+
+    report = {"run_dir": "run", "world_sizes": [1], "stages": [], "wall_s": 10.0, "train_s": 4.0, "warmup_s": 3.0,
+              "eval_s": 1.0, "evaluations": 2, "startup_s": 2.001, "other_s": -0.001, "not_training_share": 0.6,
+              "surprises": []}
+    assert "resumed processes' start-up) 0.0 s;" in format_train_report(report)[-1]
+    report["other_s"] = -0.3
+    assert "resumed processes' start-up) -0.3 s;" in format_train_report(report)[-1]

@@ -110,19 +110,21 @@ def test_modules_imported_without_a_bytecode_cache_are_counted(tmp_path: Path, m
                                                                 ) -> None:
     """A module imported while Python writes no bytecode (PYTHONDONTWRITEBYTECODE) counts as uncached and reaches the
     note; one imported with its bytecode written does not."""
-    for name in ("uncached_probe_module", "cached_probe_module"):
+    names = ("uncached_probe_module", "cached_probe_module")
+    for name in names:
         (tmp_path / f"{name}.py").write_text("VALUE = 1\n")
-        monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.syspath_prepend(str(tmp_path))
     before = uncached_modules()
-    monkeypatch.setattr(sys, "dont_write_bytecode", True)
-    importlib.import_module("uncached_probe_module")
-    assert uncached_modules() == before + 1
-    monkeypatch.setattr(sys, "dont_write_bytecode", False)
-    importlib.import_module("cached_probe_module")
-    assert uncached_modules() == before + 1
-    note = bytecode_note(minimum=before + 1)
-    assert note is not None and f"{before + 1} imported modules" in note and "PYTHONDONTWRITEBYTECODE" in note
-    assert bytecode_note(minimum=before + 2) is None
-    for name in ("uncached_probe_module", "cached_probe_module"):
-        del sys.modules[name]
+    try:
+        monkeypatch.setattr(sys, "dont_write_bytecode", True)
+        importlib.import_module("uncached_probe_module")
+        assert uncached_modules() == before + 1
+        monkeypatch.setattr(sys, "dont_write_bytecode", False)
+        importlib.import_module("cached_probe_module")
+        assert uncached_modules() == before + 1
+        note = bytecode_note(minimum=before + 1)
+        assert note is not None and f"{before + 1} imported modules" in note and "PYTHONDONTWRITEBYTECODE" in note
+        assert bytecode_note(minimum=before + 2) is None
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)

@@ -322,7 +322,8 @@ def test_the_seq_warmup_recipes_are_the_measured_runs(recipe: str, study: str) -
 
     def plan(config: Any) -> Any:  # lr_source says how the LR was written (lr_mult 1.0 or left out), not what it is
         schedule = build_schedule(config)
-        return dataclasses.replace(schedule, stages=tuple(dataclasses.replace(s, lr_source="") for s in schedule.stages))
+        stages = tuple(dataclasses.replace(stage, lr_source="") for stage in schedule.stages)
+        return dataclasses.replace(schedule, stages=stages)
 
     def settings(config: Any) -> dict[str, Any]:
         dumped = config.model_dump()
