@@ -405,6 +405,11 @@ class RunConfig(Section):
     """Run directory; default ``runs/<name>``. ``train --output-dir`` overrides it."""
     eval_every: Steps = 100
     """Evaluate every N steps (0: only at the end). Evaluation is always at the full sequence length."""
+    eval_every_tokens: Tokens = 0
+    """Evaluate each time the tokens trained pass a multiple of N instead (0: off; ``eval_every`` then defaults to
+    0, and giving both is an error). Runs whose steps hold different numbers of tokens, a curriculum and its
+    fixed-length baseline, then evaluate at the same token counts: the same number of evaluations, the same points
+    for ``compare``."""
     eval_batches: Batch = 8
     """Batches of ``eval_batch`` full-length sequences in each evaluation: the evaluation set is the first
     ``eval_batch x eval_batches`` windows of ``val.bin``, the same for every world size."""
@@ -435,6 +440,15 @@ class RunConfig(Section):
     two collectives in which ranks differ: a cold compile on one node (88 s for GPT-2 124M on an H200), DeepSpeed's
     first JIT op build (40-95 s), a checkpoint save to a slow filesystem, nodes started by hand a while apart.
     A dead rank is found by its heartbeat long before this. 1 .. 86400."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_eval_interval(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("eval_every_tokens"):
+            if data.get("eval_every"):
+                raise ValueError("give eval_every or eval_every_tokens, not both (set the other to 0)")
+            data = {**data, "eval_every": 0}
+        return data
 
     @model_validator(mode="after")
     def _one_budget(self) -> "RunConfig":

@@ -96,7 +96,7 @@ def compare_runs(run_dirs: Sequence[Path], target_loss: Optional[float]
         evals = eval_rows(records)
         if not evals:
             raise ConfigError("RUN_DIR", str(run_dir), "has no evaluation yet (kind: eval lines); compare needs "
-                                                       "held-out losses (run.eval_every)")
+                                                       "held-out losses (run.eval_every or run.eval_every_tokens)")
         loaded.append((run_dir, paths, records, evals))
     target = target_loss if target_loss is not None else loaded[0][3][-1]["eval_loss"]
     runs = []
