@@ -406,10 +406,10 @@ class RunConfig(Section):
     eval_every: Steps = 100
     """Evaluate every N steps (0: only at the end). Evaluation is always at the full sequence length."""
     eval_every_tokens: Tokens = 0
-    """Evaluate each time the tokens trained pass a multiple of N instead (0: off; ``eval_every`` then defaults to
-    0, and giving both is an error). Runs whose steps hold different numbers of tokens, a curriculum and its
-    fixed-length baseline, then evaluate at the same token counts: the same number of evaluations, the same points
-    for ``compare``."""
+    """When not 0, replaces ``eval_every`` (written as 0 in the run's config.json): evaluate after the step that
+    brings the tokens trained to or past each multiple of N. Runs whose steps hold different numbers of tokens, a
+    curriculum and its fixed-length baseline, then evaluate at about the same token counts (exactly, where N is a
+    multiple of every stage's tokens per step) and as often."""
     eval_batches: Batch = 8
     """Batches of ``eval_batch`` full-length sequences in each evaluation: the evaluation set is the first
     ``eval_batch x eval_batches`` windows of ``val.bin``, the same for every world size."""
@@ -441,14 +441,13 @@ class RunConfig(Section):
     first JIT op build (40-95 s), a checkpoint save to a slow filesystem, nodes started by hand a while apart.
     A dead rank is found by its heartbeat long before this. 1 .. 86400."""
 
-    @model_validator(mode="before")
-    @classmethod
-    def _one_eval_interval(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("eval_every_tokens"):
-            if data.get("eval_every"):
-                raise ValueError("give eval_every or eval_every_tokens, not both (set the other to 0)")
-            data = {**data, "eval_every": 0}
-        return data
+    @model_validator(mode="after")
+    def _tokens_replace_steps(self) -> "RunConfig":
+        """A token interval replaces the step interval (also one a recipe sets): the step interval becomes 0,
+        without another round of validation."""
+        if self.eval_every_tokens and self.eval_every:
+            self.__dict__["eval_every"] = 0
+        return self
 
     @model_validator(mode="after")
     def _one_budget(self) -> "RunConfig":

@@ -244,10 +244,6 @@ class Schedule:
         stage = self.stage_at(step)
         return stage.start_tokens + (step - stage.start_step) * stage.tokens_per_step
 
-    def passes_tokens(self, step: int, every: int) -> bool:
-        """Whether step ``step`` takes the tokens trained past a multiple of ``every`` (``run.eval_every_tokens``)."""
-        return self.tokens_before(step + 1) // every > self.tokens_before(step) // every
-
     def distinct_shapes(self) -> list[tuple[int, int]]:
         """The (micro_batch, seq_len) shapes the run trains with, in order of first use."""
         return list(dict.fromkeys((stage.micro_batch, stage.seq_len) for stage in self.stages))

@@ -215,7 +215,8 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
             break
         paused = time.perf_counter()
         every, every_tokens = config.run.eval_every, config.run.eval_every_tokens
-        due = schedule.passes_tokens(step, every_tokens) if every_tokens else every > 0 and state.step % every == 0
+        due = (state.tokens // every_tokens > (state.tokens - step_tokens) // every_tokens if every_tokens
+               else every > 0 and state.step % every == 0)
         improved = due and state.step < schedule.total_steps and evaluate()
         periodic = (config.run.checkpoint_every > 0 and state.step % config.run.checkpoint_every == 0) or values.stop
         if periodic or improved:

@@ -102,9 +102,6 @@ CASES = [
          "error: run.total_steps = 80:", "greater than the step this stage starts at (100)"),
     Case("both run budgets", TWO_STAGES + "run: {total_steps: 300, total_tokens: 5000}\n",
          "error: run = {'total_steps': 300, 'total_tokens': 5000}:", "give total_steps or total_tokens, not both"),
-    Case("both evaluation intervals", TWO_STAGES + "run: {eval_every: 10, eval_every_tokens: 4096}\n",
-         "error: run = {'eval_every': 10, 'eval_every_tokens': 4096}:",
-         "give eval_every or eval_every_tokens, not both (set the other to 0)"),
     Case("heartbeat timeout under three beats", TWO_STAGES + "run: {heartbeat_timeout_s: 1}\n",
          "error: run.heartbeat_timeout_s = 1:", "greater than or equal to 3"),
     Case("lr_events at_step past the end", TWO_STAGES.replace("  stages:", "  lr_events: [{at_step: 500, multiply: "

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from conftest import REPO_ROOT, run_cli
 
+from curriculum.errors import ConfigError
 from curriculum.loading import load_config, recipe_names, resolve_config_path
 from curriculum.schedule import build_schedule
 from pipeline.cli import commands, setup_arguments
@@ -305,6 +306,23 @@ def test_a_bad_max_steps_is_one_error_line(args: list[str], env: dict[str, str],
     """0, negative or not a number: exit 2 and one line, naming the variable only when it set the value."""
     result = run_cli(["plan", "--config", "tiny-cpu", *args], env=env)
     assert (result.returncode, result.stdout, result.stderr) == (2, "", line + "\n")
+
+
+@pytest.mark.parametrize("source", ["--set", "environment"])
+def test_a_token_interval_replaces_a_recipes_step_interval(source: str) -> None:
+    """``run.eval_every_tokens`` on a recipe that sets ``eval_every`` (tiny-cpu: 50), by ``--set`` or by a ``CPT_``
+    variable: the step interval becomes 0, in the config and in what a run writes to its config.json, which reads
+    back to the same run settings; a bad token interval is still an error of its own."""
+    by_set = source == "--set"
+    sets = ["run.eval_every_tokens=4096"] if by_set else []
+    environ = {} if by_set else {"CPT_RUN__EVAL_EVERY_TOKENS": "4096"}
+    assert load_config("tiny-cpu", environ={}).run.eval_every == 50
+    config = load_config("tiny-cpu", sets, environ=environ)
+    assert (config.run.eval_every, config.run.eval_every_tokens) == (0, 4096)
+    written = config.model_dump(mode="json")
+    assert written["run"]["eval_every"] == 0 and type(config).model_validate(written).run == config.run
+    with pytest.raises(ConfigError, match="must be a number, not true"):
+        load_config("tiny-cpu", ["run.eval_every_tokens=true"], environ={})
 
 
 @pytest.mark.parametrize(("recipe", "study"), [("gpt2-124m-seq-warmup", "length-warmup"),

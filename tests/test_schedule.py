@@ -216,28 +216,6 @@ def test_until_step_and_until_tokens_agree() -> None:
     assert by_tokens.total_tokens == 32_768  # 10 x 2048 + 3 x 4096
 
 
-def test_passes_tokens_marks_the_steps_that_cross_a_multiple() -> None:
-    """2,048 tokens per step for 10 steps, then 4,096 for 4: the multiples of 6,144 are reached or passed by steps
-    2, 5 and 8 (6,144, 12,288, 18,432 tokens), 10 (24,576), 12 (32,768 passes 30,720) and 13 (36,864); not by step
-    11 (28,672)."""
-    schedule = build_schedule(make_config({"stages": [
-        {"until_step": 10, "seq_len": 64, "global_batch": 32},
-        {"until_step": 14, "seq_len": 128, "global_batch": 32}]}))
-    assert [step for step in range(schedule.total_steps) if schedule.passes_tokens(step, 6144)] == [2, 5, 8, 10, 12, 13]
-
-
-def test_eval_every_tokens_turns_the_step_interval_off_and_rejects_both() -> None:
-    """Given alone, ``run.eval_every_tokens`` sets ``eval_every`` to 0 (also when read back from a run's
-    config.json, which writes both); with a step interval as well it is an error naming both."""
-    stages = {"stages": [{"until_step": 10, "seq_len": 64, "global_batch": 32}]}
-    config = make_config(stages, {"eval_every_tokens": 4096})
-    assert (config.run.eval_every, config.run.eval_every_tokens) == (0, 4096)
-    assert make_config(stages, config.run.model_dump()).run == config.run
-    assert make_config(stages, {"eval_every": 0, "eval_every_tokens": 4096}).run == config.run
-    with pytest.raises(ConfigError, match="give eval_every or eval_every_tokens, not both"):
-        make_config(stages, {"eval_every": 50, "eval_every_tokens": 4096})
-
-
 # --------------------------------------------------------------------------------------------------- run.max_steps
 
 # The hand-written run (stages 0-9, 10-21, 22-43; warmups 2, 5, 0; 2,048 tokens per step; LR event at 15) cut at N:

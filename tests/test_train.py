@@ -239,13 +239,13 @@ def test_single_process_follows_the_plan_and_writes_every_output(straight_w1: Ru
 
 
 def test_evaluations_every_n_tokens_follow_the_tokens_not_the_steps(config: Path, tmp_path: Path) -> None:
-    """``run.eval_every_tokens=640`` with stage 0 cut to 4 x 32 = 128 tokens per step (then 256): the tokens trained
-    pass 640, 1,280, 1,920 and 2,560 after steps 4, 7, 9 and 12, where it evaluates; the run's final evaluation
-    follows step 14. Every 5 steps would have been 4, 9 and 14."""
+    """``run.eval_every_tokens=640`` (replacing the config's every 5 steps) with stage 0 cut to 4 x 32 = 128 tokens
+    per step (then 256): the tokens trained reach or pass 640, 1,280, 1,920 and 2,560 at steps 4, 7, 9 and 12, where
+    it evaluates; the run's final evaluation follows step 14. Every 5 steps would have been 4, 9 and 14."""
     run_dir = tmp_path / "run"
     run = Run(run_dir, cli_train(config, run_dir, "--set", "curriculum.stages.0.global_batch=4", "--set",
-                                 "run.eval_every=0", "--set", "run.eval_every_tokens=640", "--set",
-                                 "run.checkpoint_every=0", "--set", "run.export=false"))
+                                 "run.eval_every_tokens=640", "--set", "run.checkpoint_every=0", "--set",
+                                 "run.export=false"))
     evals = run.eval_rows()
     assert [(r["step"], r["tokens"]) for r in evals] == [(4, 640), (7, 1408), (9, 1920), (12, 2688), (14, 3200)]
 
