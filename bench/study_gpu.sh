@@ -8,6 +8,8 @@
 # curricula, a second seed of the baseline and of the best curriculum, stability at the baseline's first unstable
 # LR, the baseline and the best curriculum at 4x the tokens, the seed's LR rule, lr-find), so a study cut short by
 # time still has the main comparison. With two GPUs or more each corpus has its own GPU; with one they take turns.
+# Round 0 runs the curriculum's first two steps once per corpus: on a fresh machine that builds DeepSpeed's FusedAdam
+# and compiles the length-warmup shapes (about 3 minutes on an H200), so the timed runs after it start warm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT_DIR:-runs/study-gpu}"
@@ -40,6 +42,8 @@ study() {  # study CORPUS SETTING...: bench/study.sh for one corpus with these s
 
 round() {  # round N CORPUS: the Nth of the study's steps for one corpus; status 1 past the last
     case $1 in
+        0) $CPT train --config bench/study-gpu/length-warmup.yaml --set data.dir="data/$2" --stop-at-step 2 \
+               --output-dir "$OUT_DIR/$2/prewarm" >> "$OUT_DIR/$2.log" 2>&1 || true ;;
         1) study "$2" STEPS=sweep ;;
         2) study "$2" STEPS=variants VARIANTS="length length-warmup batch-warmup baseline-stage-shape" ;;
         3) study "$2" STEPS=variants VARIANTS="pacing length-reshape" ;;
@@ -55,9 +59,9 @@ round() {  # round N CORPUS: the Nth of the study's steps for one corpus; status
 gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
 if [ "$gpus" -ge ${#CORPORA[@]} ]; then
     for i in "${!CORPORA[@]}"; do
-        (export CUDA_VISIBLE_DEVICES=$i; for ((n = 1; ; n++)); do round "$n" "${CORPORA[$i]}" || break; done) &
+        (export CUDA_VISIBLE_DEVICES=$i; for ((n = 0; ; n++)); do round "$n" "${CORPORA[$i]}" || break; done) &
     done
     wait
 else
-    for ((n = 1; ; n++)); do for corpus in "${CORPORA[@]}"; do round "$n" "$corpus" || break 2; done; done
+    for ((n = 0; ; n++)); do for corpus in "${CORPORA[@]}"; do round "$n" "$corpus" || break 2; done; done
 fi
