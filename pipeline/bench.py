@@ -370,9 +370,11 @@ def format_train_report(report: dict[str, Any]) -> list[str]:
                      f"{s['reference_tok_per_s_per_gpu']:,.0f} ({gpus(report['reference_world_sizes'])})")
         lines.append(line)
     share = report["not_training_share"]
-    other = None if share is None else round(report["other_s"], 1) + 0.0  # + 0.0: a rounding's -0.0 reads 0.0
-    rest = "" if share is None else (f", start-up {report['startup_s']:.1f} s, other (checkpoint saves, rollbacks, "
-                                     f"resumed processes' start-up) {other:.1f} s")
+    rest = ""
+    if share is not None:
+        other = round(report["other_s"], 1) + 0.0  # + 0.0: a rounding's -0.0 reads 0.0
+        rest = (f", start-up {report['startup_s']:.1f} s, other (checkpoint saves, rollbacks, resumed processes' "
+                f"start-up) {other:.1f} s")
     lines.append(f"wall {report['wall_s']:.1f} s: training steps {report['train_s'] or 0:.1f} s, compile + warm-up "
                  f"{report['warmup_s']:.1f} s, {report['evaluations']} evaluations {report['eval_s']:.1f} s{rest}; "
                  f"not training: {'-' if share is None else f'{100 * share:.1f} %'}")

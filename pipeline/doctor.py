@@ -72,7 +72,7 @@ from curriculum.errors import ConfigError
 from curriculum.schedule import LRWindow, Schedule, Stage, build_schedule
 from pipeline.commands import load_config_from_args, world_size_argument
 from pipeline.data import MANIFEST_FILE, read_manifest
-from pipeline.ds_config import cpu_offload, derive_ds_config, resolve_precision
+from pipeline.ds_config import cpu_offload, derive_ds_config, resolve_precision, zero_stage
 from pipeline.environment import sanitize_cuda_arch_list
 from pipeline.external import is_number, read_json_object
 from pipeline.model import model_config_dict
@@ -572,12 +572,12 @@ def check_ds_config(config: Config, schedule: Schedule, device: Device) -> list[
                         "precision and the optimizer come from the run config, not the DeepSpeed JSON")]
     if not cpu_offload(ds):
         return []
-    zero_stage = ds.get("zero_optimization", {}).get("stage", 0)
+    stage = zero_stage(ds)
     where = ("deepspeed.overrides.zero_optimization.offload_optimizer"
              if "zero_optimization" in config.deepspeed.overrides else "deepspeed.template")
-    if zero_stage == 0:
+    if stage == 0:
         return [Finding("error", "ds-config", where,
-                        f"offload_optimizer.device is cpu with ZeRO stage {zero_stage}: optimizer offload is part of "
+                        f"offload_optimizer.device is cpu with ZeRO stage {stage}: optimizer offload is part of "
                         f"ZeRO and needs stage 1, 2 or 3",
                         "set deepspeed.overrides.zero_optimization.stage to 1, 2 or 3 (or template zero2), or drop "
                         "the offload")]

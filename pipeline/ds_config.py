@@ -177,6 +177,11 @@ def _check_numbers(value: Any, path: str) -> None:
         _check_numbers(item, f"{path}.{key}")
 
 
+def zero_stage(ds: dict[str, Any]) -> int:
+    """The ZeRO stage a DeepSpeed config asks for (0 when it names none)."""
+    return ds.get("zero_optimization", {}).get("stage", 0)
+
+
 def cpu_offload(ds: dict[str, Any]) -> bool:
     """Whether the optimizer state lives on the CPU (ZeRO-Offload), which needs DeepSpeed's CPUAdam."""
     offload = ds.get("zero_optimization", {}).get("offload_optimizer") or {}

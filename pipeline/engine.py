@@ -551,7 +551,7 @@ def build_engine(config: Config, schedule: Schedule, ds_config: dict[str, Any], 
     on every rank and for every call with the same seed and device kind, not the same on a GPU as on the CPU."""
     import deepspeed
 
-    from pipeline.ds_config import cpu_offload
+    from pipeline.ds_config import cpu_offload, zero_stage
     from pipeline.kernels import CausalLMWithLoss, choose_kernels, patch_model_classes, swap_apex_norms
     from pipeline.model import build_model
 
@@ -559,7 +559,7 @@ def build_engine(config: Config, schedule: Schedule, ds_config: dict[str, Any], 
     choice = choose_kernels(config.kernels, config.model.arch, device.type == "cuda")
     for note in choice.notes:
         log(note)
-    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    zero3 = zero_stage(ds_config) == 3
     if zero3:
         choice = _kernels_for_zero3(choice, config, log)
     patch_model_classes(choice)

@@ -73,7 +73,7 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     from pipeline.batches import Prefetcher, load_run_data
     from pipeline.checkpoint import Checkpointer, RunState, resolve_resume, tag_for
     from pipeline.commands import output_directory
-    from pipeline.ds_config import derive_ds_config
+    from pipeline.ds_config import derive_ds_config, zero_stage
     from pipeline.engine import build_engine, close_processes, device_precision, init_processes, peak_flops
     from pipeline.environment import bytecode_note
     from pipeline.guard import SpikeGuard
@@ -99,8 +99,8 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     model_fields = model_config_dict(config.model, tokenizer["vocab_size"], schedule.max_seq_len, tokenizer["eot_id"])
     checkpointer = Checkpointer(run_dir.checkpoints, config.run.keep_checkpoints, rank, world_size)
     resume_path = resolve_resume(resume, checkpointer, log)
-    zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    _check_resume(run_dir, resume_path, config, schedule, model_fields, zero_stage)
+    zero = zero_stage(ds_config)
+    _check_resume(run_dir, resume_path, config, schedule, model_fields, zero)
     startup.done("data and checks")
 
     # ------------------------------------------------------------------ the engine, compiled graphs, the run state
@@ -114,7 +114,7 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
             + ", ".join(f"{shape} {seconds:.1f} s" for shape, seconds in shapes.items()))
         startup.done("compile warm-up")
     state = RunState(curriculum=config.curriculum.model_dump(mode="json"), model=model_fields, world_size=world_size,
-                     zero_stage=zero_stage)
+                     zero_stage=zero)
     if resume_path is not None:
         state = _restore(checkpointer, engine, resume_path, config, model_fields, log)
     guard = SpikeGuard(config.guard)
