@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Optional
 
 import pytest
 from conftest import run_cli
@@ -13,17 +14,10 @@ from conftest import run_cli
 ONE_GPU_TOK_PER_S = {(128, 1024): [50.0, 1000.0, 1010.0, 990.0], (1024, 512): [40.0, 800.0, 820.0, 810.0]}
 
 
-def write_run(run_dir: Path, world_size: int, tok_per_s: dict[tuple[int, int], list[float]],
-              sizes_in_lines: bool = True) -> Path:
-    """A run directory with ``ds_config.json`` for ``world_size`` ranks (micro-batch 8, accumulation to the first
-    stage's global batch) and one train line per step, 1,000 tokens each, carrying ``world_size`` as train writes
-    it (or not, as lines written before it did)."""
-    run_dir.mkdir(parents=True)
-    (seq_len, global_batch), *_ = tok_per_s
-    micro = 8
-    (run_dir / "ds_config.json").write_text(json.dumps({
-        "train_batch_size": global_batch, "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": global_batch // (micro * world_size)}))
+def train_lines(world_size: int, tok_per_s: dict[tuple[int, int], list[float]],
+                sizes_in_lines: bool = True) -> list[dict[str, Any]]:
+    """One train line per step, 1,000 tokens each, a stage per ``(seq_len, global_batch)``, carrying ``world_size``
+    as train writes it (or not, as lines written before it did)."""
     lines, step = [], 0
     for stage, ((seq_len, global_batch), rates) in enumerate(tok_per_s.items()):
         for rate in rates:
@@ -32,6 +26,20 @@ def write_run(run_dir: Path, world_size: int, tok_per_s: dict[tuple[int, int], l
                           "mfu": None, "elapsed_s": step + 10.0, "train_s": float(step),
                           **({"world_size": world_size} if sizes_in_lines else {})})
             step += 1
+    return lines
+
+
+def write_run(run_dir: Path, world_size: int, tok_per_s: dict[tuple[int, int], list[float]],
+              sizes_in_lines: bool = True, lines: Optional[list[dict[str, Any]]] = None) -> Path:
+    """A run directory with ``ds_config.json`` for ``world_size`` ranks (micro-batch 8, accumulation to the first
+    stage's global batch) and ``metrics.jsonl``: ``lines``, or ``train_lines`` of the same arguments."""
+    run_dir.mkdir(parents=True)
+    (seq_len, global_batch), *_ = tok_per_s
+    micro = 8
+    (run_dir / "ds_config.json").write_text(json.dumps({
+        "train_batch_size": global_batch, "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": global_batch // (micro * world_size)}))
+    lines = train_lines(world_size, tok_per_s, sizes_in_lines) if lines is None else lines
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return run_dir
 
@@ -60,11 +68,8 @@ def test_a_run_resumed_on_another_world_size_is_divided_line_by_line(tmp_path: P
     """Stage 0 on 2 GPUs, then resumed on 1 (its ds_config.json says 1): stage 0 is 1,900 tok/s, 950 per GPU, not
     1,900 per GPU; stage 1 mixes both and its median is of per-GPU figures."""
     rates = {(128, 1024): [1.0, 1900.0, 1900.0], (1024, 512): [1.0, 1600.0, 810.0]}
-    run = write_run(tmp_path / "resumed", 1, rates)
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    for line, size in zip(lines, [2, 2, 2, 2, 2, 1]):
-        line["world_size"] = size
-    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    lines = [{**line, "world_size": size} for line, size in zip(train_lines(1, rates), [2, 2, 2, 2, 2, 1])]
+    run = write_run(tmp_path / "resumed", 1, rates, lines=lines)
     out = tmp_path / "report.json"
     result = run_cli(["bench", "--from-train", str(run), "--output", str(out)])
     assert result.returncode == 0, result.stderr
@@ -79,13 +84,12 @@ def test_a_run_resumed_on_another_world_size_is_divided_line_by_line(tmp_path: P
 def test_the_wall_time_is_split_into_steps_compile_evaluation_start_up_and_the_rest(tmp_path: Path) -> None:
     """Step 0 ends at 17 s after 2 s of step time and a 5 s warm-up: 10 s of start-up. 21 s of wall time = 4 s of
     steps + 5 s warm-up + 1.5 s of evaluation + 10 s start-up + 0.5 s of the rest (a checkpoint save, say)."""
-    run = write_run(tmp_path / "run", 1, {(128, 1024): [1.0, 1000.0, 1000.0]})
-    lines = [{"kind": "compile", "step": 0, "graphs": ["8x128"], "warmup_s": 5.0}]
-    lines += [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    for line, (elapsed, train_s) in zip(lines[1:], [(17.0, 2.0), (18.0, 3.0), (21.0, 4.0)]):
-        line["elapsed_s"], line["train_s"] = elapsed, train_s
-    lines.insert(3, {"kind": "eval", "step": 1, "eval_loss": 5.0, "eval_s": 1.5, "elapsed_s": 19.5, "train_s": 3.0})
-    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    rates = {(128, 1024): [1.0, 1000.0, 1000.0]}
+    train = [{**line, "elapsed_s": elapsed, "train_s": train_s}
+             for line, (elapsed, train_s) in zip(train_lines(1, rates), [(17.0, 2.0), (18.0, 3.0), (21.0, 4.0)])]
+    lines = [{"kind": "compile", "step": 0, "graphs": ["8x128"], "warmup_s": 5.0}, *train[:2],
+             {"kind": "eval", "step": 1, "eval_loss": 5.0, "eval_s": 1.5, "elapsed_s": 19.5, "train_s": 3.0}, train[2]]
+    run = write_run(tmp_path / "run", 1, rates, lines=lines)
     out = tmp_path / "report.json"
     result = run_cli(["bench", "--from-train", str(run), "--output", str(out)])
     assert result.returncode == 0, result.stderr
@@ -100,13 +104,12 @@ def test_a_resumed_process_keeps_its_warm_up_out_of_the_first_start_up(tmp_path:
     """The first process: 10 s of start-up, a 5 s warm-up, steps 0-1 (1 s each). The second, resumed at step 2: 8 s of
     start-up and a 4 s warm-up (its compile line at step 2), then step 2. Start-up 10 s; compile 9 s; the other 8 s
     are the second process's start-up."""
-    run = write_run(tmp_path / "run", 1, {(128, 1024): [1.0, 1000.0, 1000.0]})
-    train = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    for line, (elapsed, train_s) in zip(train, [(16.0, 1.0), (17.0, 2.0), (30.0, 3.0)]):
-        line["elapsed_s"], line["train_s"] = elapsed, train_s
+    rates = {(128, 1024): [1.0, 1000.0, 1000.0]}
+    train = [{**line, "elapsed_s": elapsed, "train_s": train_s}
+             for line, (elapsed, train_s) in zip(train_lines(1, rates), [(16.0, 1.0), (17.0, 2.0), (30.0, 3.0)])]
     lines = [{"kind": "compile", "step": 0, "warmup_s": 5.0}, *train[:2],
              {"kind": "compile", "step": 2, "warmup_s": 4.0}, train[2]]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    run = write_run(tmp_path / "run", 1, rates, lines=lines)
     out = tmp_path / "report.json"
     assert run_cli(["bench", "--from-train", str(run), "--output", str(out)]).returncode == 0
     report = json.loads(out.read_text())

@@ -329,13 +329,14 @@ def test_a_token_interval_replaces_a_recipes_step_interval(source: str) -> None:
                                                 ("gpt2-124m-seq-warmup-baseline", "baseline")])
 def test_the_seq_warmup_recipes_are_the_measured_runs(recipe: str, study: str) -> None:
     """docs/RESULTS.md measured these recipes as the GPU study's configs at 4x the tokens (bench/longer.py) with the
-    tuned LR: the same plan step for step (stages, LRs, warmups, clips) and the same settings otherwise, but for the
-    name and the export a recipe makes at its end."""
+    tuned LR and an evaluation every 1,048,576 tokens: the same plan step for step (stages, LRs, warmups, clips) and
+    the same settings otherwise, but for the name and the export a recipe makes at its end."""
     spec = importlib.util.spec_from_file_location("longer", REPO_ROOT / "bench" / "longer.py")
     longer = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(longer)
     path = REPO_ROOT / "bench" / "study-gpu" / f"{study}.yaml"
-    sets = [*longer.longer_sets(yaml.safe_load(path.read_text()), 4), "curriculum.base_lr=6e-4"]
+    sets = [*longer.longer_sets(yaml.safe_load(path.read_text()), 4), "curriculum.base_lr=6e-4",
+            "run.eval_every_tokens=1048576"]
     measured, shipped = load_config(str(path), sets, environ={}), load_config(recipe, environ={})
 
     def plan(config: Any) -> Any:  # lr_source says how the LR was written (lr_mult 1.0 or left out), not what it is

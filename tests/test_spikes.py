@@ -15,7 +15,7 @@ from curriculum.config import GuardConfig
 from pipeline.diagnose import find_spikes
 from pipeline.guard import SpikeGuard
 from pipeline.spikes import SpikeRule, find_spike_steps, robust_centre_and_spread
-from pipeline.sweep import loss_spikes
+from pipeline.sweep import spike_steps
 
 ROBUST, RATIO = SpikeRule(), SpikeRule("ratio")
 
@@ -95,7 +95,7 @@ def test_a_jump_from_3_to_5_5_is_a_spike() -> None:
     """1.83x the running mean passes the ratio rule's 2x bar; it is about 100 spreads above the median."""
     rows = lines(noisy(3.0, 30) + [5.5] + noisy(3.0, 5, seed=1))
     assert guard_flags(rows) == {30: "loss_spike"}
-    assert diagnose_flags(rows) == [30] and loss_spikes(rows) == [30]
+    assert diagnose_flags(rows) == [30] and list(spike_steps(rows)) == [30]
     assert guard_flags(rows, GuardConfig(method="ratio")) == {} and diagnose_flags(rows, RATIO) == []
 
 
@@ -125,7 +125,7 @@ def test_a_10x_lr_event_on_the_tiny_model_is_caught_by_its_gradient_norm() -> No
     rows = lines([loss for _, loss, _ in TEN_X_LR_EVENT], [norm for _, _, norm in TEN_X_LR_EVENT],
                  [stage for stage, _, _ in TEN_X_LR_EVENT])
     assert guard_flags(rows) == {15: "grad_norm_spike"}
-    assert diagnose_flags(rows) == [15] and loss_spikes(rows) == [15]
+    assert diagnose_flags(rows) == [15] and list(spike_steps(rows)) == [15]
     assert guard_flags(rows, GuardConfig(method="ratio")) == {} and diagnose_flags(rows, RATIO) == []
 
 
@@ -160,4 +160,4 @@ def test_normal_runs_of_the_shipped_recipes_raise_no_alarm(path: str) -> None:
     """Their worst step is under 4 spreads (3.3 and 1.7) and 3x the recent gradient norm (2.3x and 1.9x):
     neither the guard nor diagnose flags anything."""
     rows = recorded(REPO_ROOT / path)
-    assert guard_flags(rows) == {} and diagnose_flags(rows) == [] and loss_spikes(rows) == []
+    assert guard_flags(rows) == {} and diagnose_flags(rows) == [] and list(spike_steps(rows)) == []

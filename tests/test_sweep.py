@@ -26,7 +26,7 @@ from curriculum.loading import apply_set_overrides, validate_config
 from curriculum.schedule import build_schedule
 from pipeline.rundir import train_rows
 from pipeline.sweep import (Job, RunAnalysis, SweepAborted, analyze_run, analyze_sweep, classify_run, default_lrs,
-                            format_analysis, loss_spikes, lr_overrides, parse_gpus, parse_lrs, run_jobs, run_name)
+                            format_analysis, lr_overrides, parse_gpus, parse_lrs, run_jobs, run_name, spike_steps)
 from pipeline.sweep.grid import wandb_overrides
 
 # --------------------------------------------------------------------------------------------------- the LR grid
@@ -149,6 +149,11 @@ def with_loss(losses: list[float], step: int, loss: float) -> list[float]:
     return losses[:step] + [loss] + losses[step + 1:]
 
 
+def with_grad_norm(lines: list[dict[str, Any]], step: int, norm: float) -> list[dict[str, Any]]:
+    return [{**line, "grad_norm": norm} if line["kind"] == "train" and line["step"] == step else line
+            for line in lines]
+
+
 @pytest.mark.parametrize(("lines", "failed", "status", "reason"), [
     (records(falling()), False, "converged", None),
     (records(with_loss(falling(), 12, math.nan)), False, "diverged", "non-finite train loss from step 12"),
@@ -158,14 +163,16 @@ def with_loss(losses: list[float], step: int, loss: float) -> list[float]:
     (records(falling(), eval_loss=4.1), True, "diverged", "the trainer failed"),
     (records(falling(), guard_steps=[5]), False, "unstable", "1 guard event"),
     (records(with_loss(falling(), 15, 12.0)), False, "unstable", "loss spike at step 15"),
+    (with_grad_norm(records(falling()), 20, 30.0), False, "unstable", "gradient-norm spike at step 20"),
     (records(with_loss(falling(), 3, 12.0)), False, "converged", None),
     (records(falling(15, 8.0, 3.0) + falling(15, 6.5, 6.0), stage_steps=15), False, "converged", None),
 ], ids=["falling", "nan-loss", "inf-eval", "final-above-first", "trainer-failed", "guard-event", "spike",
-        "jump-before-10-steps-of-the-stage", "stage-switch-jump"])
+        "grad-norm-spike", "jump-before-10-steps-of-the-stage", "stage-switch-jump"])
 def test_status_of_a_run(lines: list[dict[str, Any]], failed: bool, status: str, reason: Optional[str]) -> None:
     """``diverged``: a non-finite loss, a failed trainer, or a final train loss (mean of the last 5 steps) above the
-    first; ``unstable``: guard events or a loss above 2x the mean of the previous steps of its stage (judged once
-    the stage has 10); ``converged`` otherwise. A jump at a stage switch (new sequence length) is no spike."""
+    first; ``unstable``: guard events or a spike, named by what spiked (a loss far above its stage's recent level,
+    judged once the stage has 10 steps; a gradient norm 10x its recent median); ``converged`` otherwise. A jump at a
+    stage switch (new sequence length) is no spike."""
     got, reasons = classify_run(lines, failed=failed)
     assert got == status, reasons
     if reason is None:
@@ -180,7 +187,7 @@ def test_spikes_are_steps_of_the_same_stage_and_exclude_non_finite_losses() -> N
     stage 1 at step 30 (loss 7.0 against stage 0's 4.0)."""
     losses = with_loss(with_loss(with_loss(falling(), 12, 12.0), 20, 12.0), 25, math.nan) + [7.0] * 5
     rows = train_rows(records(losses, stage_steps=30))
-    assert loss_spikes(rows) == [12, 20]
+    assert list(spike_steps(rows)) == [12, 20]
 
 
 def test_run_numbers_from_its_metrics() -> None:

@@ -26,7 +26,7 @@ sweep goes on with the others, except status 2 (bad input) on the first run, whi
 trainer's error. The sweep exits 0 when every run is done, 1 when some failed or stopped (the analysis is written
 either way), 2 on bad input.
 
-The analysis is pure functions over the runs' metrics records (``loss_spikes``, ``classify_run``,
+The analysis is pure functions over the runs' metrics records (``spike_steps``, ``classify_run``,
 ``analyze_run``, ``analyze_sweep``); the process handling (``run_jobs``) is separate.
 """
 
@@ -41,7 +41,7 @@ from typing import Optional
 
 from pipeline.rundir import RunDir, read_records
 from pipeline.sweep.analysis import (RunAnalysis, SweepAnalysis, analyze_run, analyze_sweep, classify_run,
-                                     format_analysis, loss_spikes, suggestions)
+                                     format_analysis, spike_steps, suggestions)
 from pipeline.sweep.grid import (check_run_names, default_lrs, lr_overrides, parse_gpus, parse_lrs, run_name,
                                  wandb_overrides)
 from pipeline.sweep.jobs import (BAD_INPUT_EXIT, Job, SweepAborted, child_environment, cuda_device_count, run_jobs,
@@ -50,8 +50,8 @@ from pipeline.sweep.manifest import MANIFEST, Manifest
 from pipeline.sweep.plots import plot_run_curves, plot_sweep
 
 __all__ = ["Job", "RunAnalysis", "SweepAborted", "SweepAnalysis", "analyze_run", "analyze_sweep", "child_environment",
-           "classify_run", "default_lrs", "format_analysis", "loss_spikes", "lr_overrides", "parse_gpus", "parse_lrs",
-           "run_jobs", "run_name", "suggestions"]
+           "classify_run", "default_lrs", "format_analysis", "lr_overrides", "parse_gpus", "parse_lrs",
+           "run_jobs", "run_name", "spike_steps", "suggestions"]
 
 
 HELP = "train once per LR and compare the runs"

@@ -10,6 +10,7 @@ from typing import Any, Literal, Mapping, Optional, Sequence
 
 from pipeline.diagnose import json_safe
 from pipeline.rundir import FINAL_LOSS_STEPS, final_train_loss, loss_rose, train_rows
+from pipeline.spikes import Spike, SpikeRule, find_spike_steps
 from pipeline.sweep.grid import run_name
 
 Status = Literal["converged", "unstable", "diverged", "not judged"]
@@ -39,7 +40,8 @@ class RunAnalysis:
     min_loss: Optional[float]
     """Lowest train loss."""
     spikes: list[int]
-    """Steps with a spike, as the spike guard and ``diagnose`` define it (``loss_spikes``)."""
+    """Steps with a spike of the loss or the gradient norm, as the spike guard and ``diagnose`` define it
+    (``spike_steps``)."""
     guard_events: int
     """``kind: guard`` lines in metrics.jsonl."""
     non_finite: bool
@@ -85,20 +87,19 @@ def finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def loss_spikes(train: Sequence[Mapping[str, Any]]) -> list[int]:
-    """Steps with a finite spike, as the spike guard and ``diagnose`` find them (``pipeline.spikes``, the guard's
-    default rule). Non-finite losses are left out here: they make a run diverged."""
-    from pipeline.spikes import SpikeRule, find_spike_steps
-
-    return [step for step, spike in find_spike_steps([dict(row) for row in train], SpikeRule()).items()
-            if not spike.non_finite]
+def spike_steps(train: Sequence[Mapping[str, Any]]) -> dict[int, Spike]:
+    """Step -> finite spike (of the loss or the gradient norm), as the spike guard and ``diagnose`` find them
+    (``pipeline.spikes``, the guard's default rule). Non-finite values are left out here: they make a run
+    diverged."""
+    return {step: spike for step, spike in find_spike_steps([dict(row) for row in train], SpikeRule()).items()
+            if not spike.non_finite}
 
 
 def classify_run(records: Sequence[Mapping[str, Any]], failed: bool = False) -> tuple[Status, list[str]]:
     """``diverged``: a non-finite loss, the trainer failed, or the loss ended above where it started (the final
     train loss, mean of the last 5 steps, or the last step's loss above the first step's). ``unstable``: guard
-    events or loss spikes. ``not judged``: neither, in a run of fewer than ``MIN_JUDGED_STEPS`` train lines.
-    ``converged`` otherwise."""
+    events or spikes, named by what spiked (the loss or the gradient norm). ``not judged``: neither, in a run of
+    fewer than ``MIN_JUDGED_STEPS`` train lines. ``converged`` otherwise."""
     train = train_rows(records)
     evals = [r["eval_loss"] for r in records if r.get("kind") == "eval"]
     diverged: list[str] = []
@@ -117,10 +118,12 @@ def classify_run(records: Sequence[Mapping[str, Any]], failed: bool = False) -> 
     guards = sum(1 for r in records if r.get("kind") == "guard")
     if guards:
         unstable.append(f"{guards} guard event{'s' if guards > 1 else ''}")
-    spikes = loss_spikes(train)
-    if spikes:
-        unstable.append(f"loss spike{'s' if len(spikes) > 1 else ''} at step{'s' if len(spikes) > 1 else ''} "
-                        f"{', '.join(map(str, spikes))}")
+    spikes = spike_steps(train)
+    for what, reason in (("loss", "loss_spike"), ("gradient-norm", "grad_norm_spike")):
+        steps = [step for step, spike in spikes.items() if spike.reason == reason]
+        if steps:
+            plural = "s" if len(steps) > 1 else ""
+            unstable.append(f"{what} spike{plural} at step{plural} {', '.join(map(str, steps))}")
     if unstable:
         return "unstable", unstable
     if len(train) < MIN_JUDGED_STEPS:
@@ -142,7 +145,7 @@ def analyze_run(lr: float, records: Sequence[Mapping[str, Any]], failed: bool = 
         final_train_loss=final_train_loss(train),
         final_eval_loss=evals[-1] if evals and finite(evals[-1]) else None,
         min_loss=min(finite_losses) if finite_losses else None,
-        spikes=loss_spikes(train), guard_events=sum(1 for r in records if r.get("kind") == "guard"),
+        spikes=sorted(spike_steps(train)), guard_events=sum(1 for r in records if r.get("kind") == "guard"),
         non_finite=len(finite_losses) < len(losses) or not all(finite(x) for x in evals),
         failed=failed, complete=complete)
 
