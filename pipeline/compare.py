@@ -6,11 +6,15 @@ lines: the final held-out loss, and the tokens, training seconds (``train_s``: s
 reached the target, interpolated linearly between the two evaluations around the crossing. The target is
 ``--target-loss`` or the first run's final held-out loss, so with a tuned baseline first the question is "how much
 sooner does each run reach the baseline's loss". Speedups are the first run's figure over each run's. Also per run:
+the token speedup to the first run's held-out loss at 25, 50, 75 and 100 % of the tokens it has been evaluated at
+(``milestones``; a curriculum's lead mid-run can be several times its lead at the end of the baseline's LR decay, so
+a second table shows both; only the end point compares like with like);
 spike-guard events, spikes as the guard defines them (``pipeline.spikes``), and the run's status as ``sweep``
 classifies it (converged, unstable, diverged).
 
-Writes ``compare.json``, ``compare.md`` (the table) and ``compare.png`` (held-out loss against tokens and against
-wall-clock seconds, the target dashed; the training loss against tokens) into ``--output-dir``.
+Writes ``compare.json`` (with the milestones' losses), ``compare.md`` (the two tables) and ``compare.png`` (held-out
+loss against tokens and against wall-clock seconds, the target dashed; the training loss against tokens) into
+``--output-dir``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from pipeline.rundir import RunDir, eval_rows, read_records, train_rows
 HELP = "compare runs: held-out loss, and tokens and seconds to a target loss, against the first run"
 AXES = ("tokens", "train_s", "elapsed_s")
 """The axes time-to-target is measured on: tokens trained, seconds in training steps, wall-clock seconds."""
+PROGRESS = (0.25, 0.5, 0.75, 1.0)
+"""Points along the first run (fractions of its last evaluation's tokens) at whose held-out loss every run's token
+speedup is given too (``milestones``)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +65,9 @@ class RunComparison:
     """tokens, train_s and elapsed_s when the held-out loss first reached the target; None: not reached."""
     speedup: dict[str, Optional[float]]
     """The first run's ``at_target`` over this run's, per axis."""
+    token_speedup_along: dict[str, Optional[float]]
+    """Per ``milestones`` label ("25%" ...): the tokens at which the first run first reached that milestone's loss
+    over this run's (as ``speedup``); None: not reached, or a non-finite milestone."""
     guard_events: int
     spikes: int
 
@@ -81,11 +91,10 @@ def reach(evals: Sequence[dict[str, Any]], target: float, axis: str) -> Optional
 
 
 def compare_runs(run_dirs: Sequence[Path], target_loss: Optional[float]
-                 ) -> tuple[float, list[RunComparison], list[list[dict[str, Any]]]]:
-    """The target loss, each run's comparison and the metrics records it was read from (read once: a running run
-    gives the table and the figure the same lines)."""
-    from pipeline.spikes import SpikeRule, find_spike_steps
-    from pipeline.sweep.analysis import classify_run
+                 ) -> tuple[float, dict[str, Optional[float]], list[RunComparison], list[list[dict[str, Any]]]]:
+    """The target loss, the first run's ``milestones``, each run's comparison and the metrics records it was read
+    from (read once: a running run gives the tables and the figure the same lines)."""
+    from pipeline.sweep.analysis import classify_run, spike_steps
 
     loaded = []
     for run_dir in run_dirs:
@@ -98,24 +107,40 @@ def compare_runs(run_dirs: Sequence[Path], target_loss: Optional[float]
             raise ConfigError("RUN_DIR", str(run_dir), "has no evaluation yet (kind: eval lines); compare needs "
                                                        "held-out losses (run.eval_every or run.eval_every_tokens)")
         loaded.append((run_dir, paths, records, evals))
-    target = target_loss if target_loss is not None else loaded[0][3][-1]["eval_loss"]
+    reference = loaded[0][3]
+    target = target_loss if target_loss is not None else reference[-1]["eval_loss"]
+    marks = milestones(reference)
+    reference_at = {mark: reach(reference, loss, "tokens") for mark, loss in marks.items() if loss is not None}
     runs = []
     for run_dir, paths, records, evals in loaded:
         train = train_rows(records)
-        verdict, _ = classify_run(records)
+        spikes = spike_steps(train)
+        verdict, _ = classify_run(records, spikes=spikes)
+        along = {mark: None if loss is None else _ratio(reference_at[mark], reach(evals, loss, "tokens"))
+                 for mark, loss in marks.items()}
         runs.append(RunComparison(
             run_dir=str(run_dir), name=_name(paths), steps=len(train),
             status=("finished" if paths.summary.exists() else "running or stopped") + f", {verdict}",
             tokens=train[-1]["tokens"] if train else 0, final_eval_loss=evals[-1]["eval_loss"],
             evaluations=len(evals), at_target={axis: reach(evals, target, axis) for axis in AXES}, speedup={},
-            guard_events=sum(1 for r in records if r.get("kind") == "guard"),
-            spikes=sum(1 for s in find_spike_steps(train, SpikeRule()).values() if not s.non_finite)))
+            token_speedup_along=along,
+            guard_events=sum(1 for r in records if r.get("kind") == "guard"), spikes=len(spikes)))
     if len({run.name for run in runs}) < len(runs):  # runs of one recipe: told apart by their directories
         for run in runs:
             run.name = Path(run.run_dir).name
     for run in runs:
         run.speedup = {axis: _ratio(runs[0].at_target[axis], run.at_target[axis]) for axis in AXES}
-    return target, runs, [records for _, _, records, _ in loaded]
+    return target, marks, runs, [records for _, _, records, _ in loaded]
+
+
+def milestones(evals: Sequence[dict[str, Any]]) -> dict[str, Optional[float]]:
+    """``PROGRESS`` as labels ("25%") -> the held-out loss of the first evaluation at or past that fraction of the
+    last evaluation's tokens (not interpolated: with sparse evaluations a point lies later than its label says;
+    None where that loss is not finite)."""
+    last = evals[-1]["tokens"]
+    losses = {f"{fraction:.0%}": next(r["eval_loss"] for r in evals if r["tokens"] >= fraction * last)
+              for fraction in PROGRESS}
+    return {mark: loss if math.isfinite(loss) else None for mark, loss in losses.items()}
 
 
 def _name(paths: RunDir) -> str:
@@ -129,7 +154,8 @@ def _ratio(reference: Optional[float], value: Optional[float]) -> Optional[float
     return reference / value if reference is not None and value else None
 
 
-def format_table(target: float, runs: Sequence[RunComparison]) -> str:
+def format_table(target: float, runs: Sequence[RunComparison], marks: dict[str, Optional[float]]) -> str:
+    """The comparison at the target, then the token speedups along the first run (``marks``: ``milestones``)."""
     def number(value: Optional[float], spec: str) -> str:
         return "not reached" if value is None else format(value, spec)
 
@@ -146,6 +172,10 @@ def format_table(target: float, runs: Sequence[RunComparison]) -> str:
                      f"{number(at['train_s'], '.1f')} | {number(at['elapsed_s'], '.1f')} | "
                      f"{times(up['tokens'])} / {times(up['train_s'])} / {times(up['elapsed_s'])} | "
                      f"{run.guard_events} | {run.spikes} |")
+    lines += ["", f"Token speedup to {runs[0].name}'s held-out loss at {' / '.join(marks)} of its tokens "
+                  f"({' / '.join('-' if loss is None else f'{loss:.4f}' for loss in marks.values())}):", "",
+              f"| run | {' | '.join(marks)} |", "|---|" + "---|" * len(marks)]
+    lines += [f"| {run.name} | {' | '.join(times(up) for up in run.token_speedup_along.values())} |" for run in runs]
     return "\n".join(lines) + "\n"
 
 
@@ -187,12 +217,12 @@ def run(args: argparse.Namespace) -> int:
 
     out_dir = output_directory("--output-dir", args.output_dir)
     run_dirs = [Path(d) for d in args.run_dirs]
-    target, runs, records = compare_runs(run_dirs, args.target_loss)
-    table = format_table(target, runs)
+    target, marks, runs, records = compare_runs(run_dirs, args.target_loss)
+    table = format_table(target, runs, marks)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "compare.md").write_text(table)
-    (out_dir / "compare.json").write_text(json.dumps({"target_loss": target, "runs": [asdict(r) for r in runs]},
-                                                     indent=2) + "\n")
+    (out_dir / "compare.json").write_text(json.dumps({"target_loss": target, "milestones": marks,
+                                                      "runs": [asdict(r) for r in runs]}, indent=2) + "\n")
     plot(target, runs, records, out_dir / "compare.png")
     print(table)
     print(f"wrote {out_dir / 'compare.md'}, {out_dir / 'compare.json'} and {out_dir / 'compare.png'}")

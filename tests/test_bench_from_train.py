@@ -30,16 +30,16 @@ def train_lines(world_size: int, tok_per_s: dict[tuple[int, int], list[float]],
 
 
 def write_run(run_dir: Path, world_size: int, tok_per_s: dict[tuple[int, int], list[float]],
-              sizes_in_lines: bool = True, lines: Optional[list[dict[str, Any]]] = None) -> Path:
+              lines: Optional[list[dict[str, Any]]] = None) -> Path:
     """A run directory with ``ds_config.json`` for ``world_size`` ranks (micro-batch 8, accumulation to the first
-    stage's global batch) and ``metrics.jsonl``: ``lines``, or ``train_lines`` of the same arguments."""
+    stage's global batch) and ``metrics.jsonl``: ``lines``, or ``train_lines(world_size, tok_per_s)``."""
     run_dir.mkdir(parents=True)
     (seq_len, global_batch), *_ = tok_per_s
     micro = 8
     (run_dir / "ds_config.json").write_text(json.dumps({
         "train_batch_size": global_batch, "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": global_batch // (micro * world_size)}))
-    lines = train_lines(world_size, tok_per_s, sizes_in_lines) if lines is None else lines
+    lines = train_lines(world_size, tok_per_s) if lines is None else lines
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return run_dir
 
@@ -118,7 +118,8 @@ def test_a_resumed_process_keeps_its_warm_up_out_of_the_first_start_up(tmp_path:
 
 
 def test_lines_without_their_world_size_take_it_from_ds_config(tmp_path: Path) -> None:
-    run = write_run(tmp_path / "old", 2, {(128, 1024): [1.0, 1900.0]}, sizes_in_lines=False)
+    rates = {(128, 1024): [1.0, 1900.0]}
+    run = write_run(tmp_path / "old", 2, rates, lines=train_lines(2, rates, sizes_in_lines=False))
     out = tmp_path / "report.json"
     assert run_cli(["bench", "--from-train", str(run), "--output", str(out)]).returncode == 0
     (stage,) = json.loads(out.read_text())["stages"]
@@ -150,7 +151,8 @@ def test_against_a_bench_json_each_stage_is_set_beside_its_shape(tmp_path: Path)
 def test_what_it_cannot_read_is_one_error_line(tmp_path: Path) -> None:
     """A reference directory that is no run (named as ``--against``), and a run whose train lines do not give their
     world size and whose ds_config.json is gone."""
-    run = write_run(tmp_path / "run", 1, ONE_GPU_TOK_PER_S, sizes_in_lines=False)
+    lines = train_lines(1, ONE_GPU_TOK_PER_S, sizes_in_lines=False)
+    run = write_run(tmp_path / "run", 1, ONE_GPU_TOK_PER_S, lines=lines)
     (tmp_path / "empty").mkdir()
     result = run_cli(["bench", "--from-train", str(run), "--against", str(tmp_path / "empty")])
     assert result.returncode == 2 and result.stderr.splitlines() == [

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from pipeline.compare import compare_runs, reach
+from pipeline.compare import compare_runs, milestones, reach
 
 
 def write_run(run_dir: Path, evals: list[tuple[int, float, float, float]], finished: bool = True,
@@ -49,7 +49,7 @@ def test_speedups_against_the_first_run(tmp_path: Path) -> None:
     training, 60 s of wall time); the faster run gets there at 2,666.7 tokens, 13.33 s and 33.33 s."""
     base = write_run(tmp_path / "baseline", BASELINE)
     fast = write_run(tmp_path / "curriculum", FASTER, finished=False, torn=True)
-    target, (b, f), _ = compare_runs([base, fast], None)
+    target, _, (b, f), _ = compare_runs([base, fast], None)
     assert target == 3.0
     assert b.at_target == {"tokens": 4000, "train_s": 40.0, "elapsed_s": 60.0}
     assert b.speedup == {"tokens": 1.0, "train_s": 1.0, "elapsed_s": 1.0}
@@ -59,12 +59,51 @@ def test_speedups_against_the_first_run(tmp_path: Path) -> None:
     assert (f.status.split(",")[0], f.final_eval_loss, f.evaluations) == ("running or stopped", 2.7, 4)
 
 
-def test_a_run_that_never_reaches_the_target(tmp_path: Path) -> None:
+def test_token_speedups_along_the_first_run(tmp_path: Path) -> None:
+    """The baseline's losses at 25 / 50 / 75 / 100 % of its 4,000 tokens are 5.0 / 4.0 / 3.5 / 3.0; the faster run
+    is already at 4.5 at its first evaluation (1,000 tokens: 1.0x to 5.0, no finer than the evaluations), reaches 4.0
+    and 3.5 between 4.5 and 3.2 (1,384.6 and 1,769.2 tokens) and 3.0 at 2,666.7: a lead that grows, then shrinks."""
     base = write_run(tmp_path / "baseline", BASELINE)
-    slow = write_run(tmp_path / "slow", [(19, 4.5, 20.0, 30.0), (39, 3.4, 40.0, 60.0)])
-    _, (_, s), _ = compare_runs([base, slow], None)
+    fast = write_run(tmp_path / "curriculum", FASTER)
+    _, marks, (b, f), _ = compare_runs([base, fast], 2.0)  # the target does not move the points along the baseline
+    assert marks == {"25%": 5.0, "50%": 4.0, "75%": 3.5, "100%": 3.0}
+    assert b.token_speedup_along == {"25%": 1.0, "50%": 1.0, "75%": 1.0, "100%": 1.0}
+    assert f.token_speedup_along == pytest.approx({"25%": 1.0, "50%": 2000 / (1000 + 1000 * 0.5 / 1.3),
+                                                   "75%": 3000 / (1000 + 1000 * 1.0 / 1.3),
+                                                   "100%": 4000 / (2000 + 1000 * 2 / 3)})
+    out = tmp_path / "out"
+    result = run_cli(["compare", str(base), str(fast), "--output-dir", str(out)])
+    assert result.returncode == 0, result.stderr
+    assert ("Token speedup to baseline's held-out loss at 25% / 50% / 75% / 100% of its tokens "
+            "(5.0000 / 4.0000 / 3.5000 / 3.0000):") in result.stdout
+    assert "| curriculum | 1.00x | 1.44x | 1.70x | 1.50x |" in result.stdout
+    assert json.loads((out / "compare.json").read_text())["milestones"] == {"25%": 5.0, "50%": 4.0, "75%": 3.5,
+                                                                            "100%": 3.0}
+
+
+def test_milestones_take_the_first_evaluation_at_or_past_each_fraction() -> None:
+    """Evaluations at 1,000 / 3,000 / 4,400 tokens: 25 % (1,100) and 50 % (2,200) both fall to the 3,000-token one,
+    75 % (3,300) and 100 % to the last; not interpolated. A non-finite loss gives no milestone."""
+    evals = [{"tokens": 1000, "eval_loss": 5.0}, {"tokens": 3000, "eval_loss": 4.0}, {"tokens": 4400, "eval_loss": 3.0}]
+    assert milestones(evals) == {"25%": 4.0, "50%": 4.0, "75%": 3.0, "100%": 3.0}
+    assert milestones(evals[:1]) == {"25%": 5.0, "50%": 5.0, "75%": 5.0, "100%": 5.0}
+    assert milestones([*evals[:2], {"tokens": 4400, "eval_loss": float("nan")}])["100%"] is None
+
+
+def test_a_run_that_never_reaches_the_target(tmp_path: Path) -> None:
+    """Nor the baseline's loss at 75 % (3.5) and 100 % (3.0) of its tokens: no speedup there, '-' in the table; the
+    ones it reaches, later than the baseline: below 1x."""
+    base = write_run(tmp_path / "baseline", BASELINE)
+    slow = write_run(tmp_path / "slow", [(19, 4.5, 20.0, 30.0), (39, 3.6, 40.0, 60.0)])
+    _, _, (_, s), _ = compare_runs([base, slow], None)
     assert s.at_target == {"tokens": None, "train_s": None, "elapsed_s": None}
     assert s.speedup == {"tokens": None, "train_s": None, "elapsed_s": None}
+    assert s.token_speedup_along["25%"] == 1000 / 2000  # below 5.0 at its first evaluation
+    assert s.token_speedup_along["50%"] == pytest.approx(2000 / (2000 + 2000 * 0.5 / 0.9))
+    assert (s.token_speedup_along["75%"], s.token_speedup_along["100%"]) == (None, None)
+    result = run_cli(["compare", str(base), str(slow), "--output-dir", str(tmp_path / "out")])
+    assert result.returncode == 0, result.stderr
+    assert "| slow | 0.50x | 0.64x | - | - |" in result.stdout
 
 
 def test_the_command_writes_the_table_json_and_figure(tmp_path: Path) -> None:
@@ -101,7 +140,7 @@ def test_runs_of_one_recipe_are_named_by_their_directories(tmp_path: Path) -> No
     runs = [write_run(tmp_path / name, BASELINE) for name in ("one-gpu", "two-gpus")]
     for run in runs:
         (run / "config.json").write_text(json.dumps({"name": "tiny-cpu"}))
-    _, compared, _ = compare_runs(runs, None)
+    _, _, compared, _ = compare_runs(runs, None)
     assert [run.name for run in compared] == ["one-gpu", "two-gpus"]
-    _, (alone,), _ = compare_runs(runs[:1], None)
+    _, _, (alone,), _ = compare_runs(runs[:1], None)
     assert alone.name == "tiny-cpu"

@@ -95,11 +95,13 @@ def spike_steps(train: Sequence[Mapping[str, Any]]) -> dict[int, Spike]:
             if not spike.non_finite}
 
 
-def classify_run(records: Sequence[Mapping[str, Any]], failed: bool = False) -> tuple[Status, list[str]]:
+def classify_run(records: Sequence[Mapping[str, Any]], failed: bool = False,
+                 spikes: Optional[dict[int, Spike]] = None) -> tuple[Status, list[str]]:
     """``diverged``: a non-finite loss, the trainer failed, or the loss ended above where it started (the final
     train loss, mean of the last 5 steps, or the last step's loss above the first step's). ``unstable``: guard
     events or spikes, named by what spiked (the loss or the gradient norm). ``not judged``: neither, in a run of
-    fewer than ``MIN_JUDGED_STEPS`` train lines. ``converged`` otherwise."""
+    fewer than ``MIN_JUDGED_STEPS`` train lines. ``converged`` otherwise. ``spikes``: the run's ``spike_steps``
+    where the caller has them already (found here otherwise)."""
     train = train_rows(records)
     evals = [r["eval_loss"] for r in records if r.get("kind") == "eval"]
     diverged: list[str] = []
@@ -118,7 +120,7 @@ def classify_run(records: Sequence[Mapping[str, Any]], failed: bool = False) -> 
     guards = sum(1 for r in records if r.get("kind") == "guard")
     if guards:
         unstable.append(f"{guards} guard event{'s' if guards > 1 else ''}")
-    spikes = spike_steps(train)
+    spikes = spike_steps(train) if spikes is None else spikes
     for what, reason in (("loss", "loss_spike"), ("gradient-norm", "grad_norm_spike")):
         steps = [step for step, spike in spikes.items() if spike.reason == reason]
         if steps:
@@ -138,14 +140,15 @@ def analyze_run(lr: float, records: Sequence[Mapping[str, Any]], failed: bool = 
     losses = [r["loss"] for r in train]
     finite_losses = [loss for loss in losses if finite(loss)]
     evals = [r["eval_loss"] for r in records if r.get("kind") == "eval"]
-    status, reasons = classify_run(records, failed)
+    spikes = spike_steps(train)
+    status, reasons = classify_run(records, failed, spikes)
     return RunAnalysis(
         lr=lr, name=run_name(lr), status=status, reasons=reasons, steps=len(train),
         first_loss=losses[0] if losses and finite(losses[0]) else None,
         final_train_loss=final_train_loss(train),
         final_eval_loss=evals[-1] if evals and finite(evals[-1]) else None,
         min_loss=min(finite_losses) if finite_losses else None,
-        spikes=sorted(spike_steps(train)), guard_events=sum(1 for r in records if r.get("kind") == "guard"),
+        spikes=sorted(spikes), guard_events=sum(1 for r in records if r.get("kind") == "guard"),
         non_finite=len(finite_losses) < len(losses) or not all(finite(x) for x in evals),
         failed=failed, complete=complete)
 
