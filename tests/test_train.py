@@ -167,6 +167,14 @@ def stopped_w1(config: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
     return Run(run_dir, cli_train(config, run_dir, "--stop-at-step", str(STOP_STEP)))
 
 
+@pytest.fixture(scope="module")
+def stopped_w1_zero2(config: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """``stopped_w1`` under the ZeRO-2 template (the optimizer state partitioned by rank); tests copy it."""
+    run_dir = tmp_path_factory.mktemp("stopped-w1-zero2") / "run"
+    output = cli_train(config, run_dir, "--stop-at-step", str(STOP_STEP), "--set", "deepspeed.template=zero2")
+    return Run(run_dir, output)
+
+
 def straight_run(request: pytest.FixtureRequest, world_size: int) -> Run:
     return request.getfixturevalue(f"straight_w{world_size}")
 
@@ -343,7 +351,10 @@ def test_a_checkpoint_resumes_on_another_world_size(saved: int, resumed: int, te
     what changed."""
     run_dir = tmp_path / "run"
     template_set = ("--set", f"deepspeed.template={template}")
-    train_with_world(saved, config, run_dir, "--stop-at-step", str(STOP_STEP), *template_set)
+    if saved == 1:  # the module's stopped run of that template (default: the template left out)
+        copy_run(request.getfixturevalue("stopped_w1_zero2" if template == "zero2" else "stopped_w1"), run_dir)
+    else:
+        train_with_world(saved, config, run_dir, "--stop-at-step", str(STOP_STEP), *template_set)
     checkpoint = run_dir / "checkpoints" / f"step{STOP_STEP:08d}"
     assert len(list(checkpoint.glob("rank*.pt"))) == saved
     run = Run(run_dir, train_with_world(resumed, config, run_dir, *template_set, "--set", "run.keep_checkpoints=9"))
@@ -360,14 +371,13 @@ def test_a_checkpoint_resumes_on_another_world_size(saved: int, resumed: int, te
 
 
 @pytest.mark.multiprocess
-def test_a_failed_conversion_for_another_world_size_ends_every_rank_with_the_error(config: Path,
-                                                                                    tmp_path: Path) -> None:
+def test_a_failed_conversion_for_another_world_size_ends_every_rank_with_the_error(config: Path, tmp_path: Path,
+                                                                                    stopped_w1_zero2: Run) -> None:
     """A ZeRO-2 checkpoint of 1 rank whose optimizer file is damaged, resumed on 2: rank 0's conversion fails, the
     other rank, waiting for it, reads the same error; both exit with it (none waits forever), and nothing half-made
     is left in the checkpoint."""
-    run_dir = tmp_path / "run"
+    run_dir = copy_run(stopped_w1_zero2, tmp_path / "run").dir
     template_set = ("--set", "deepspeed.template=zero2")
-    cli_train(config, run_dir, "--stop-at-step", str(STOP_STEP), *template_set)
     checkpoint = run_dir / "checkpoints" / f"step{STOP_STEP:08d}"
     (optimizer_file,) = checkpoint.glob("zero_pp_rank_0_*optim_states.pt")
     optimizer_file.write_bytes(optimizer_file.read_bytes()[:100])
