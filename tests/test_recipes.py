@@ -326,9 +326,11 @@ def test_a_token_interval_replaces_a_recipes_step_interval(source: str) -> None:
 
 
 @pytest.mark.parametrize(("recipe", "study", "tuned"), [
-    ("gpt2-124m-seq-warmup", "length-warmup", ["curriculum.base_lr=8.5e-4", "curriculum.stages.0.warmup_steps=150"]),
+    ("gpt2-124m-seq-warmup", "length-warmup",
+     ["curriculum.base_lr=1.7e-3", *(f"curriculum.stages.{i}.lr_mult={m}" for i, m in enumerate((0.25, 0.5, 0.75))),
+      *(f"curriculum.stages.{i}.warmup_steps={w}" for i, w in enumerate((152, 152, 152, 172)))]),
     ("gpt2-124m-seq-warmup-baseline", "baseline",
-     ["curriculum.base_lr=1.2e-3", "curriculum.stages.0.warmup_steps=400"]),
+     ["curriculum.base_lr=2.4e-3", "curriculum.stages.0.warmup_steps=800"]),
 ])
 def test_the_seq_warmup_recipes_are_the_measured_runs(recipe: str, study: str, tuned: list[str]) -> None:
     """docs/RESULTS.md measured these recipes as the GPU study's configs at 4x the tokens (bench/longer.py) with the
