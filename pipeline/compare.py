@@ -190,11 +190,13 @@ def plot(target: float, runs: Sequence[RunComparison], run_records: Sequence[lis
     from matplotlib.ticker import EngFormatter
 
     fig, (by_tokens, by_time, training) = plt.subplots(1, 3, figsize=(19, 5))
-    for run, records in zip(runs, run_records):
+    for index, (run, records) in enumerate(zip(runs, run_records)):
         evals, train = eval_rows(records), train_rows(records)
-        by_tokens.plot([r["tokens"] for r in evals], [r["eval_loss"] for r in evals], "o-", ms=3, label=run.name)
-        by_time.plot([r.get("elapsed_s") for r in evals], [r["eval_loss"] for r in evals], "o-", ms=3, label=run.name)
-        training.plot([r["tokens"] for r in train], [r["loss"] for r in train], lw=1, label=run.name)
+        # the colour cycle has 10 colours: the runs after the 10th are told apart by their line style
+        style = {"color": f"C{index % 10}", "ls": ("-", "--", ":")[index // 10 % 3], "label": run.name}
+        by_tokens.plot([r["tokens"] for r in evals], [r["eval_loss"] for r in evals], marker="o", ms=3, **style)
+        by_time.plot([r.get("elapsed_s") for r in evals], [r["eval_loss"] for r in evals], marker="o", ms=3, **style)
+        training.plot([r["tokens"] for r in train], [r["loss"] for r in train], lw=1, **style)
     for ax, label in ((by_tokens, "tokens"), (by_time, "wall-clock seconds (compile and evaluation included)")):
         ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:.4f}")
         ax.set(xlabel=label, ylabel="held-out loss (full length)")

@@ -9,11 +9,14 @@ stop (``guard.max_events`` reached). A gradient norm that starts a new level (``
 ``guard.new_level_after`` norm spikes in a row) is not skipped once more: skipping leaves the weights where they
 are, so it would be flagged for ever; its update is applied at the scaled LR (``scale_lr``). Under ``rollback`` there
 is no new level: the rollback puts the weights back where the old level holds. The guard owns the LR
-factor that ``scale_lr`` events compound. Its state is small and goes into checkpoints.
+factor that ``scale_lr`` events compound. Its state is small and goes into checkpoints. After each evaluation,
+``held_out_rose`` says whether the held-out loss climbed so far above its lowest (``guard.eval_rise``) that the run
+must stop: a slow divergence no single step gives away.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -83,6 +86,14 @@ class SpikeGuard:
         return Verdict(action, spike, stop=self.exhausted, new_level=new_level)
 
     # --------------------------------------------------------------------------------------------- detection
+
+    def held_out_rose(self, eval_loss: float, lowest: float) -> bool:
+        """Whether a held-out loss is non-finite or more than ``guard.eval_rise`` above ``lowest``, the lowest one
+        before it (``inf`` at the first evaluation)."""
+        rise = self.config.eval_rise
+        if not self.config.enabled or rise is None:
+            return False
+        return not math.isfinite(eval_loss) or eval_loss > lowest * (1 + rise)
 
     def check_loss(self, stage: int, loss: float) -> Optional[Spike]:
         return self.detector.check_loss(stage, loss) if self.config.enabled else None

@@ -150,8 +150,9 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
         if best:
             checkpointer.mark_best(checkpointer.directory / tag_for(state.step))
 
-    def evaluate() -> bool:
-        """Evaluate at the full length; True when the eval loss is the best so far (and ``run.keep_best``)."""
+    def evaluate() -> tuple[bool, bool]:
+        """Evaluate at the full length: whether to save the state as ``best`` (the lowest eval loss so far, with
+        ``run.keep_best``), and whether the eval loss rose so far above the lowest that the run must stop."""
         start = time.perf_counter()
         eval_loss = engine.evaluate(data.eval_batches)
         record = {"kind": "eval", "step": state.step - 1, "tokens": state.tokens, "seq_len": schedule.max_seq_len,
@@ -161,10 +162,13 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
             logger.log(record)
         log(f"step {state.step - 1}: eval loss {eval_loss:.4f} (ppl {record['eval_ppl']:.1f}) at seq_len "
             f"{schedule.max_seq_len}")
-        if not (config.run.keep_best and eval_loss < state.best_eval_loss):
-            return False
-        state.best_eval_loss = eval_loss
-        return True
+        lowest = state.best_eval_loss
+        rose = guard.held_out_rose(eval_loss, lowest)
+        if rose:
+            log(f"step {state.step - 1}: eval loss {eval_loss:.4f} is more than {config.guard.eval_rise:.0%} above the "
+                f"lowest so far, {lowest:.4f} (guard.eval_rise): the run is diverging")
+        state.best_eval_loss = min(lowest, eval_loss)
+        return config.run.keep_best and eval_loss < lowest, rose
 
     # ------------------------------------------------------------------ the loop: steps state.step .. end_step - 1
     engine.ds.train()
@@ -217,12 +221,16 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
         every, every_tokens = config.run.eval_every, config.run.eval_every_tokens
         due = (state.tokens // every_tokens > (state.tokens - step_tokens) // every_tokens if every_tokens
                else every > 0 and state.step % every == 0)
-        improved = due and state.step < schedule.total_steps and evaluate()
-        periodic = (config.run.checkpoint_every > 0 and state.step % config.run.checkpoint_every == 0) or values.stop
+        improved, diverging = evaluate() if due and state.step < schedule.total_steps else (False, False)
+        periodic = ((config.run.checkpoint_every > 0 and state.step % config.run.checkpoint_every == 0) or values.stop
+                    or diverging)
         if periodic or improved:
             save(latest=periodic, best=improved)
         if values.stop:
             log(f"stop requested (signal): checkpoint saved at step {state.step}; resume with --resume auto")
+            break
+        if diverging:
+            halted = True
             break
         mark += time.perf_counter() - paused  # evaluations and checkpoints are not step time
     progress.close()
@@ -230,13 +238,18 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
 
     # ------------------------------------------------------------------ the end
     # evaluated at the full length after the last step
-    improved = state.step == schedule.total_steps and first_step < schedule.total_steps and evaluate()
+    improved = state.step == schedule.total_steps and first_step < schedule.total_steps and evaluate()[0]
     save(best=improved)
-    if state.step < schedule.total_steps:  # stopped early: --stop-at-step, a signal, or the spike guard
+    if state.step < schedule.total_steps and halted and guard.exhausted:
         log(f"error: stopped after {guard.events} spike events (guard.max_events = {config.guard.max_events}); the "
             f"last good state is checkpointed at step {state.step}. Lower the LR (see `curriculum-pretrain diagnose "
-            f"{run_dir}`) and resume with --resume auto" if halted else
-            f"stopped before step {state.step} of {schedule.total_steps}; checkpoint in {checkpointer.directory}")
+            f"{run_dir}`) and resume with --resume auto")
+    elif state.step < schedule.total_steps and halted:
+        log(f"error: stopped at step {state.step}: the eval loss rose more than {config.guard.eval_rise:.0%} above its "
+            f"lowest (guard.eval_rise). Lower the LR and resume from a checkpoint before the rise (--resume "
+            f"{checkpointer.directory}/step<N>; `best` with run.keep_best), or start again")
+    elif state.step < schedule.total_steps:  # --stop-at-step or a signal
+        log(f"stopped before step {state.step} of {schedule.total_steps}; checkpoint in {checkpointer.directory}")
     else:
         replicas = engine.replica_report(state.data_sha256)
         if not replicas["params_identical"]:

@@ -20,7 +20,7 @@ average, gradient norm 1.5x); 20x-100x trip the guard on one to three of four se
 200x on all four (step 11: loss 2.6-3.2x its running average). The tests use 300x: 4.1-5.2x, twice ``loss_factor``,
 on all four seeds.
 
-Each training process costs 5-10 s (importing torch and DeepSpeed); nine of them run here, shared through
+Each training process costs 5-10 s (importing torch and DeepSpeed); eleven of them run here, shared through
 module-scoped fixtures.
 """
 
@@ -211,6 +211,23 @@ def test_a_disabled_guard_flags_nothing() -> None:
     assert guard.check_loss(0, math.nan) is None
     assert guard.check_loss(0, 100.0) is None
     assert guard.check_grad_norm(0, math.inf) is None
+
+
+@pytest.mark.parametrize(("fields", "eval_loss", "lowest", "rose"), [
+    ({}, 4.0, math.inf, False),  # the first evaluation has nothing to rise above
+    ({}, math.nan, math.inf, True),
+    ({}, math.inf, 4.0, True),
+    ({}, 4.4, 4.0, False),  # 10 % above the lowest: still allowed
+    ({}, 4.41, 4.0, True),
+    ({"eval_rise": 0.5}, 5.9, 4.0, False),
+    ({"eval_rise": None}, 40.0, 4.0, False),
+    ({"enabled": False}, math.nan, 4.0, False),
+], ids=["first", "nan", "inf", "at-the-margin", "past-the-margin", "wider-margin", "eval-rise-off", "guard-off"])
+def test_a_held_out_loss_past_eval_rise_above_the_lowest_stops_the_run(fields: dict[str, Any], eval_loss: float,
+                                                                       lowest: float, rose: bool) -> None:
+    """``held_out_rose``: a held-out loss more than ``guard.eval_rise`` (10 %) above the lowest before it, or a
+    non-finite one, stops the run; never with the guard or ``eval_rise`` off."""
+    assert make_guard(**fields).held_out_rose(eval_loss, lowest) is rose
 
 
 def test_state_dict_round_trips_through_a_checkpoint() -> None:
@@ -617,6 +634,45 @@ def test_a_resumed_run_keeps_the_guard_line_that_stopped_it(halted: Run, resumed
     metrics.jsonl, the one that stopped the run included."""
     events = [g["events"] for g in resumed.guard_rows()]
     assert events == list(range(1, resumed.summary()["guard_events"] + 1)), events
+
+
+EVAL_EVERY = 4  # evaluations after steps 3, 7 and 11: the 300x update of step 10 is between the last two
+
+
+@pytest.fixture(scope="module")
+def diverging(config: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """The 300x LR event under the ratio rule, which lets the run train on (its loss history restarts at step 14),
+    with evaluations every 4 steps: the held-out loss after step 11 is far above the lowest (after step 7)."""
+    return train(config, tmp_path_factory.mktemp("diverging") / "run", "guard.method=ratio",
+                 f"run.eval_every={EVAL_EVERY}",
+                 f"curriculum.lr_events=[{{at_step: {LR_EVENT_STEP}, multiply: {LR_EVENT_MULTIPLY}}}]")
+
+
+def test_a_run_whose_held_out_loss_rises_past_eval_rise_stops_with_a_checkpoint(diverging: Run) -> None:
+    """The held-out loss after step 11 more than 10 % above the one after step 7: exit status 1 at that
+    evaluation, with an error naming ``guard.eval_rise`` and a checkpoint of the state it stopped at; no summary."""
+    assert diverging.returncode == 1, diverging.explain()
+    evals = [r for r in diverging.records() if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 7, 11]
+    assert evals[2]["eval_loss"] > 1.1 * min(evals[0]["eval_loss"], evals[1]["eval_loss"]), evals
+    assert "error: stopped at step 12: the eval loss rose more than 10% above its lowest (guard.eval_rise)" \
+           in diverging.output, diverging.explain()
+    assert diverging.latest_checkpoint() == "step00000012"
+    assert_each_step_once(diverging, steps=12)
+    assert not (diverging.dir / "summary.json").exists()
+
+
+def test_a_run_stopped_by_eval_rise_resumes_from_a_checkpoint_before_the_rise(diverging: Run, config: Path,
+                                                                             tmp_path: Path) -> None:
+    """As the message says: resumed from the checkpoint of step 8 (before the event) with the LR event removed,
+    the run finishes, each step logged once."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(diverging.dir, run_dir)
+    resumed = train(config, run_dir, "guard.method=ratio", f"run.eval_every={EVAL_EVERY}",
+                    resume=str(run_dir / "checkpoints" / "step00000008"))
+    assert resumed.returncode == 0, resumed.explain()
+    assert_each_step_once(resumed)
+    assert math.isfinite(resumed.summary()["final_eval_loss"])
 
 
 def test_the_robust_rule_keeps_flagging_a_broken_model_into_the_next_stage(config: Path, tmp_path: Path) -> None:

@@ -285,6 +285,22 @@ def test_a_short_run_whose_loss_ends_above_its_start_is_diverged() -> None:
     assert classify_run(lines) == ("diverged", ["last train loss 13.1 (step 5) above the first step's 8.35"])
 
 
+@pytest.mark.parametrize(("eval_losses", "status", "reasons"), [
+    ([6.8, 5.2, 4.31, 4.9, 6.22, 5.99], "diverged",
+     ["last held-out loss 5.99 (step 29) above its lowest 4.31 (step 14) by more than 10%"]),
+    ([6.8, 5.2, 4.31, 4.5, 4.7], "converged", []),
+    ([6.8, 5.2, 4.31, 4.2], "converged", [])])
+def test_a_run_whose_held_out_loss_climbs_back_is_diverged(eval_losses: list[float], status: str,
+                                                            reasons: list[str]) -> None:
+    """A run whose train loss stays below its start (no spike the guard would skip) but whose held-out loss ends
+    more than 10 % above its lowest broke: the GPU study's run at twice its tuned LR went 4.31 -> 6.22 -> 5.99. A
+    last held-out loss within 10 % (4.7 against 4.31: 9 %) is not judged a divergence."""
+    lines = records(falling())
+    lines += [{"kind": "eval", "step": 5 * index + 4, "tokens": (5 * index + 5) * 512, "eval_loss": loss}
+              for index, loss in enumerate(eval_losses)]
+    assert classify_run(lines) == (status, reasons)
+
+
 @pytest.mark.parametrize(("steps", "status", "reasons"), [
     (6, "not judged", ["too few steps: 6 < 10"]), (9, "not judged", ["too few steps: 9 < 10"]), (10, "converged", [])])
 def test_a_run_too_short_to_judge_is_not_judged(steps: int, status: str, reasons: list[str]) -> None:

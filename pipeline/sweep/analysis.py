@@ -20,6 +20,11 @@ MIN_JUDGED_STEPS = 2 * FINAL_LOSS_STEPS
 of the last 5) comes from its second half. In a run of 6 lines the final window is steps 1-5, the steps where the
 loss falls fastest: a loss of 8.35 falling to 6.4 and blowing up to 13.1 at the last step averages 8.04 there, below
 the first step's 8.35. A shorter run can still be diverged or unstable: what was found is found."""
+EVAL_RISE_MARGIN = 0.10
+"""How far (a share) a run's last held-out loss may end above its lowest before the run is called diverged. A run
+can break without a spike the guard would skip: GPT-2 124M at twice its tuned LR climbed from a held-out 4.31 to 6.22
+over 7 evaluations and ended at 5.99 (39 % above its lowest) with one guard event; the curriculum at 1.4x went from
+4.43 to 5.99 and ended at 5.70 (29 %). None of the study's runs at a sound LR ended above its lowest."""
 
 
 @dataclass
@@ -95,15 +100,29 @@ def spike_steps(train: Sequence[Mapping[str, Any]]) -> dict[int, Spike]:
             if not spike.non_finite}
 
 
+def eval_rose(evals: Sequence[Mapping[str, Any]]) -> Optional[str]:
+    """Why eval lines whose losses are all finite ended more than ``EVAL_RISE_MARGIN`` above their lowest, or None."""
+    losses = [r["eval_loss"] for r in evals]
+    if len(losses) < 2 or not all(finite(loss) for loss in losses):
+        return None
+    lowest = min(range(len(losses)), key=losses.__getitem__)
+    if losses[-1] <= losses[lowest] * (1 + EVAL_RISE_MARGIN):
+        return None
+    return (f"last held-out loss {losses[-1]:.4g} (step {evals[-1]['step']}) above its lowest "
+            f"{losses[lowest]:.4g} (step {evals[lowest]['step']}) by more than {EVAL_RISE_MARGIN:.0%}")
+
+
 def classify_run(records: Sequence[Mapping[str, Any]], failed: bool = False,
                  spikes: Optional[dict[int, Spike]] = None) -> tuple[Status, list[str]]:
-    """``diverged``: a non-finite loss, the trainer failed, or the loss ended above where it started (the final
-    train loss, mean of the last 5 steps, or the last step's loss above the first step's). ``unstable``: guard
-    events or spikes, named by what spiked (the loss or the gradient norm). ``not judged``: neither, in a run of
-    fewer than ``MIN_JUDGED_STEPS`` train lines. ``converged`` otherwise. ``spikes``: the run's ``spike_steps``
+    """``diverged``: a non-finite loss, the trainer failed, the loss ended above where it started (the final
+    train loss, mean of the last 5 steps, or the last step's loss above the first step's) or the held-out loss
+    ended more than 10 % above its lowest (``eval_rose``). ``unstable``: guard events or spikes, named by what
+    spiked (the loss or the gradient norm). ``not judged``: neither, in a run of fewer than ``MIN_JUDGED_STEPS``
+    train lines. ``converged`` otherwise. ``spikes``: the run's ``spike_steps``
     where the caller has them already (found here otherwise)."""
     train = train_rows(records)
-    evals = [r["eval_loss"] for r in records if r.get("kind") == "eval"]
+    eval_lines = [r for r in records if r.get("kind") == "eval"]
+    evals = [r["eval_loss"] for r in eval_lines]
     diverged: list[str] = []
     if failed:
         diverged.append("the trainer failed")
@@ -113,6 +132,8 @@ def classify_run(records: Sequence[Mapping[str, Any]], failed: bool = False,
     if any(not finite(loss) for loss in evals):
         diverged.append("non-finite eval loss")
     if rose := loss_rose(train):
+        diverged.append(rose)
+    if rose := eval_rose(eval_lines):
         diverged.append(rose)
     if diverged:
         return "diverged", diverged
