@@ -56,7 +56,9 @@ class RunComparison:
     name: str
     """The run config's ``name``; the directory's name when several runs share one."""
     status: str
-    """``finished`` (summary.json written) or ``running or stopped``; then ``sweep``'s verdict on its losses."""
+    """``finished`` (summary.json written), ``stopped (<reason>)`` (its ``kind: stop`` line: ``guard.max_events``,
+    ``guard.eval_rise`` or ``requested``) or ``running or stopped`` (neither: running, or killed); then ``sweep``'s
+    verdict on its losses."""
     steps: int
     tokens: int
     final_eval_loss: float
@@ -120,7 +122,7 @@ def compare_runs(run_dirs: Sequence[Path], target_loss: Optional[float]
                  for mark, loss in marks.items()}
         runs.append(RunComparison(
             run_dir=str(run_dir), name=_name(paths), steps=len(train),
-            status=("finished" if paths.summary.exists() else "running or stopped") + f", {verdict}",
+            status=f"{_progress(paths, records)}, {verdict}",
             tokens=train[-1]["tokens"] if train else 0, final_eval_loss=evals[-1]["eval_loss"],
             evaluations=len(evals), at_target={axis: reach(evals, target, axis) for axis in AXES}, speedup={},
             token_speedup_along=along,
@@ -141,6 +143,13 @@ def milestones(evals: Sequence[dict[str, Any]]) -> dict[str, Optional[float]]:
     losses = {f"{fraction:.0%}": next(r["eval_loss"] for r in evals if r["tokens"] >= fraction * last)
               for fraction in PROGRESS}
     return {mark: loss if math.isfinite(loss) else None for mark, loss in losses.items()}
+
+
+def _progress(paths: RunDir, records: Sequence[dict[str, Any]]) -> str:
+    if paths.summary.exists():
+        return "finished"
+    stops = [r for r in records if r.get("kind") == "stop"]
+    return f"stopped ({stops[-1]['reason']})" if stops else "running or stopped"
 
 
 def _name(paths: RunDir) -> str:

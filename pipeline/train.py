@@ -240,15 +240,20 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     # evaluated at the full length after the last step
     improved = state.step == schedule.total_steps and first_step < schedule.total_steps and evaluate()[0]
     save(best=improved)
+    stop: Optional[str] = None  # why the run stopped before its end
     if state.step < schedule.total_steps and halted and guard.exhausted:
+        stop = "guard.max_events"
         log(f"error: stopped after {guard.events} spike events (guard.max_events = {config.guard.max_events}); the "
             f"last good state is checkpointed at step {state.step}. Lower the LR (see `curriculum-pretrain diagnose "
             f"{run_dir}`) and resume with --resume auto")
     elif state.step < schedule.total_steps and halted:
+        stop = "guard.eval_rise"
         log(f"error: stopped at step {state.step}: the eval loss rose more than {config.guard.eval_rise:.0%} above its "
             f"lowest (guard.eval_rise). Lower the LR and resume from a checkpoint before the rise (--resume "
-            f"{checkpointer.directory}/step<N>; `best` with run.keep_best), or start again")
-    elif state.step < schedule.total_steps:  # --stop-at-step or a signal
+            f"{checkpointer.directory}/step<N>; with run.keep_best, the file `best` there names the lowest one), "
+            "or start again")
+    elif state.step < schedule.total_steps:
+        stop = "requested"  # --stop-at-step or a signal
         log(f"stopped before step {state.step} of {schedule.total_steps}; checkpoint in {checkpointer.directory}")
     else:
         replicas = engine.replica_report(state.data_sha256)
@@ -258,6 +263,8 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
             _write_outputs(config, schedule, engine, run_dir, checkpointer.latest(), replicas, guard.events,
                            elapsed())
     if logger is not None:
+        if stop is not None:  # for compare; a resume drops this line
+            logger.log({"kind": "stop", "step": state.step, "tokens": state.tokens, "reason": stop})
         logger.close()
     close_processes()
     return 1 if halted else 0

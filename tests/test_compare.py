@@ -59,6 +59,18 @@ def test_speedups_against_the_first_run(tmp_path: Path) -> None:
     assert (f.status.split(",")[0], f.final_eval_loss, f.evaluations) == ("running or stopped", 2.7, 4)
 
 
+def test_a_stopped_run_says_why(tmp_path: Path) -> None:
+    """A run without summary.json whose last line is ``kind: stop`` is ``stopped (<reason>)``; without one it may
+    still be running (or was killed)."""
+    stopped = write_run(tmp_path / "stopped", FASTER, finished=False)
+    with (stopped / "metrics.jsonl").open("a") as metrics:
+        metrics.write(json.dumps({"kind": "stop", "step": 40, "tokens": 4000, "reason": "guard.eval_rise"}) + "\n")
+    running = write_run(tmp_path / "running", FASTER, finished=False)
+    _, _, (base, s, r), _ = compare_runs([write_run(tmp_path / "baseline", BASELINE), stopped, running], None)
+    assert [run.status.split(",")[0] for run in (base, s, r)] == ["finished", "stopped (guard.eval_rise)",
+                                                                  "running or stopped"]
+
+
 def test_token_speedups_along_the_first_run(tmp_path: Path) -> None:
     """The baseline's losses at 25 / 50 / 75 / 100 % of its 4,000 tokens are 5.0 / 4.0 / 3.5 / 3.0; the faster run
     is already at 4.5 at its first evaluation (1,000 tokens: 1.0x to 5.0, no finer than the evaluations), reaches 4.0

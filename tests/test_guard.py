@@ -616,16 +616,19 @@ def test_the_guard_stops_the_run_after_max_events_with_a_checkpoint(halted: Run)
     assert halted.latest_checkpoint() == f"step{stopped_at:08d}"
     assert_each_step_once(halted, steps=stopped_at)
     assert not (halted.dir / "summary.json").exists()
+    assert halted.records()[-1] == {"kind": "stop", "step": stopped_at, "tokens": stopped_at * TOKENS_PER_STEP,
+                                    "reason": "guard.max_events"}
 
 
 def test_a_run_stopped_by_the_guard_resumes(halted: Run, resumed: Run) -> None:
     """``--resume auto`` with the LR event removed starts at the stopped step, reports the changed field and
-    finishes, each step logged once."""
+    finishes, each step logged once; the line saying why the run had stopped is gone."""
     stopped_at = halted.guard_rows()[-1]["step"]
     assert resumed.returncode == 0, resumed.explain()
     assert "resumed from" in resumed.output and f"at step {stopped_at} " in resumed.output, resumed.explain()
     assert "resuming with a changed hyperparameter: curriculum.lr_events" in resumed.output
     assert_each_step_once(resumed)
+    assert not [r for r in resumed.records() if r["kind"] == "stop"]
     assert math.isfinite(resumed.summary()["final_loss"])
 
 
@@ -650,7 +653,8 @@ def diverging(config: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
 
 def test_a_run_whose_held_out_loss_rises_past_eval_rise_stops_with_a_checkpoint(diverging: Run) -> None:
     """The held-out loss after step 11 more than 10 % above the one after step 7: exit status 1 at that
-    evaluation, with an error naming ``guard.eval_rise`` and a checkpoint of the state it stopped at; no summary."""
+    evaluation, with an error naming ``guard.eval_rise`` (and a ``kind: stop`` line naming it) and a checkpoint of
+    the state it stopped at; no summary."""
     assert diverging.returncode == 1, diverging.explain()
     evals = [r for r in diverging.records() if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [3, 7, 11]
@@ -660,6 +664,8 @@ def test_a_run_whose_held_out_loss_rises_past_eval_rise_stops_with_a_checkpoint(
     assert diverging.latest_checkpoint() == "step00000012"
     assert_each_step_once(diverging, steps=12)
     assert not (diverging.dir / "summary.json").exists()
+    assert diverging.records()[-1] == {"kind": "stop", "step": 12, "tokens": 12 * TOKENS_PER_STEP,
+                                       "reason": "guard.eval_rise"}
 
 
 def test_a_run_stopped_by_eval_rise_resumes_from_a_checkpoint_before_the_rise(diverging: Run, config: Path,

@@ -161,18 +161,21 @@ def with_grad_norm(lines: list[dict[str, Any]], step: int, norm: float) -> list[
     (records(falling(start=6.0, end=7.0)), False, "diverged", "final train loss 6.931 (mean of the last 5 steps) "
                                                               "above the first step's 6"),
     (records(falling(), eval_loss=4.1), True, "diverged", "the trainer failed"),
+    (records(falling(), eval_loss=4.1) + [{"kind": "stop", "step": 30, "reason": "guard.eval_rise"}], True,
+     "diverged", "stopped by guard.eval_rise"),
     (records(falling(), guard_steps=[5]), False, "unstable", "1 guard event"),
     (records(with_loss(falling(), 15, 12.0)), False, "unstable", "loss spike at step 15"),
     (with_grad_norm(records(falling()), 20, 30.0), False, "unstable", "gradient-norm spike at step 20"),
     (records(with_loss(falling(), 3, 12.0)), False, "converged", None),
     (records(falling(15, 8.0, 3.0) + falling(15, 6.5, 6.0), stage_steps=15), False, "converged", None),
-], ids=["falling", "nan-loss", "inf-eval", "final-above-first", "trainer-failed", "guard-event", "spike",
-        "grad-norm-spike", "jump-before-10-steps-of-the-stage", "stage-switch-jump"])
+], ids=["falling", "nan-loss", "inf-eval", "final-above-first", "trainer-failed", "guard-stopped", "guard-event",
+        "spike", "grad-norm-spike", "jump-before-10-steps-of-the-stage", "stage-switch-jump"])
 def test_status_of_a_run(lines: list[dict[str, Any]], failed: bool, status: str, reason: Optional[str]) -> None:
-    """``diverged``: a non-finite loss, a failed trainer, or a final train loss (mean of the last 5 steps) above the
-    first; ``unstable``: guard events or a spike, named by what spiked (a loss far above its stage's recent level,
-    judged once the stage has 10 steps; a gradient norm 10x its recent median); ``converged`` otherwise. A jump at a
-    stage switch (new sequence length) is no spike."""
+    """``diverged``: a non-finite loss, a failed trainer (named by the reason of its ``kind: stop`` line when the
+    guard stopped it), or a final train loss (mean of the last 5 steps) above the first; ``unstable``: guard events
+    or a spike, named by what spiked (a loss far above its stage's recent level, judged once the stage has 10 steps;
+    a gradient norm 10x its recent median); ``converged`` otherwise. A jump at a stage switch (new sequence length)
+    is no spike."""
     got, reasons = classify_run(lines, failed=failed)
     assert got == status, reasons
     if reason is None:

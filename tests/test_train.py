@@ -426,9 +426,12 @@ def test_zero3_on_two_ranks_resumes_exactly_and_its_replica_report_gathers(confi
 
 
 def test_stopped_run_says_where_it_stopped(stopped_w1: Run) -> None:
-    """``--stop-at-step 7`` exits 0 after saving a checkpoint named by the steps done, and says so."""
+    """``--stop-at-step 7`` exits 0 after saving a checkpoint named by the steps done, and says so, in the log and
+    in a ``kind: stop`` line (what ``compare`` reads)."""
     assert f"stopped before step {STOP_STEP} of {TOTAL_STEPS}" in stopped_w1.output, log_tail(stopped_w1.output)
     assert latest_checkpoint(stopped_w1.dir) == f"step{STOP_STEP:08d}"
+    assert stopped_w1.records()[-1] == {"kind": "stop", "step": STOP_STEP, "tokens": STOP_STEP * TOKENS_PER_STEP,
+                                        "reason": "requested"}
 
 
 def test_kill_9_during_training_then_resume_is_exact(config: Path, tmp_path: Path, straight_w1: Run) -> None:

@@ -114,18 +114,19 @@ def eval_rose(evals: Sequence[Mapping[str, Any]]) -> Optional[str]:
 
 def classify_run(records: Sequence[Mapping[str, Any]], failed: bool = False,
                  spikes: Optional[dict[int, Spike]] = None) -> tuple[Status, list[str]]:
-    """``diverged``: a non-finite loss, the trainer failed, the loss ended above where it started (the final
-    train loss, mean of the last 5 steps, or the last step's loss above the first step's) or the held-out loss
-    ended more than 10 % above its lowest (``eval_rose``). ``unstable``: guard events or spikes, named by what
-    spiked (the loss or the gradient norm). ``not judged``: neither, in a run of fewer than ``MIN_JUDGED_STEPS``
-    train lines. ``converged`` otherwise. ``spikes``: the run's ``spike_steps``
-    where the caller has them already (found here otherwise)."""
+    """``diverged``: a non-finite loss, the trainer failed (named by its ``kind: stop`` line when the guard stopped
+    it), the loss ended above where it started (the final train loss, mean of the last 5 steps, or the last step's
+    loss above the first step's) or the held-out loss ended more than 10 % above its lowest (``eval_rose``).
+    ``unstable``: guard events or spikes, named by what spiked (the loss or the gradient norm). ``not judged``:
+    neither, in a run of fewer than ``MIN_JUDGED_STEPS`` train lines. ``converged`` otherwise. ``spikes``: the
+    run's ``spike_steps`` where the caller has them already (found here otherwise)."""
     train = train_rows(records)
     eval_lines = [r for r in records if r.get("kind") == "eval"]
     evals = [r["eval_loss"] for r in eval_lines]
     diverged: list[str] = []
     if failed:
-        diverged.append("the trainer failed")
+        stops = [r["reason"] for r in records if r.get("kind") == "stop"]
+        diverged.append(f"stopped by {stops[-1]}" if stops else "the trainer failed")
     non_finite = [r["step"] for r in train if not finite(r["loss"])]
     if non_finite:
         diverged.append(f"non-finite train loss from step {non_finite[0]}")
