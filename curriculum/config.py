@@ -300,9 +300,11 @@ class GuardConfig(Section):
     max_events: PositiveSteps = 20
     """Stop the run (with a checkpoint of the last good state) after this many events."""
     eval_rise: Optional[FiniteFloat] = Field(default=0.10, gt=0.0)
-    """Stop the run (with a checkpoint) when a held-out loss is more than this share above the lowest one so far: a
-    run can break slowly, with no step far from its recent ones (GPT-2 124M at twice its tuned LR went from a
-    held-out 4.31 to 6.22 over 7 evaluations with one guard event, and trained 480 more steps). ``null``: never."""
+    """Stop the run when a periodic held-out loss is non-finite or more than this share above the lowest one so far
+    (the diverging state is not saved as ``latest``; the evaluation after the last step does not stop it): a run can
+    break slowly, with no step far from its recent ones (GPT-2 124M at twice its tuned LR went from a held-out 4.31
+    to 6.22 over 7 evaluations with one guard event, and trained 480 more steps). ``null`` (or ``enabled: false``):
+    never."""
 
 
 # --------------------------------------------------------------------------------------------------- kernels

@@ -93,6 +93,8 @@ class RunState:
     guard: dict[str, Any] = field(default_factory=dict)
     """``SpikeGuard.state_dict()``."""
     best_eval_loss: float = math.inf
+    """The lowest eval loss so far (what ``run.keep_best`` and ``guard.eval_rise`` compare with); ``inf`` before the
+    first evaluation."""
     curriculum: dict[str, Any] = field(default_factory=dict)
     """The curriculum section the state was saved with: a resume reports what changed since."""
     params_sha256: Optional[str] = None

@@ -96,6 +96,8 @@ class RunLogger:
         self._jsonl.flush()
         self._csv.writerow(record)
         self._csv_file.flush()
+        if record["kind"] == "stop":  # a reason, no metric: the files only
+            return
         scalars = {k: v for k, v in record.items()
                    if isinstance(v, (int, float)) and k not in ("step", "kind") and math.isfinite(v)}
         if self._tb is not None:

@@ -3,8 +3,8 @@
     config.json, ds_config.json   the run config and the DeepSpeed JSON the engine got
     tokenizer.json                the data's tokenizer, copied at the start (what ``export`` saves with the model)
     metrics.jsonl, metrics.csv    one line per logged step (``kind: train``), evaluation (``eval``), spike-guard
-                                  event (``guard``) and compile report (``compile``), and a ``stop`` line with the
-                                  reason when a run stopped before its end
+                                  event (``guard``) and compile report (``compile``), and a ``stop`` line when a
+                                  run stopped before its end (its reason in metrics.jsonl only)
     tensorboard/, wandb/          the same scalars
     training.png, summary.json    written at the end
     checkpoints/, final/          ``step<N>``/``latest``/``best``, and the model exported from the last checkpoint

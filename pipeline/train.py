@@ -71,7 +71,7 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
           stop_at_step: Optional[int] = None) -> int:
     from pipeline import peers
     from pipeline.batches import Prefetcher, load_run_data
-    from pipeline.checkpoint import Checkpointer, RunState, resolve_resume, tag_for
+    from pipeline.checkpoint import Checkpointer, RunState, complete_checkpoints, resolve_resume, tag_for
     from pipeline.commands import output_directory
     from pipeline.ds_config import derive_ds_config, zero_stage
     from pipeline.engine import build_engine, close_processes, device_precision, init_processes, peak_flops
@@ -165,14 +165,16 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
         lowest = state.best_eval_loss
         rose = guard.held_out_rose(eval_loss, lowest)
         if rose:
-            log(f"step {state.step - 1}: eval loss {eval_loss:.4f} is more than {config.guard.eval_rise:.0%} above the "
-                f"lowest so far, {lowest:.4f} (guard.eval_rise): the run is diverging")
+            how = (f"more than {100 * config.guard.eval_rise:g}% above the lowest so far, {lowest:.4f}"
+                   if math.isfinite(eval_loss) else "not finite")
+            log(f"step {state.step - 1}: eval loss {eval_loss:.4f} is {how} (guard.eval_rise): the run is diverging")
         state.best_eval_loss = min(lowest, eval_loss)
         return config.run.keep_best and eval_loss < lowest, rose
 
     # ------------------------------------------------------------------ the loop: steps state.step .. end_step - 1
     engine.ds.train()
-    first_step, stage, halted = state.step, None, False
+    first_step, stage = state.step, None
+    halted: Optional[str] = None  # why the guard stopped the run: guard.max_events or guard.eval_rise
     # the step whose checkpoint `latest` names, when that is this state (else the end saves one)
     last_saved = state.step if resume_path is not None and resume_path == checkpointer.latest() else -1
     mark = time.perf_counter()
@@ -196,7 +198,7 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
                 progress.rewind(state.step)  # rolled back to the last checkpoint: its steps run again
                 stage, mark = None, time.perf_counter()
                 continue
-            halted = verdict.stop
+            halted = "guard.max_events" if verdict.stop else None
             if halted and not verdict.update_applies:  # the update was dropped: this step is not done
                 break
 
@@ -222,15 +224,14 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
         due = (state.tokens // every_tokens > (state.tokens - step_tokens) // every_tokens if every_tokens
                else every > 0 and state.step % every == 0)
         improved, diverging = evaluate() if due and state.step < schedule.total_steps else (False, False)
-        periodic = ((config.run.checkpoint_every > 0 and state.step % config.run.checkpoint_every == 0) or values.stop
-                    or diverging)
+        periodic = (config.run.checkpoint_every > 0 and state.step % config.run.checkpoint_every == 0) or values.stop
         if periodic or improved:
             save(latest=periodic, best=improved)
+        if diverging:
+            halted = "guard.eval_rise"
+            break
         if values.stop:
             log(f"stop requested (signal): checkpoint saved at step {state.step}; resume with --resume auto")
-            break
-        if diverging:
-            halted = True
             break
         mark += time.perf_counter() - paused  # evaluations and checkpoints are not step time
     progress.close()
@@ -238,22 +239,23 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
 
     # ------------------------------------------------------------------ the end
     # evaluated at the full length after the last step
+    # (a rise there is logged, not stopped on: the run has ended)
     improved = state.step == schedule.total_steps and first_step < schedule.total_steps and evaluate()[0]
-    save(best=improved)
-    stop: Optional[str] = None  # why the run stopped before its end
-    if state.step < schedule.total_steps and halted and guard.exhausted:
-        stop = "guard.max_events"
+    if halted != "guard.eval_rise":  # a diverging state is not saved as `latest` over the good ones before it
+        save(best=improved)
+    stop = halted or ("requested" if state.step < schedule.total_steps else None)  # why it stopped early
+    if halted == "guard.max_events":
         log(f"error: stopped after {guard.events} spike events (guard.max_events = {config.guard.max_events}); the "
             f"last good state is checkpointed at step {state.step}. Lower the LR (see `curriculum-pretrain diagnose "
             f"{run_dir}`) and resume with --resume auto")
-    elif state.step < schedule.total_steps and halted:
-        stop = "guard.eval_rise"
-        log(f"error: stopped at step {state.step}: the eval loss rose more than {config.guard.eval_rise:.0%} above its "
-            f"lowest (guard.eval_rise). Lower the LR and resume from a checkpoint before the rise (--resume "
-            f"{checkpointer.directory}/step<N>; with run.keep_best, the file `best` there names the lowest one), "
-            "or start again")
-    elif state.step < schedule.total_steps:
-        stop = "requested"  # --stop-at-step or a signal
+    elif halted == "guard.eval_rise":
+        saved = ", ".join(path.name for path in complete_checkpoints(checkpointer.directory)) or "none"
+        best = checkpointer.best() if config.run.keep_best else None
+        log(f"error: stopped at step {state.step}: the eval loss rose more than {100 * config.guard.eval_rise:g}% "
+            f"above its lowest or was not finite (guard.eval_rise). Lower the LR and resume from a checkpoint "
+            f"before the rise: --resume {checkpointer.directory}/<step> (checkpoints: {saved}"
+            + (f"; the lowest eval loss: {best.name})" if best is not None else ")"))
+    elif stop is not None:  # --stop-at-step or a signal
         log(f"stopped before step {state.step} of {schedule.total_steps}; checkpoint in {checkpointer.directory}")
     else:
         replicas = engine.replica_report(state.data_sha256)

@@ -60,15 +60,15 @@ def test_speedups_against_the_first_run(tmp_path: Path) -> None:
 
 
 def test_a_stopped_run_says_why(tmp_path: Path) -> None:
-    """A run without summary.json whose last line is ``kind: stop`` is ``stopped (<reason>)``; without one it may
-    still be running (or was killed)."""
+    """A run without summary.json whose last line is ``kind: stop`` is ``stopped (<reason>)``, and diverged when the
+    guard stopped it, whatever its losses; without one it may still be running (or was killed)."""
     stopped = write_run(tmp_path / "stopped", FASTER, finished=False)
     with (stopped / "metrics.jsonl").open("a") as metrics:
         metrics.write(json.dumps({"kind": "stop", "step": 40, "tokens": 4000, "reason": "guard.eval_rise"}) + "\n")
     running = write_run(tmp_path / "running", FASTER, finished=False)
     _, _, (base, s, r), _ = compare_runs([write_run(tmp_path / "baseline", BASELINE), stopped, running], None)
-    assert [run.status.split(",")[0] for run in (base, s, r)] == ["finished", "stopped (guard.eval_rise)",
-                                                                  "running or stopped"]
+    assert [run.status for run in (base, s, r)] == ["finished, converged", "stopped (guard.eval_rise), diverged",
+                                                    "running or stopped, converged"]
 
 
 def test_token_speedups_along_the_first_run(tmp_path: Path) -> None:

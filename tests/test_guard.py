@@ -217,16 +217,18 @@ def test_a_disabled_guard_flags_nothing() -> None:
     ({}, 4.0, math.inf, False),  # the first evaluation has nothing to rise above
     ({}, math.nan, math.inf, True),
     ({}, math.inf, 4.0, True),
-    ({}, 4.4, 4.0, False),  # 10 % above the lowest: still allowed
+    ({"eval_rise": 0.5}, 6.0, 4.0, False),  # exactly 50 % above the lowest: still allowed
+    ({"eval_rise": 0.5}, 6.01, 4.0, True),
+    ({}, 4.39, 4.0, False),
     ({}, 4.41, 4.0, True),
-    ({"eval_rise": 0.5}, 5.9, 4.0, False),
     ({"eval_rise": None}, 40.0, 4.0, False),
     ({"enabled": False}, math.nan, 4.0, False),
-], ids=["first", "nan", "inf", "at-the-margin", "past-the-margin", "wider-margin", "eval-rise-off", "guard-off"])
+], ids=["first", "nan", "inf", "at-the-margin", "past-the-margin", "within-10%", "past-10%", "eval-rise-off",
+        "guard-off"])
 def test_a_held_out_loss_past_eval_rise_above_the_lowest_stops_the_run(fields: dict[str, Any], eval_loss: float,
                                                                        lowest: float, rose: bool) -> None:
     """``held_out_rose``: a held-out loss more than ``guard.eval_rise`` (10 %) above the lowest before it, or a
-    non-finite one, stops the run; never with the guard or ``eval_rise`` off."""
+    non-finite one, stops the run (at exactly the margin it does not); never with the guard or ``eval_rise`` off."""
     assert make_guard(**fields).held_out_rose(eval_loss, lowest) is rose
 
 
@@ -659,8 +661,9 @@ def test_a_run_whose_held_out_loss_rises_past_eval_rise_stops_with_a_checkpoint(
     evals = [r for r in diverging.records() if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [3, 7, 11]
     assert evals[2]["eval_loss"] > 1.1 * min(evals[0]["eval_loss"], evals[1]["eval_loss"]), evals
-    assert "error: stopped at step 12: the eval loss rose more than 10% above its lowest (guard.eval_rise)" \
-           in diverging.output, diverging.explain()
+    assert "error: stopped at step 12: the eval loss rose more than 10% above its lowest or was not finite " \
+           "(guard.eval_rise)" in diverging.output, diverging.explain()
+    assert "checkpoints: step00000004, step00000008, step00000012" in diverging.output
     assert diverging.latest_checkpoint() == "step00000012"
     assert_each_step_once(diverging, steps=12)
     assert not (diverging.dir / "summary.json").exists()
@@ -671,7 +674,7 @@ def test_a_run_whose_held_out_loss_rises_past_eval_rise_stops_with_a_checkpoint(
 def test_a_run_stopped_by_eval_rise_resumes_from_a_checkpoint_before_the_rise(diverging: Run, config: Path,
                                                                              tmp_path: Path) -> None:
     """As the message says: resumed from the checkpoint of step 8 (before the event) with the LR event removed,
-    the run finishes, each step logged once."""
+    the run finishes, each step logged once (the abandoned evaluation after step 11 and the stop line are gone)."""
     run_dir = tmp_path / "run"
     shutil.copytree(diverging.dir, run_dir)
     resumed = train(config, run_dir, "guard.method=ratio", f"run.eval_every={EVAL_EVERY}",
@@ -679,6 +682,10 @@ def test_a_run_stopped_by_eval_rise_resumes_from_a_checkpoint_before_the_rise(di
     assert resumed.returncode == 0, resumed.explain()
     assert_each_step_once(resumed)
     assert math.isfinite(resumed.summary()["final_eval_loss"])
+    records = resumed.records()
+    assert not [r for r in records if r["kind"] == "stop"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 7, 11, 15, 19, 20] and all(r["eval_loss"] < 7.0 for r in evals), evals
 
 
 def test_the_robust_rule_keeps_flagging_a_broken_model_into_the_next_stage(config: Path, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping, Optional, Sequence
 
+from curriculum.config import GuardConfig
 from pipeline.diagnose import json_safe
 from pipeline.rundir import FINAL_LOSS_STEPS, final_train_loss, loss_rose, train_rows
 from pipeline.spikes import Spike, SpikeRule, find_spike_steps
@@ -20,11 +21,12 @@ MIN_JUDGED_STEPS = 2 * FINAL_LOSS_STEPS
 of the last 5) comes from its second half. In a run of 6 lines the final window is steps 1-5, the steps where the
 loss falls fastest: a loss of 8.35 falling to 6.4 and blowing up to 13.1 at the last step averages 8.04 there, below
 the first step's 8.35. A shorter run can still be diverged or unstable: what was found is found."""
-EVAL_RISE_MARGIN = 0.10
+EVAL_RISE_MARGIN: float = GuardConfig().eval_rise  # type: ignore[assignment]
 """How far (a share) a run's last held-out loss may end above its lowest before the run is called diverged. A run
 can break without a spike the guard would skip: GPT-2 124M at twice its tuned LR climbed from a held-out 4.31 to 6.22
-over 7 evaluations and ended at 5.99 (39 % above its lowest) with one guard event; the curriculum at 1.4x went from
-4.43 to 5.99 and ended at 5.70 (29 %). None of the study's runs at a sound LR ended above its lowest."""
+over 7 evaluations and ended at 5.99 (39 % above its lowest) with one guard event; the curriculum at twice its own
+(3.4e-3) went from 4.43 to 5.99 and ended at 5.70 (29 %). None of the study's runs at a sound LR ended above its
+lowest. The default of ``guard.eval_rise``, at which the trainer stops a run (a run's own setting is not read)."""
 
 
 @dataclass
@@ -114,8 +116,8 @@ def eval_rose(evals: Sequence[Mapping[str, Any]]) -> Optional[str]:
 
 def classify_run(records: Sequence[Mapping[str, Any]], failed: bool = False,
                  spikes: Optional[dict[int, Spike]] = None) -> tuple[Status, list[str]]:
-    """``diverged``: a non-finite loss, the trainer failed (named by its ``kind: stop`` line when the guard stopped
-    it), the loss ended above where it started (the final train loss, mean of the last 5 steps, or the last step's
+    """``diverged``: a non-finite loss, the guard stopped the run (its ``kind: stop`` line) or the trainer failed
+    otherwise, the loss ended above where it started (the final train loss, mean of the last 5 steps, or the last step's
     loss above the first step's) or the held-out loss ended more than 10 % above its lowest (``eval_rose``).
     ``unstable``: guard events or spikes, named by what spiked (the loss or the gradient norm). ``not judged``:
     neither, in a run of fewer than ``MIN_JUDGED_STEPS`` train lines. ``converged`` otherwise. ``spikes``: the
@@ -124,9 +126,11 @@ def classify_run(records: Sequence[Mapping[str, Any]], failed: bool = False,
     eval_lines = [r for r in records if r.get("kind") == "eval"]
     evals = [r["eval_loss"] for r in eval_lines]
     diverged: list[str] = []
-    if failed:
-        stops = [r["reason"] for r in records if r.get("kind") == "stop"]
-        diverged.append(f"stopped by {stops[-1]}" if stops else "the trainer failed")
+    guard_stops = [r["reason"] for r in records if r.get("kind") == "stop" and r["reason"].startswith("guard.")]
+    if guard_stops:
+        diverged.append(f"stopped by {guard_stops[-1]}")
+    elif failed:
+        diverged.append("the trainer failed")
     non_finite = [r["step"] for r in train if not finite(r["loss"])]
     if non_finite:
         diverged.append(f"non-finite train loss from step {non_finite[0]}")
