@@ -118,7 +118,7 @@ def test_a_fresh_start_into_a_directory_that_holds_a_run_is_refused(config: Path
     """``--resume none``, or ``auto`` with the checkpoints gone: starting at step 0 would rewrite the metrics."""
     if resume == "auto":
         shutil.rmtree(run_dir / "checkpoints")
-    refused(config, run_dir, "--resume", resume, starts=f"error: --output-dir = '{run_dir}': holds a run (7 metrics "
+    refused(config, run_dir, "--resume", resume, starts=f"error: --output-dir = '{run_dir}': holds a run (8 metrics "
                                                         "lines) and no checkpoint to resume from")
 
 
@@ -232,5 +232,5 @@ def test_diagnose_on_metrics_values_a_run_does_not_write(run_dir: Path, line: st
     before = fingerprint(run_dir)
     result = cli("diagnose", str(run_dir))
     assert_refused(result, starts)
-    assert "metrics.jsonl:8" in result.stderr
+    assert "metrics.jsonl:9" in result.stderr  # after the stopped run's 7 train lines and its stop line
     assert fingerprint(run_dir) == before
