@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from curriculum.errors import ConfigError
-from pipeline.rundir import RunDir, eval_rows, read_records, train_rows
+from pipeline.rundir import RunDir, eval_rows, read_records, stop_reason, train_rows
 
 HELP = "compare runs: held-out loss, and tokens and seconds to a target loss, against the first run"
 AXES = ("tokens", "train_s", "elapsed_s")
@@ -148,8 +148,8 @@ def milestones(evals: Sequence[dict[str, Any]]) -> dict[str, Optional[float]]:
 def _progress(paths: RunDir, records: Sequence[dict[str, Any]]) -> str:
     if paths.summary.exists():
         return "finished"
-    stops = [r for r in records if r.get("kind") == "stop"]
-    return f"stopped ({stops[-1]['reason']})" if stops else "running or stopped"
+    reason = stop_reason(records)
+    return f"stopped ({reason})" if reason is not None else "running or stopped"
 
 
 def _name(paths: RunDir) -> str:

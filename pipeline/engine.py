@@ -187,7 +187,7 @@ class CompileMonitor:
     once by ``surprises()`` together with dynamo's fallbacks to eager (a ``hit config.recompile_limit`` warning)
     and graph breaks."""
 
-    def __init__(self, backend: str, cuda_graphs: bool) -> None:
+    def __init__(self, backend: str, cuda_graphs: bool, coordinate_descent_tuning: bool = False) -> None:
         from torch import _dynamo
 
         self.graphs: list[str] = []  # one description per graph: the shapes of its tensor inputs
@@ -201,7 +201,10 @@ class CompileMonitor:
 
             from torch._inductor.compile_fx import compile_fx
 
-            self._inner = partial(compile_fx, config_patches={"triton.cudagraphs": cuda_graphs})
+            patches = {"triton.cudagraphs": cuda_graphs}
+            if coordinate_descent_tuning:  # only when asked: TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 still works
+                patches["coordinate_descent_tuning"] = True
+            self._inner = partial(compile_fx, config_patches=patches)
         else:
             self._inner = _dynamo.lookup_backend(backend)
         logging.getLogger("torch._dynamo").addHandler(_FallbackHandler(self.fallbacks))
@@ -587,7 +590,7 @@ def build_engine(config: Config, schedule: Schedule, ds_config: dict[str, Any], 
     if choice.compile:
         from torch import _dynamo
 
-        monitor = CompileMonitor(config.kernels.compile_backend, choice.cuda_graphs)
+        monitor = CompileMonitor(config.kernels.compile_backend, choice.cuda_graphs, choice.coordinate_descent_tuning)
         # every train shape and the evaluation shape, and two spare: a later graph is reported, not refused
         _dynamo.config.recompile_limit = expected_graphs(schedule) + 2
         _dynamo.config.accumulated_recompile_limit = max(256, 4 * expected_graphs(schedule))
@@ -609,6 +612,9 @@ def _kernels_for_zero3(choice: KernelChoice, config: Config, log: Callable[[str]
                                                            "or false")
             log(f"kernels.{name}: not used (ZeRO stage 3: {why})")
             choice = dataclasses.replace(choice, **{name: False})
+    if choice.coordinate_descent_tuning and not choice.compile:
+        raise ConfigError("kernels.coordinate_descent_tuning", True, "needs kernels.compile, which ZeRO stage 3 turns "
+                                                                     "off; set it to false")
     return choice  # CUDA graphs: build_engine keeps them to ZeRO stage 0
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from curriculum.config import GuardConfig
-from pipeline.spikes import Spike, SpikeDetector, SpikeRule
+from pipeline.spikes import Spike, SpikeDetector, SpikeRule, risen_above
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class SpikeGuard:
         rise = self.config.eval_rise
         if not self.config.enabled or rise is None:
             return False
-        return not math.isfinite(eval_loss) or eval_loss > lowest * (1 + rise)
+        return not math.isfinite(eval_loss) or risen_above(eval_loss, lowest, rise)
 
     def check_loss(self, stage: int, loss: float) -> Optional[Spike]:
         return self.detector.check_loss(stage, loss) if self.config.enabled else None

@@ -15,7 +15,8 @@ Switches (``kernels`` section): ``auto`` uses a kernel where it can run and says
   ``auto`` not under ``compile``.
 - ``compile``: ``torch.compile`` with static shapes: one graph per distinct training (micro-batch, seq_len) and
   one for evaluation, all built before step 0 (``pipeline.engine``); ``cuda_graphs`` replays each as a CUDA
-  graph (Inductor's CUDA graph trees, torch.compile's ``reduce-overhead``).
+  graph (Inductor's CUDA graph trees, torch.compile's ``reduce-overhead``); ``coordinate_descent_tuning`` lets
+  Inductor search the block sizes of its generated kernels.
 Attention is PyTorch SDPA with ``is_causal=True`` in every configuration (``pipeline.model``).
 """
 
@@ -43,6 +44,7 @@ class KernelChoice:
     notes: tuple[str, ...] = field(default=())
     fused_cross_entropy: bool = False
     cuda_graphs: bool = False
+    coordinate_descent_tuning: bool = False
 
 
 def importable(module: str) -> bool:
@@ -87,7 +89,11 @@ def choose_kernels(config: KernelsConfig, arch: str, on_cuda: bool,
     if config.cuda_graphs is True and not (on_cuda and compile):
         raise ConfigError("kernels.cuda_graphs", True, "needs CUDA and kernels.compile")
     cuda_graphs = config.cuda_graphs is True or (config.cuda_graphs == "auto" and on_cuda and compile)
-    return KernelChoice(fused_adam, liger, apex, compile, tuple(notes), fused_ce, cuda_graphs)
+    if config.coordinate_descent_tuning and not (compile and config.compile_backend == "inductor"):
+        raise ConfigError("kernels.coordinate_descent_tuning", True,
+                          "needs kernels.compile (true, or auto on CUDA) with compile_backend: inductor")
+    return KernelChoice(fused_adam, liger, apex, compile, tuple(notes), fused_ce, cuda_graphs,
+                        config.coordinate_descent_tuning)
 
 
 def patch_model_classes(choice: KernelChoice) -> None:

@@ -119,6 +119,13 @@ def train_rows(records: Sequence[Record]) -> list[Record]:
     return [by_step[step] for step in sorted(by_step)]
 
 
+def stop_reason(records: Sequence[Record]) -> Optional[str]:
+    """The reason on the run's last ``kind: stop`` line (``guard.max_events``, ``guard.eval_rise`` or
+    ``requested``), or None: a run that is still going, finished, or was resumed since (a resume drops the line)."""
+    stops = [r["reason"] for r in records if r.get("kind") == "stop"]
+    return stops[-1] if stops else None
+
+
 def eval_rows(records: Sequence[Record]) -> list[Record]:
     return sorted((r for r in records if r.get("kind") == "eval"), key=lambda r: r["step"])
 

@@ -178,6 +178,12 @@ class SpikeDetector:
         self.flagged_in_a_row = state.get("flagged_in_a_row", 0)  # absent from checkpoints of earlier versions
 
 
+def risen_above(loss: float, lowest: float, margin: float) -> bool:
+    """Whether ``loss`` is more than ``margin`` (a fraction) above ``lowest``: the held-out rule of
+    ``guard.eval_rise``, which stops a run in the guard and calls a finished run diverged in ``sweep``/``compare``."""
+    return loss > lowest * (1 + margin)
+
+
 def robust_centre_and_spread(values: "deque[float] | list[float]") -> tuple[float, float]:
     """Median, and 1.4826 x the median absolute deviation floored at ``SPREAD_FLOOR`` of the median."""
     centre = statistics.median(values)

@@ -58,6 +58,43 @@ def test_cuda_graphs_need_cuda_and_compile() -> None:
         choose_kernels(KernelsConfig(compile=True, cuda_graphs=True), "gpt2", on_cuda=False)
 
 
+def test_coordinate_descent_tuning_needs_inductor_compile() -> None:
+    assert choose_kernels(KernelsConfig(coordinate_descent_tuning=True), "gpt2", on_cuda=True).coordinate_descent_tuning
+    assert not choose_kernels(KernelsConfig(), "gpt2", on_cuda=True).coordinate_descent_tuning  # off by default
+    with pytest.raises(ConfigError, match="kernels.coordinate_descent_tuning = True: needs kernels.compile"):
+        choose_kernels(KernelsConfig(coordinate_descent_tuning=True), "gpt2", on_cuda=False)  # auto: no compile on CPU
+    with pytest.raises(ConfigError, match="kernels.coordinate_descent_tuning = True: needs kernels.compile"):
+        choose_kernels(KernelsConfig(compile=True, compile_backend="aot_eager", coordinate_descent_tuning=True),
+                       "gpt2", on_cuda=True)
+
+
+def test_coordinate_descent_tuning_reaches_inductor_only_when_asked() -> None:
+    """The compile backend patches Inductor's ``coordinate_descent_tuning`` in only when the switch is on; off, it
+    leaves Inductor's own setting (``TORCHINDUCTOR_COORDINATE_DESCENT_TUNING``) alone."""
+    from pipeline.engine import CompileMonitor
+
+    patches = CompileMonitor("inductor", False, coordinate_descent_tuning=True)._inner.keywords["config_patches"]
+    assert patches == {"triton.cudagraphs": False, "coordinate_descent_tuning": True}
+    assert CompileMonitor("inductor", True)._inner.keywords["config_patches"] == {"triton.cudagraphs": True}
+
+
+def test_zero3_turns_compile_off_and_so_refuses_coordinate_descent_tuning() -> None:
+    """Under ZeRO stage 3 ``compile: auto`` is turned off (with a note); ``coordinate_descent_tuning: true`` then
+    has nothing to tune: one error naming it, not a setting silently ignored."""
+    from pipeline.engine import _kernels_for_zero3
+
+    stages = [{"until_step": 4, "seq_len": 32, "global_batch": 8}]
+    notes: list[str] = []
+    plain = make_config({"stages": stages}, kernels={"compile": "auto"})
+    choice = _kernels_for_zero3(choose_kernels(plain.kernels, "gpt2", on_cuda=True), plain, notes.append)
+    assert not choice.compile and notes == ["kernels.compile: not used (ZeRO stage 3: it would trace DeepSpeed's "
+                                            "parameter-gathering hooks)"]
+    tuned = make_config({"stages": stages}, kernels={"compile": "auto", "coordinate_descent_tuning": True})
+    with pytest.raises(ConfigError, match="kernels.coordinate_descent_tuning = True: needs kernels.compile, which "
+                                          "ZeRO stage 3 turns off"):
+        _kernels_for_zero3(choose_kernels(tuned.kernels, "gpt2", on_cuda=True), tuned, notes.append)
+
+
 def test_missing_packages_fall_back_and_say_which() -> None:
     """CUDA but neither liger-kernel nor apex installed: both fall back, naming the package."""
     choice = choose_kernels(KernelsConfig(), "llama", on_cuda=True, is_importable=lambda module: False)

@@ -27,6 +27,7 @@ from curriculum.schedule import build_schedule
 from pipeline.rundir import train_rows
 from pipeline.sweep import (Job, RunAnalysis, SweepAborted, analyze_run, analyze_sweep, classify_run, default_lrs,
                             format_analysis, lr_overrides, parse_gpus, parse_lrs, run_jobs, run_name, spike_steps)
+from pipeline.sweep.analysis import stopped_by_guard
 from pipeline.sweep.grid import wandb_overrides
 
 # --------------------------------------------------------------------------------------------------- the LR grid
@@ -507,6 +508,46 @@ def test_a_real_three_lr_sweep_compares_the_runs_and_resumes(data_dir: Path, tmp
     assert "resumed from" in (sweep_dir / names[0] / "train.log").read_text()
     assert (sweep_dir / names[0] / "summary.json").is_file()
     print(f"sweep of {len(SWEEP_LRS)} runs and one resumed run: {time.perf_counter() - start:.0f} s")
+
+
+@pytest.mark.parametrize(("stops", "by_guard"), [
+    ([], False), (["requested"], False), (["guard.max_events"], True), (["guard.eval_rise"], True),
+    (["guard.max_events", "requested"], False),
+], ids=["none", "requested", "max-events", "eval-rise", "last-line-wins"])
+def test_stopped_by_guard_reads_the_last_stop_line(stops: list[str], by_guard: bool) -> None:
+    """A run is stopped by the guard when its last ``kind: stop`` line has a ``guard.`` reason; a run stopped by
+    request (``--stop-at-step``, a signal) or without a stop line is resumable."""
+    lines = records(falling()) + [{"kind": "stop", "step": 30, "reason": reason} for reason in stops]
+    assert stopped_by_guard(lines) is by_guard
+
+
+def test_a_run_the_guard_stopped_is_diverged_and_not_relaunched(data_dir: Path, tmp_path: Path) -> None:
+    """Running a sweep again over a finished run and one whose last metrics line says the guard stopped it
+    (``kind: stop``, ``guard.eval_rise``, no summary.json; its held-out loss within 10 % of its lowest, so only the
+    stop line makes it diverged): neither trains again (0 launches); the stopped one is ``diverged`` in the manifest
+    and the analysis, and the sweep exits 0 (a diverged run is a result of an LR sweep, not a run left to finish)."""
+    config = tmp_path / "tiny-sweep.yaml"
+    config.write_text(SWEEP_CONFIG_YAML.format(data_dir=data_dir))
+    sweep_dir = tmp_path / "sweep"
+    done, stopped = sweep_dir / run_name(1e-3), sweep_dir / run_name(1e-2)
+    for run_dir, lines in ((done, records(falling(), eval_loss=4.1)),
+                           (stopped, records(falling(), eval_loss=4.1)
+                            + [{"kind": "eval", "step": 29, "tokens": 15360, "eval_loss": 4.3},
+                               {"kind": "stop", "step": 30, "tokens": 15360, "reason": "guard.eval_rise"}])):
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (done / "summary.json").write_text(json.dumps({"final_eval_loss": 4.1}))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "sweep", "--config", str(config), "--lrs",
+                           "1e-3,1e-2", "--output-dir", str(sweep_dir)], cwd=REPO_ROOT, env=process_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit status {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert f"{run_name(1e-2)}: stopped by guard.eval_rise (diverged), not relaunched;" in proc.stdout, proc.stdout
+    manifest = json.loads((sweep_dir / "sweep_manifest.json").read_text())
+    assert [(manifest["runs"][run_name(lr)]["status"], manifest["runs"][run_name(lr)]["launches"])
+            for lr in (1e-3, 1e-2)] == [("done", 0), ("diverged", 0)]
+    analysis = json.loads((sweep_dir / "lr_sweep_analysis.json").read_text())
+    assert {run["lr"]: run["status"] for run in analysis["runs"]} == {1e-3: "converged", 1e-2: "diverged"}
+    assert not (stopped / "train.log").exists()  # no trainer started
 
 
 def test_a_sweep_puts_its_runs_in_one_wandb_group_each_named_after_its_lr(data_dir: Path, tmp_path: Path) -> None:

@@ -20,11 +20,13 @@ Sweep directory (default ``runs/<name>-sweep``)::
     lr_vs_final_loss.png        final loss vs LR (log x), diverged runs marked
     lr_sweep_analysis.md/.json  per-LR table, best LR, first divergent LR and their ratio
 
-Resumable: a run whose ``summary.json`` exists is done and skipped; any other run is started (or resumed from its
-latest checkpoint) with ``--resume auto``. A trainer exit status other than 0 marks the run ``failed`` and the
-sweep goes on with the others, except status 2 (bad input) on the first run, which aborts the sweep with the
-trainer's error. The sweep exits 0 when every run is done, 1 when some failed or stopped (the analysis is written
-either way), 2 on bad input.
+Resumable: a run whose ``summary.json`` exists is done and skipped, and so is a run the spike guard stopped
+(``guard.max_events`` or ``guard.eval_rise``: ``diverged``, a result of the sweep; its ``train.log`` names the
+checkpoints to resume from by hand); any other run is started (or resumed from its latest checkpoint) with
+``--resume auto``. Any other trainer exit status than 0 marks the run ``failed`` and the sweep goes on with the
+others, except status 2 (bad input) on the first run, which aborts the sweep with the trainer's error. The sweep
+exits 0 when every run is done or diverged, 1 when some failed or stopped (the analysis is written either way), 2 on
+bad input.
 
 The analysis is pure functions over the runs' metrics records (``spike_steps``, ``classify_run``,
 ``analyze_run``, ``analyze_sweep``); the process handling (``run_jobs``) is separate.
@@ -39,9 +41,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from pipeline.rundir import RunDir, read_records
+from pipeline.rundir import RunDir, read_records, stop_reason
 from pipeline.sweep.analysis import (RunAnalysis, SweepAnalysis, analyze_run, analyze_sweep, classify_run,
-                                     format_analysis, spike_steps, suggestions)
+                                     format_analysis, spike_steps, stopped_by_guard, suggestions)
 from pipeline.sweep.grid import (check_run_names, default_lrs, lr_overrides, parse_gpus, parse_lrs, run_name,
                                  wandb_overrides)
 from pipeline.sweep.jobs import (BAD_INPUT_EXIT, Job, SweepAborted, child_environment, cuda_device_count, run_jobs,
@@ -98,6 +100,11 @@ def run(args: argparse.Namespace) -> int:
             manifest.run(name)["status"] = "done"
             print(f"{name}: done (summary.json exists), skipped")
             continue
+        if stopped_by_guard(run_records := read_records(RunDir(run_dir).metrics)):
+            manifest.run(name)["status"] = "diverged"
+            print(f"{name}: stopped by {stop_reason(run_records)} (diverged), not relaunched; its train.log names the "
+                  "checkpoints to resume from by hand (train --resume <checkpoint>, at a lower LR)")
+            continue
         jobs.append(Job(name, run_dir, trainer_command(args.config, args.overlays,
                                                        [*sets, *manifest.run(name)["overrides"]], run_dir)))
     manifest.save()
@@ -112,7 +119,12 @@ def run(args: argparse.Namespace) -> int:
     def on_finish(job: Job, status: int, seconds: float) -> None:
         entry = manifest.run(job.name)
         entry["exit_status"] = status
-        if status != 0:
+        run_records = read_records(RunDir(job.run_dir).metrics) if status != 0 else []
+        if stopped_by_guard(run_records):
+            entry["status"] = "diverged"
+            print(f"{job.name}: stopped by {stop_reason(run_records)} after {seconds:.0f} s: diverged, a result "
+                  "(a later sweep does not relaunch it)", flush=True)
+        elif status != 0:
             entry["status"] = "failed"
             print(f"{job.name}: FAILED (trainer exit status {status}) after {seconds:.0f} s; counted as diverged, "
                   f"going on with the other runs (log: {RunDir(job.run_dir).train_log})", flush=True)
@@ -157,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     print(report)
     print(f"sweep: {sweep_dir} ({MANIFEST}, lr_sweep_analysis.md/.json, lr_sweep_comparison.png, "
           "lr_vs_final_loss.png)")
-    unfinished = [name for name, entry in manifest.data["runs"].items() if entry["status"] != "done"]
+    unfinished = [name for name, entry in manifest.data["runs"].items() if entry["status"] not in ("done", "diverged")]
     if unfinished:
         print(f"not done: {', '.join(sorted(unfinished))} (see their train.log; running the sweep again retries "
               "them, resuming from their latest checkpoint)")

@@ -10,8 +10,8 @@ from typing import Any, Literal, Mapping, Optional, Sequence
 
 from curriculum.config import GuardConfig
 from pipeline.diagnose import json_safe
-from pipeline.rundir import FINAL_LOSS_STEPS, final_train_loss, loss_rose, train_rows
-from pipeline.spikes import Spike, SpikeRule, find_spike_steps
+from pipeline.rundir import FINAL_LOSS_STEPS, final_train_loss, loss_rose, stop_reason, train_rows
+from pipeline.spikes import Spike, SpikeRule, find_spike_steps, risen_above
 from pipeline.sweep.grid import run_name
 
 Status = Literal["converged", "unstable", "diverged", "not judged"]
@@ -108,10 +108,17 @@ def eval_rose(evals: Sequence[Mapping[str, Any]]) -> Optional[str]:
     if len(losses) < 2 or not all(finite(loss) for loss in losses):
         return None
     lowest = min(range(len(losses)), key=losses.__getitem__)
-    if losses[-1] <= losses[lowest] * (1 + EVAL_RISE_MARGIN):
+    if not risen_above(losses[-1], losses[lowest], EVAL_RISE_MARGIN):
         return None
     return (f"last held-out loss {losses[-1]:.4g} (step {evals[-1]['step']}) above its lowest "
             f"{losses[lowest]:.4g} (step {evals[lowest]['step']}) by more than {EVAL_RISE_MARGIN:.0%}")
+
+
+def stopped_by_guard(records: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the spike guard stopped the run (``guard.max_events`` or ``guard.eval_rise``): a diverged run, which
+    a sweep run again does not relaunch."""
+    reason = stop_reason(records)
+    return reason is not None and reason.startswith("guard.")
 
 
 def classify_run(records: Sequence[Mapping[str, Any]], failed: bool = False,
@@ -126,9 +133,8 @@ def classify_run(records: Sequence[Mapping[str, Any]], failed: bool = False,
     eval_lines = [r for r in records if r.get("kind") == "eval"]
     evals = [r["eval_loss"] for r in eval_lines]
     diverged: list[str] = []
-    guard_stops = [r["reason"] for r in records if r.get("kind") == "stop" and r["reason"].startswith("guard.")]
-    if guard_stops:
-        diverged.append(f"stopped by {guard_stops[-1]}")
+    if stopped_by_guard(records):
+        diverged.append(f"stopped by {stop_reason(records)}")
     elif failed:
         diverged.append("the trainer failed")
     non_finite = [r["step"] for r in train if not finite(r["loss"])]

@@ -19,8 +19,9 @@ MANIFEST = "sweep_manifest.json"
 class Manifest:
     """``sweep_manifest.json``: the LRs, and per run its overrides, peak LRs, status and trainer launches.
 
-    Run status: ``pending`` (not started), ``running``, ``done`` (summary.json written), ``failed`` (the trainer
-    exited with a status other than 0), ``stopped`` (exited 0 before the end, e.g. on SIGTERM; resumable).
+    Run status: ``pending`` (not started), ``running``, ``done`` (summary.json written), ``diverged`` (the spike
+    guard stopped it, exit status 1; a result, not relaunched), ``failed`` (any other exit status than 0),
+    ``stopped`` (exited 0 before the end, e.g. on SIGTERM; resumable).
     Written atomically after every change, so a sweep killed at any moment leaves a readable manifest."""
 
     def __init__(self, path: Path, data: dict[str, Any]) -> None:
