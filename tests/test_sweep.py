@@ -27,7 +27,7 @@ from curriculum.schedule import build_schedule
 from pipeline.rundir import train_rows
 from pipeline.sweep import (Job, RunAnalysis, SweepAborted, analyze_run, analyze_sweep, classify_run, default_lrs,
                             format_analysis, lr_overrides, parse_gpus, parse_lrs, run_jobs, run_name, spike_steps)
-from pipeline.sweep.analysis import stopped_by_guard
+from pipeline.sweep.analysis import guard_stop
 from pipeline.sweep.grid import wandb_overrides
 
 # --------------------------------------------------------------------------------------------------- the LR grid
@@ -511,14 +511,14 @@ def test_a_real_three_lr_sweep_compares_the_runs_and_resumes(data_dir: Path, tmp
 
 
 @pytest.mark.parametrize(("stops", "by_guard"), [
-    ([], False), (["requested"], False), (["guard.max_events"], True), (["guard.eval_rise"], True),
-    (["guard.max_events", "requested"], False),
+    ([], None), (["requested"], None), (["guard.max_events"], "guard.max_events"),
+    (["guard.eval_rise"], "guard.eval_rise"), (["guard.max_events", "requested"], None),
 ], ids=["none", "requested", "max-events", "eval-rise", "last-line-wins"])
-def test_stopped_by_guard_reads_the_last_stop_line(stops: list[str], by_guard: bool) -> None:
+def test_guard_stop_reads_the_last_stop_line(stops: list[str], by_guard: Optional[str]) -> None:
     """A run is stopped by the guard when its last ``kind: stop`` line has a ``guard.`` reason; a run stopped by
     request (``--stop-at-step``, a signal) or without a stop line is resumable."""
     lines = records(falling()) + [{"kind": "stop", "step": 30, "reason": reason} for reason in stops]
-    assert stopped_by_guard(lines) is by_guard
+    assert guard_stop(lines) == by_guard
 
 
 def test_a_run_the_guard_stopped_is_diverged_and_not_relaunched(data_dir: Path, tmp_path: Path) -> None:

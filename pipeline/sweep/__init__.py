@@ -41,9 +41,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from pipeline.rundir import RunDir, read_records, stop_reason
+from pipeline.rundir import RunDir, read_records
 from pipeline.sweep.analysis import (RunAnalysis, SweepAnalysis, analyze_run, analyze_sweep, classify_run,
-                                     format_analysis, spike_steps, stopped_by_guard, suggestions)
+                                     format_analysis, guard_stop, spike_steps, suggestions)
 from pipeline.sweep.grid import (check_run_names, default_lrs, lr_overrides, parse_gpus, parse_lrs, run_name,
                                  wandb_overrides)
 from pipeline.sweep.jobs import (BAD_INPUT_EXIT, Job, SweepAborted, child_environment, cuda_device_count, run_jobs,
@@ -100,9 +100,9 @@ def run(args: argparse.Namespace) -> int:
             manifest.run(name)["status"] = "done"
             print(f"{name}: done (summary.json exists), skipped")
             continue
-        if stopped_by_guard(run_records := read_records(RunDir(run_dir).metrics)):
+        if stopped_by := guard_stop(read_records(RunDir(run_dir).metrics)):
             manifest.run(name)["status"] = "diverged"
-            print(f"{name}: stopped by {stop_reason(run_records)} (diverged), not relaunched; its train.log names the "
+            print(f"{name}: stopped by {stopped_by} (diverged), not relaunched; its train.log names the "
                   "checkpoints to resume from by hand (train --resume <checkpoint>, at a lower LR)")
             continue
         jobs.append(Job(name, run_dir, trainer_command(args.config, args.overlays,
@@ -119,10 +119,10 @@ def run(args: argparse.Namespace) -> int:
     def on_finish(job: Job, status: int, seconds: float) -> None:
         entry = manifest.run(job.name)
         entry["exit_status"] = status
-        run_records = read_records(RunDir(job.run_dir).metrics) if status != 0 else []
-        if stopped_by_guard(run_records):
+        stopped_by = guard_stop(read_records(RunDir(job.run_dir).metrics)) if status != 0 else None
+        if stopped_by:
             entry["status"] = "diverged"
-            print(f"{job.name}: stopped by {stop_reason(run_records)} after {seconds:.0f} s: diverged, a result "
+            print(f"{job.name}: stopped by {stopped_by} after {seconds:.0f} s: diverged, a result "
                   "(a later sweep does not relaunch it)", flush=True)
         elif status != 0:
             entry["status"] = "failed"

@@ -114,11 +114,11 @@ def eval_rose(evals: Sequence[Mapping[str, Any]]) -> Optional[str]:
             f"{losses[lowest]:.4g} (step {evals[lowest]['step']}) by more than {EVAL_RISE_MARGIN:.0%}")
 
 
-def stopped_by_guard(records: Sequence[Mapping[str, Any]]) -> bool:
-    """Whether the spike guard stopped the run (``guard.max_events`` or ``guard.eval_rise``): a diverged run, which
-    a sweep run again does not relaunch."""
+def guard_stop(records: Sequence[Mapping[str, Any]]) -> Optional[str]:
+    """The reason when the spike guard stopped the run (``guard.max_events`` or ``guard.eval_rise``), else None: a
+    diverged run, which a sweep run again does not relaunch."""
     reason = stop_reason(records)
-    return reason is not None and reason.startswith("guard.")
+    return reason if reason is not None and reason.startswith("guard.") else None
 
 
 def classify_run(records: Sequence[Mapping[str, Any]], failed: bool = False,
@@ -133,8 +133,8 @@ def classify_run(records: Sequence[Mapping[str, Any]], failed: bool = False,
     eval_lines = [r for r in records if r.get("kind") == "eval"]
     evals = [r["eval_loss"] for r in eval_lines]
     diverged: list[str] = []
-    if stopped_by_guard(records):
-        diverged.append(f"stopped by {stop_reason(records)}")
+    if stopped_by := guard_stop(records):
+        diverged.append(f"stopped by {stopped_by}")
     elif failed:
         diverged.append("the trainer failed")
     non_finite = [r["step"] for r in train if not finite(r["loss"])]
