@@ -330,9 +330,16 @@ class KernelsConfig(Section):
     """NVIDIA apex fused RMSNorm/LayerNorm when apex is importable (CUDA; not with Liger's RMSNorm; in ``auto`` not
     with ``compile``)."""
     compile: Switch = "auto"
-    """``torch.compile`` with static shapes (``auto``: on CUDA): one graph per distinct (micro-batch, seq_len) and
-    one for evaluation (``plan`` lists them); a graph built after the warm-up, or a fallback to eager, is reported
-    in the log and in metrics.jsonl."""
+    """``torch.compile`` (``auto``: on CUDA): with static shapes one graph per distinct (micro-batch, seq_len) and
+    one for evaluation (``plan`` lists them; see ``dynamic_shapes``); a graph built after the warm-up, or a
+    fallback to eager, is reported in the log and in metrics.jsonl."""
+    dynamic_shapes: Switch = False
+    """One compiled training graph for all the stages' shapes instead of one per shape: the sizes that change from
+    stage to stage (seq_len, micro-batch) are symbolic in it; dynamo keeps a micro-batch of 1 static, so such
+    stages share a second graph. Each shape still records its own CUDA graph. ``auto``: whenever compiling. A
+    trade: on an H200 (GPT-2 124M, 32 sequences of 256 / 512 / 768 / 1024) the four shapes compiled in 36 s
+    instead of 86 s from a cold cache and in 5 s instead of 10 s from a warm one, but every step ran about 2 %
+    slower (0.6-2.4 %); it pays for short runs and for many shapes (pacing without a bucket), not for long ones."""
     compile_warmup: bool = True
     """Build every graph before step 0 by running the real training step (both micro-step kinds) and the real
     evaluation once per shape, with the gradients dropped; the time is logged. ``false`` compiles each shape at

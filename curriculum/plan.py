@@ -66,9 +66,10 @@ def human_count(n: float, spec: str = ".2f") -> str:
     return f"{n:g}"
 
 
-def format_plan_table(schedule: Schedule, title: str = "") -> str:
+def format_plan_table(schedule: Schedule, title: str = "", dynamic_shapes: bool = False) -> str:
     """One row per stage, then totals. ``rule LR`` is what the scaling rule gives; ``*`` marks a hand-set LR
-    that differs from it by more than 2x."""
+    that differs from it by more than 2x. ``dynamic_shapes``: the run compiles one graph for all its training
+    shapes (``kernels.dynamic_shapes``), which the graph count follows."""
     header = ["stage", "steps", "tokens", "seq_len", "micro x accum x world = batch", "tokens/step",
               "peak LR", "rule LR", "warmup", "clip"]
     rows = []
@@ -105,8 +106,10 @@ def format_plan_table(schedule: Schedule, title: str = "") -> str:
         lines.append(f"LR event: x{multiply:g} from step {at}")
     shapes = schedule.distinct_shapes()
     listed = ", ".join(f"{micro}x{seq_len}" for micro, seq_len in shapes[:8]) + (", ..." if len(shapes) > 8 else "")
-    lines.append(f"shapes: {len(shapes)} training (micro-batch x seq_len: {listed}) + 1 evaluation = "
-                 f"{len(shapes) + 1} graphs to compile with kernels.compile")
+    other = "false" if dynamic_shapes else "auto"
+    lines.append(f"shapes: {len(shapes)} training (micro-batch x seq_len: {listed}); kernels.compile builds "
+                 f"{schedule.compiled_graphs(dynamic_shapes)} graphs with evaluation "
+                 f"({schedule.compiled_graphs(not dynamic_shapes)} with kernels.dynamic_shapes: {other})")
     lines.append("steps count from 0; a stage runs steps start-end inclusive. (x): peak LR = base_lr x lr_mult. "
                  "(cap): limited by the stage's lr_max. rule LR: the lr_scaling rule; * = hand-set LR off from it "
                  "by more than 2x.")

@@ -248,6 +248,20 @@ class Schedule:
         """The (micro_batch, seq_len) shapes the run trains with, in order of first use."""
         return list(dict.fromkeys((stage.micro_batch, stage.seq_len) for stage in self.stages))
 
+    def varying_dims(self) -> tuple[int, ...]:
+        """The dimensions of a training batch (0: micro-batch, 1: seq_len) whose size changes between stages."""
+        shapes = self.distinct_shapes()
+        return tuple(dim for dim in (0, 1) if len({shape[dim] for shape in shapes}) > 1)
+
+    def compiled_graphs(self, dynamic: bool) -> int:
+        """Graphs ``kernels.compile`` builds: one per distinct training shape, or with ``dynamic`` one for all of
+        them (plus one for the micro-batches of 1 where the micro-batch varies: dynamo keeps a size of 1 static),
+        and one for evaluation."""
+        if not dynamic:
+            return len(self.distinct_shapes()) + 1
+        ones_apart = 0 in self.varying_dims() and any(micro == 1 for micro, _ in self.distinct_shapes())
+        return 1 + ones_apart + 1
+
 
 # --------------------------------------------------------------------------------------------------- building
 

@@ -14,8 +14,10 @@ For each distinct (micro-batch, seq_len) of the curriculum, with that stage's gr
   gradient clipping at 1.0 and the loss read once per step.
 
 Reported per shape: median tok/s, MFU (``flops_per_token`` of ``pipeline.model`` over the device's peak), median
-step time, peak memory, the first step's extra cost and the pipeline/baseline ratio; plus the warm-up (compile)
-time, the time to the first step and the stage-switch cost (near 0 once the warm-up built every graph). JSON.
+step time, peak memory (allocated since the shape began, and reserved by the caching allocator: with CUDA graphs
+only the latter includes the graphs' memory pool), the first step's extra cost and the pipeline/baseline ratio;
+plus the warm-up (compile) time, the time to the first step and the stage-switch cost (near 0 once the warm-up
+built every graph). JSON.
 
 ``--from-train`` reports, from a run directory's metrics: per stage median tok/s (of the job and per GPU) and MFU,
 the compile/warm-up time, the evaluation time, the first process's start-up before its first step (imports,
@@ -192,6 +194,9 @@ def _row(stage: Stage, times: list[float], engine: Any, peak: Optional[float], d
         "grad_accum": stage.grad_accum, "global_batch": stage.global_batch, "tokens_per_step": stage.tokens_per_step,
         "step_time_s": step_time, "tok_per_s": tok_per_s, "mfu": engine.mfu(stage.seq_len, tok_per_s, peak),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        # what the caching allocator holds: with CUDA graphs their memory pool, allocated during the warm-up (before
+        # the peak was reset) and so missing from the allocated peak, is in it
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else None,
     }
 
 
@@ -227,14 +232,15 @@ def _baseline(engine: Any, stage: Stage, prefetcher: Any, warmup: int, steps: in
     _reset_peak_memory(device)
     times = _timed_steps(step, warmup + steps)[warmup:]
     row = _row(stage, times, engine, peak, device)
-    return {k: row[k] for k in ("step_time_s", "tok_per_s", "mfu", "peak_memory_gib")}
+    return {k: row[k] for k in ("step_time_s", "tok_per_s", "mfu", "peak_memory_gib", "peak_reserved_gib")}
 
 
 def _format_row(row: dict[str, Any]) -> str:
     text = (f"seq_len {row['seq_len']:>5} ({row['micro_batch']} x {row['grad_accum']}): {row['tok_per_s']:>10,.0f} tok/s"
             f"  step {row['step_time_s'] * 1000:8.1f} ms"
             + (f"  MFU {100 * row['mfu']:5.1f}%" if row["mfu"] is not None else "")
-            + (f"  peak {row['peak_memory_gib']:.1f} GiB" if row["peak_memory_gib"] is not None else ""))
+            + (f"  peak {row['peak_memory_gib']:.1f} GiB ({row['peak_reserved_gib']:.1f} reserved)"
+               if row["peak_memory_gib"] is not None else ""))
     if "baseline" in row:
         text += f"  | baseline {row['baseline']['tok_per_s']:,.0f} tok/s, ratio {row['ratio']:.2f}"
     return text

@@ -101,7 +101,8 @@ def _run_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(plan_dict(schedule, per_step=args.per_step), indent=2))
     else:
-        print(format_plan_table(schedule, title=f"{config.name}: {config.model.arch} {config.model.preset}"))
+        print(format_plan_table(schedule, title=f"{config.name}: {config.model.arch} {config.model.preset}",
+                                dynamic_shapes=config.kernels.dynamic_shapes is not False))
     return 0
 
 

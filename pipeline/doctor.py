@@ -516,8 +516,9 @@ def check_seq_len_multiple(config: Config, schedule: Schedule) -> list[Finding]:
 
 
 def check_compile_shapes(config: Config, schedule: Schedule) -> list[Finding]:
-    """A compiled run builds one graph per distinct training shape and one for evaluation before step 0."""
-    graphs = len(schedule.distinct_shapes()) + 1
+    """A compiled run with ``kernels.dynamic_shapes: false`` builds one graph per distinct training shape and one for
+    evaluation before step 0."""
+    graphs = schedule.compiled_graphs(dynamic=config.kernels.dynamic_shapes is not False)
     if config.kernels.compile is False or graphs <= MAX_COMPILED_GRAPHS:
         return []
     pacing = config.curriculum.pacing
@@ -527,7 +528,8 @@ def check_compile_shapes(config: Config, schedule: Schedule) -> list[Finding]:
     return [Finding("warning", "compile-shapes", field,
                     f"kernels.compile builds {graphs} graphs before step 0 ({graphs - 1} training shapes + "
                     f"evaluation), 20-60 s each for a 124M model on an H100-class GPU",
-                    f"{fix}, or set kernels.compile: false for a short run")]
+                    f"{fix}, set kernels.dynamic_shapes: auto (one graph for all of them), or kernels.compile: "
+                    "false for a short run")]
 
 
 def check_token_budget(config: Config, schedule: Schedule, n_params: int, vocab: Vocab) -> list[Finding]:

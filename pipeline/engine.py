@@ -17,11 +17,13 @@ optimizer directly; with one rank it skips its gradient all-reduce. DeepSpeed's 
 overflow flags and gradient norms on the host inside ``engine.step()``; the loop then reads the norm they computed
 after the update. With CUDA graphs, accumulated gradients live in buffers of their own (``_give_gradients_buffers``).
 
-Compilation (``kernels.compile``): ``torch.compile`` with static shapes takes the model and its loss (or the decoder
-body when the loss is fused). Each distinct training shape is one graph, evaluation (no gradients, eval mode, full
-length) one more. ``warm_up`` builds them all before step 0 by running the real step and the real evaluation once
-per shape; dynamo's recompile limit is set to that count (plus a margin of two), and ``CompileMonitor`` reports any
-graph built after the warm-up and any fallback to eager in the log and as a ``kind: compile`` metrics line.
+Compilation (``kernels.compile``): ``torch.compile`` takes the model and its loss (or the decoder body when the loss
+is fused). With ``kernels.dynamic_shapes`` the training batches' stage-varying sizes are marked dynamic, so one graph
+serves every stage (``Schedule.compiled_graphs``); without it each distinct training shape is one graph. Evaluation
+(no gradients, eval mode, full length) is one more, static. ``warm_up`` builds them all before step 0 by running the
+real step and the real evaluation once per shape (which also records each shape's CUDA graph); dynamo's recompile
+limit is the static count plus a margin of two, and ``CompileMonitor`` reports any graph built after the warm-up and
+any fallback to eager in the log and as a ``kind: compile`` metrics line.
 
 DeepSpeed internals: ``setup.py`` pins DeepSpeed to the tested range (``>=0.19.8,<0.20``) because of these, each
 touched here and nowhere else; ``tests/test_deepspeed_internals.py`` checks that the installed version is inside the
@@ -57,6 +59,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import time
@@ -210,10 +213,11 @@ class CompileMonitor:
         logging.getLogger("torch._dynamo").addHandler(_FallbackHandler(self.fallbacks))
 
     def backend(self, graph: Any, example_inputs: Sequence[Any]) -> Any:
-        shapes = [tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor) and t.dim() == 2
-                  and not t.is_floating_point()]  # the token inputs; parameters are floating point
-        self.graphs.append(f"{'x'.join(map(str, shapes[0])) if shapes else '?'}"
-                           f"{'' if torch.is_grad_enabled() else ' (no grad)'}")
+        values = [node.meta.get("example_value") for node in graph.graph.nodes if node.op == "placeholder"]
+        shapes = [v.shape for v in values if isinstance(v, torch.Tensor) and v.dim() == 2
+                  and not v.is_floating_point()]  # the token inputs; parameters are floating point
+        sizes = ["*" if isinstance(size, torch.SymInt) else str(size) for size in shapes[0]] if shapes else ["?"]
+        self.graphs.append("x".join(sizes) + ("" if torch.is_grad_enabled() else " (no grad)"))  # *: symbolic
         return self._inner(graph, example_inputs)
 
     def freeze(self) -> None:
@@ -283,6 +287,8 @@ class Engine:
     precision: Precision
     processes: Processes
     monitor: Optional[CompileMonitor] = None
+    dynamic_dims: tuple[int, ...] = ()
+    """The training batches' dimensions marked dynamic for ``torch.compile`` (``Schedule.varying_dims``)."""
     warmup_s: float = 0.0
     grad_clip: float = 0.0
     _stats: Optional[torch.Tensor] = field(default=None, repr=False)
@@ -301,6 +307,7 @@ class Engine:
                 f"optimizer {self.optimizer_name}; {self.precision} on {self.device.type} x "
                 f"{self.processes.world_size}; ZeRO stage {self.zero_stage}; kernels: fused cross-entropy "
                 f"{kernels.fused_cross_entropy}, liger {kernels.liger}, apex {kernels.apex}, compile {kernels.compile}"
+                + (", dynamic shapes" if self.dynamic_dims else "")
                 + (", CUDA graphs" if kernels.cuda_graphs else ""))
 
     @property
@@ -335,6 +342,8 @@ class Engine:
         if self.kernels.cuda_graphs and len(micro_batches) > 1:
             self._give_gradients_buffers()
         for i, (inputs, labels) in enumerate(micro_batches):
+            for tensor, dim in itertools.product((inputs, labels), self.dynamic_dims):
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
             boundary = i == len(micro_batches) - 1
             self.ds.set_gradient_accumulation_boundary(boundary)
             loss = self.ds(inputs, labels)
@@ -542,11 +551,6 @@ def first_stage_per_shape(schedule: Schedule) -> list[Stage]:
     return list({(s.micro_batch, s.seq_len): s for s in reversed(schedule.stages)}.values())[::-1]
 
 
-def expected_graphs(schedule: Schedule) -> int:
-    """Compiled graphs a run builds: one per distinct training shape and one for evaluation."""
-    return len(schedule.distinct_shapes()) + 1
-
-
 def build_engine(config: Config, schedule: Schedule, ds_config: dict[str, Any], manifest: dict[str, Any],
                  processes: Processes) -> Engine:
     """A freshly initialised model with the kernels the config asks for, wrapped with its loss, its optimizer and
@@ -586,18 +590,24 @@ def build_engine(config: Config, schedule: Schedule, ds_config: dict[str, Any], 
             raise ConfigError("kernels.cuda_graphs", True, "verified with ZeRO stage 0 only; set it to auto or false")
         log("kernels.cuda_graphs: not used (verified with ZeRO stage 0 only)")
         choice = dataclasses.replace(choice, cuda_graphs=False)
-    monitor = None
+    monitor, dynamic_dims = None, ()
     if choice.compile:
         from torch import _dynamo
 
         monitor = CompileMonitor(config.kernels.compile_backend, choice.cuda_graphs, choice.coordinate_descent_tuning)
-        # every train shape and the evaluation shape, and two spare: a later graph is reported, not refused
-        _dynamo.config.recompile_limit = expected_graphs(schedule) + 2
-        _dynamo.config.accumulated_recompile_limit = max(256, 4 * expected_graphs(schedule))
+        # every train shape as a graph of its own and the evaluation shape, and two spare: whatever dynamo
+        # specialises, a later graph is reported, not refused
+        static_graphs = schedule.compiled_graphs(dynamic=False)
+        _dynamo.config.recompile_limit = static_graphs + 2
+        _dynamo.config.accumulated_recompile_limit = max(256, 4 * static_graphs)
+        # only the sizes marked in forward_backward are symbolic: evaluation, and each size dynamo saw change, stay
+        # static rather than turning dynamic on their second value
+        _dynamo.config.automatic_dynamic_shapes = False
+        dynamic_dims = schedule.varying_dims() if choice.dynamic_shapes else ()
         # the forward only: DeepSpeed's forward hooks on the module stay outside the graph (traced, they break it)
         part = module.compiled_part
-        part.forward = torch.compile(part.forward, backend=monitor.backend, dynamic=False)
-    return Engine(ds_engine, model, optimizer_name, choice, precision, processes, monitor)
+        part.forward = torch.compile(part.forward, backend=monitor.backend, dynamic=None if dynamic_dims else False)
+    return Engine(ds_engine, model, optimizer_name, choice, precision, processes, monitor, dynamic_dims)
 
 
 def _kernels_for_zero3(choice: KernelChoice, config: Config, log: Callable[[str], None]) -> KernelChoice:

@@ -13,10 +13,11 @@ Switches (``kernels`` section): ``auto`` uses a kernel where it can run and says
   under ``compile`` in ``auto`` (they break the graph; Inductor fuses these operations itself).
 - ``apex``: NVIDIA apex's fused RMSNorm / LayerNorm, swapped in when apex is importable (it is not on PyPI); in
   ``auto`` not under ``compile``.
-- ``compile``: ``torch.compile`` with static shapes: one graph per distinct training (micro-batch, seq_len) and
-  one for evaluation, all built before step 0 (``pipeline.engine``); ``cuda_graphs`` replays each as a CUDA
-  graph (Inductor's CUDA graph trees, torch.compile's ``reduce-overhead``); ``coordinate_descent_tuning`` lets
-  Inductor search the block sizes of its generated kernels.
+- ``compile``: ``torch.compile``: one training graph per distinct (micro-batch, seq_len), or with
+  ``dynamic_shapes`` one whose stage-varying sizes are symbolic, and one for evaluation, all built before step 0
+  (``pipeline.engine``); ``cuda_graphs`` replays them as CUDA graphs, one per shape (Inductor's CUDA graph trees,
+  torch.compile's ``reduce-overhead``); ``coordinate_descent_tuning`` lets Inductor search the block sizes of its
+  generated kernels.
 Attention is PyTorch SDPA with ``is_causal=True`` in every configuration (``pipeline.model``).
 """
 
@@ -45,6 +46,7 @@ class KernelChoice:
     fused_cross_entropy: bool = False
     cuda_graphs: bool = False
     coordinate_descent_tuning: bool = False
+    dynamic_shapes: bool = False
 
 
 def importable(module: str) -> bool:
@@ -89,11 +91,13 @@ def choose_kernels(config: KernelsConfig, arch: str, on_cuda: bool,
     if config.cuda_graphs is True and not (on_cuda and compile):
         raise ConfigError("kernels.cuda_graphs", True, "needs CUDA and kernels.compile")
     cuda_graphs = config.cuda_graphs is True or (config.cuda_graphs == "auto" and on_cuda and compile)
+    if config.dynamic_shapes is True and not compile:
+        raise ConfigError("kernels.dynamic_shapes", True, "needs kernels.compile (true, or auto on CUDA)")
     if config.coordinate_descent_tuning and not (compile and config.compile_backend == "inductor"):
         raise ConfigError("kernels.coordinate_descent_tuning", True,
                           "needs kernels.compile (true, or auto on CUDA) with compile_backend: inductor")
     return KernelChoice(fused_adam, liger, apex, compile, tuple(notes), fused_ce, cuda_graphs,
-                        config.coordinate_descent_tuning)
+                        config.coordinate_descent_tuning, compile and config.dynamic_shapes is not False)
 
 
 def patch_model_classes(choice: KernelChoice) -> None:

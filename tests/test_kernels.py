@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -49,6 +51,16 @@ def test_compiled_runs_leave_in_block_kernels_to_inductor_and_replay_cuda_graphs
     assert (asked.fused_cross_entropy, asked.liger, asked.compile) == (True, True, True)
     cpu = choose_kernels(KernelsConfig(), "llama", on_cuda=False, is_importable=everything_importable)
     assert (cpu.compile, cpu.cuda_graphs) == (False, False)
+
+
+def test_dynamic_shapes_follow_compile() -> None:
+    """Off by default; ``dynamic_shapes: auto`` marks sizes dynamic whenever the run compiles, never without
+    compiling; ``true`` without compiling is bad input naming the switch."""
+    assert not choose_kernels(KernelsConfig(), "gpt2", on_cuda=True).dynamic_shapes
+    assert choose_kernels(KernelsConfig(dynamic_shapes="auto"), "gpt2", on_cuda=True).dynamic_shapes
+    assert not choose_kernels(KernelsConfig(dynamic_shapes="auto"), "gpt2", on_cuda=False).dynamic_shapes
+    with pytest.raises(ConfigError, match="kernels.dynamic_shapes = True: needs kernels.compile"):
+        choose_kernels(KernelsConfig(dynamic_shapes=True), "gpt2", on_cuda=False)
 
 
 def test_cuda_graphs_need_cuda_and_compile() -> None:
@@ -121,16 +133,18 @@ def test_importable_handles_a_missing_parent_package() -> None:
     assert importable("torch.nn") and not importable("surely_not_a_package.normalization")
 
 
-def test_one_compiled_shape_per_stage() -> None:
-    """The shapes compile warms up are the stages' (micro-batch, seq_len), one per stage when they all differ, and
-    a torch.compile of the loss module with static shapes builds exactly one graph per shape (counted with a
-    backend that records each graph it is given)."""
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_one_compiled_graph_per_shape_or_one_for_all(dynamic: bool) -> None:
+    """The shapes compile warms up are the stages' (micro-batch, seq_len), one per stage when they all differ. A
+    ``torch.compile`` of the loss module as the engine sets it up builds exactly ``Schedule.compiled_graphs`` minus
+    evaluation: with static shapes one graph per shape, with the varying sizes marked dynamic one for all three
+    (counted with a backend that records each graph it is given; every shape runs twice)."""
     schedule = build_schedule(make_config({"stages": [
         {"until_step": 2, "seq_len": 16, "global_batch": 8, "micro_batch": 8},
         {"until_step": 4, "seq_len": 32, "global_batch": 4, "micro_batch": 4},
         {"until_step": 6, "seq_len": 64, "global_batch": 2, "micro_batch": 2}]}))
     shapes = schedule.distinct_shapes()
-    assert shapes == [(8, 16), (4, 32), (2, 64)]
+    assert shapes == [(8, 16), (4, 32), (2, 64)] and schedule.varying_dims() == (0, 1)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -143,11 +157,15 @@ def test_one_compiled_shape_per_stage() -> None:
         return graph.forward
 
     compiled = torch.compile(CausalLMWithLoss(lm, fused_cross_entropy=False), backend=counting_backend,
-                             dynamic=False)
-    for micro_batch, seq_len in shapes * 2:  # every shape twice: the second pass must not compile again
-        tokens = torch.randint(0, 64, (micro_batch, seq_len + 1))
-        compiled(tokens[:, :-1], tokens[:, 1:])
-    assert len(graphs) == len(shapes)
+                             dynamic=None if dynamic else False)
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        for micro_batch, seq_len in shapes * 2:  # every shape twice: the second pass must not compile again
+            tokens = torch.randint(0, 64, (micro_batch, seq_len + 1))
+            inputs, labels = tokens[:, :-1], tokens[:, 1:]
+            for tensor, dim in itertools.product((inputs, labels), schedule.varying_dims() if dynamic else ()):
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)  # as Engine.forward_backward does
+            compiled(inputs, labels)
+    assert len(graphs) == schedule.compiled_graphs(dynamic) - 1 == (1 if dynamic else 3)
 
 
 def test_bench_reports_every_stage_shape(tmp_path, data_dir) -> None:
@@ -178,6 +196,7 @@ curriculum:
     assert [(r["micro_batch"], r["grad_accum"], r["seq_len"]) for r in report["shapes"]] == [(4, 2, 32), (4, 1, 64)]
     for row in report["shapes"]:
         assert row["tok_per_s"] == pytest.approx(row["tokens_per_step"] / row["step_time_s"])
-        assert row["mfu"] is None and row["peak_memory_gib"] is None and "baseline" not in row
+        assert row["mfu"] is None and "baseline" not in row
+        assert row["peak_memory_gib"] is None and row["peak_reserved_gib"] is None
     assert report["time_to_first_step_s"] > 0 and report["stage_switch_cost_s"] >= 0
     assert report["profile"]["by_kind_ms"] == {}  # the profiler sees GPU kernels only, and there is no GPU here

@@ -183,12 +183,14 @@ def test_plan_command_does_not_import_torch() -> None:
 
 
 def test_plan_lists_the_shapes_a_compiled_run_builds() -> None:
-    """`plan` names the distinct (micro-batch x seq_len) training shapes and counts the graphs with evaluation;
-    `--json` lists them."""
+    """`plan` names the distinct (micro-batch x seq_len) training shapes and counts the graphs with evaluation, with
+    dynamic shapes (one training graph) and without (one per shape); `--json` lists them."""
     result = run_cli(["plan", "--config", "gpt2-124m-curriculum"])
     assert result.returncode == 0, result.stderr
-    assert ("shapes: 4 training (micro-batch x seq_len: 256x128, 128x256, 64x512, 32x1024) + 1 evaluation = 5 "
-            "graphs to compile with kernels.compile") in result.stdout
+    assert ("shapes: 4 training (micro-batch x seq_len: 256x128, 128x256, 64x512, 32x1024); kernels.compile builds "
+            "5 graphs with evaluation (2 with kernels.dynamic_shapes: auto)") in result.stdout
+    dynamic = run_cli(["plan", "--config", "gpt2-124m-seq-warmup"])  # a recipe with dynamic_shapes: auto
+    assert "kernels.compile builds 2 graphs with evaluation (5 with kernels.dynamic_shapes: false)" in dynamic.stdout
     plan = json.loads(run_cli(["plan", "--config", "gpt2-124m-curriculum", "--json"]).stdout)
     assert plan["shapes"] == [{"micro_batch": 256, "seq_len": 128}, {"micro_batch": 128, "seq_len": 256},
                               {"micro_batch": 64, "seq_len": 512}, {"micro_batch": 32, "seq_len": 1024}]
@@ -328,14 +330,16 @@ def test_a_token_interval_replaces_a_recipes_step_interval(source: str) -> None:
 @pytest.mark.parametrize(("recipe", "study", "tuned"), [
     ("gpt2-124m-seq-warmup", "length-warmup",
      ["curriculum.base_lr=1.7e-3", *(f"curriculum.stages.{i}.lr_mult={m}" for i, m in enumerate((0.25, 0.5, 0.75))),
-      *(f"curriculum.stages.{i}.warmup_steps={w}" for i, w in enumerate((152, 152, 152, 172)))]),
+      *(f"curriculum.stages.{i}.warmup_steps={w}" for i, w in enumerate((152, 152, 152, 172))),
+      "kernels.dynamic_shapes=auto"]),  # measured with and without; the recipe compiles one graph
     ("gpt2-124m-seq-warmup-baseline", "baseline",
      ["curriculum.base_lr=2.4e-3", "curriculum.stages.0.warmup_steps=800"]),
 ])
 def test_the_seq_warmup_recipes_are_the_measured_runs(recipe: str, study: str, tuned: list[str]) -> None:
     """docs/RESULTS.md measured these recipes as the GPU study's configs at 4x the tokens (bench/longer.py) with the
-    tuned peak LR and warmup and an evaluation every 1,048,576 tokens: the same plan step for step (stages, LRs,
-    warmups, clips) and the same settings otherwise, but for the name and the export a recipe makes at its end."""
+    tuned peak LR and warmup and an evaluation every 1,048,576 tokens (the curriculum also with dynamic shapes): the
+    same plan step for step (stages, LRs, warmups, clips) and the same settings otherwise, but for the name and the
+    export a recipe makes at its end."""
     spec = importlib.util.spec_from_file_location("longer", REPO_ROOT / "bench" / "longer.py")
     longer = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(longer)

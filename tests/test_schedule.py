@@ -479,6 +479,22 @@ def test_distinct_shapes_in_order() -> None:
     assert schedule.distinct_shapes() == [(32, 64), (16, 128), (8, 256)]
 
 
+@pytest.mark.parametrize("stages, dims, static, dynamic", [
+    ([(4, 32), (4, 64), (4, 128)], (1,), 4, 2),  # Li et al.: fixed sequences per step, one graph for every length
+    ([(8, 32), (4, 64), (2, 128)], (0, 1), 4, 2),  # fixed tokens per step: both sizes symbolic
+    ([(2, 32), (2, 64), (1, 128)], (0, 1), 4, 3),  # a micro-batch of 1 stays static in a graph of its own
+    ([(4, 32), (4, 32)], (), 2, 2),  # one shape: nothing varies
+])
+def test_compiled_graphs_with_and_without_dynamic_shapes(stages: list, dims: tuple, static: int,
+                                                         dynamic: int) -> None:
+    """The dimensions that vary between stages, and the graphs a compiled run builds, evaluation included."""
+    schedule = build_schedule(make_config({"stages": [
+        {"until_step": 2 * (i + 1), "seq_len": seq_len, "global_batch": micro, "micro_batch": micro}
+        for i, (micro, seq_len) in enumerate(stages)]}))
+    assert schedule.varying_dims() == dims
+    assert (schedule.compiled_graphs(dynamic=False), schedule.compiled_graphs(dynamic=True)) == (static, dynamic)
+
+
 # --------------------------------------------------------------------------------------------------- pacing buckets
 
 LI_PACING = {"type": "fixed_linear", "min_seq_len": 64, "max_seq_len": 1024, "step_size": 8,

@@ -258,17 +258,25 @@ def test_evaluations_every_n_tokens_follow_the_tokens_not_the_steps(config: Path
     assert [(r["step"], r["tokens"]) for r in evals] == [(4, 640), (7, 1408), (9, 1920), (12, 2688), (14, 3200)]
 
 
-def test_a_compiled_run_builds_each_graph_once_before_step_0(straight_w1: Run, config: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("dynamic, graphs", [
+    ("false", ["2x32", "2x64", "1x128", f"2x{MAX_SEQ_LEN} (no grad)"]),
+    ("auto", ["*x*", "1x*", f"2x{MAX_SEQ_LEN} (no grad)"]),  # *: a symbolic size; dynamo keeps a size of 1 static
+])
+def test_a_compiled_run_builds_each_graph_once_before_step_0(straight_w1: Run, config: Path, tmp_path: Path,
+                                                             dynamic: str, graphs: list[str]) -> None:
     """``kernels.compile`` with a tracing-only backend (``eager``: the graphs dynamo captures run as they are) through
-    three stages with evaluations: the warm-up builds one graph per (micro-batch, seq_len) and one for evaluation,
-    nothing is built (or given up) afterwards, and the run trains exactly as the uncompiled one."""
+    three stages (2 x 32, 2 x 64, 1 x 128) with evaluations: the warm-up builds one graph per (micro-batch,
+    seq_len), or with dynamic shapes one with both sizes symbolic and one for the stage of micro-batch 1, and one
+    for evaluation; nothing is built (or given up) afterwards, and the run trains exactly as the uncompiled one."""
     run = Run(tmp_path / "run", cli_train(config, tmp_path / "run", "--set", "kernels.compile=true",
-                                          "--set", "kernels.compile_backend=eager"))
+                                          "--set", "kernels.compile_backend=eager",
+                                          "--set", f"kernels.dynamic_shapes={dynamic}"))
     compiles = [r for r in run.records() if r["kind"] == "compile"]
     assert len(compiles) == 1, compiles  # the warm-up's line, and no report of a later graph or fallback
-    assert compiles[0]["graphs"] == ["2x32", "2x64", "1x128", f"2x{MAX_SEQ_LEN} (no grad)"]
+    assert compiles[0]["graphs"] == graphs
     assert compiles[0]["warmup_s"] > 0 and compiles[0]["graph_breaks"] == 0
-    assert "compiled and warmed up 4 graphs before step 0" in run.output and "torch.compile:" not in run.output
+    assert f"compiled and warmed up {len(graphs)} graphs before step 0" in run.output
+    assert "torch.compile:" not in run.output
     assert_each_step_once(run)
     assert run.losses() == straight_w1.losses()
     assert [r["eval_loss"] for r in run.eval_rows()] == [r["eval_loss"] for r in straight_w1.eval_rows()]
