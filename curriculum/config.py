@@ -339,7 +339,8 @@ class KernelsConfig(Section):
     stages share a second graph. Each shape still records its own CUDA graph. ``auto``: whenever compiling. A
     trade: on an H200 (GPT-2 124M, 32 sequences of 256 / 512 / 768 / 1024) the four shapes compiled in 36 s
     instead of 86 s from a cold cache and in 5 s instead of 10 s from a warm one, but every step ran about 2 %
-    slower (0.6-2.4 %); it pays for short runs and for many shapes (pacing without a bucket), not for long ones."""
+    slower (0.6-2.4 %): it pays for short runs, not for long ones. Each length still records its own CUDA graph in
+    the warm-up (not measured with many lengths)."""
     compile_warmup: bool = True
     """Build every graph before step 0 by running the real training step (both micro-step kinds) and the real
     evaluation once per shape, with the gradients dropped; the time is logged. ``false`` compiles each shape at

@@ -516,9 +516,9 @@ def check_seq_len_multiple(config: Config, schedule: Schedule) -> list[Finding]:
 
 
 def check_compile_shapes(config: Config, schedule: Schedule) -> list[Finding]:
-    """A compiled run with ``kernels.dynamic_shapes: false`` builds one graph per distinct training shape and one for
-    evaluation before step 0."""
-    graphs = schedule.compiled_graphs(dynamic=config.kernels.dynamic_shapes is not False)
+    """A compiled run builds one graph per distinct training shape and one for evaluation before step 0, and warms
+    up (records a CUDA graph for) every shape even when ``kernels.dynamic_shapes`` makes them one graph."""
+    graphs = schedule.compiled_graphs(dynamic=False)
     if config.kernels.compile is False or graphs <= MAX_COMPILED_GRAPHS:
         return []
     pacing = config.curriculum.pacing
@@ -528,8 +528,9 @@ def check_compile_shapes(config: Config, schedule: Schedule) -> list[Finding]:
     return [Finding("warning", "compile-shapes", field,
                     f"kernels.compile builds {graphs} graphs before step 0 ({graphs - 1} training shapes + "
                     f"evaluation), 20-60 s each for a 124M model on an H100-class GPU",
-                    f"{fix}, set kernels.dynamic_shapes: auto (one graph for all of them), or kernels.compile: "
-                    "false for a short run")]
+                    f"{fix}, or set kernels.compile: false for a short run (kernels.dynamic_shapes: auto compiles "
+                    "one graph for them all, but each length still records a CUDA graph and takes a warm-up step; "
+                    "not measured at this many lengths)")]
 
 
 def check_token_budget(config: Config, schedule: Schedule, n_params: int, vocab: Vocab) -> list[Finding]:

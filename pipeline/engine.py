@@ -600,13 +600,13 @@ def build_engine(config: Config, schedule: Schedule, ds_config: dict[str, Any], 
         static_graphs = schedule.compiled_graphs(dynamic=False)
         _dynamo.config.recompile_limit = static_graphs + 2
         _dynamo.config.accumulated_recompile_limit = max(256, 4 * static_graphs)
-        # only the sizes marked in forward_backward are symbolic: evaluation, and each size dynamo saw change, stay
-        # static rather than turning dynamic on their second value
-        _dynamo.config.automatic_dynamic_shapes = False
         dynamic_dims = schedule.varying_dims() if choice.dynamic_shapes else ()
-        # the forward only: DeepSpeed's forward hooks on the module stay outside the graph (traced, they break it)
+        # the forward only: DeepSpeed's forward hooks on the module stay outside the graph (traced, they break it);
+        # only the sizes forward_backward marks are symbolic: evaluation, and a size dynamo sees change, stay static
+        # (the patch holds during this function's calls, when dynamo compiles, and nowhere else in the process)
         part = module.compiled_part
-        part.forward = torch.compile(part.forward, backend=monitor.backend, dynamic=None if dynamic_dims else False)
+        part.forward = _dynamo.config.patch(automatic_dynamic_shapes=False)(
+            torch.compile(part.forward, backend=monitor.backend, dynamic=None if dynamic_dims else False))
     return Engine(ds_engine, model, optimizer_name, choice, precision, processes, monitor, dynamic_dims)
 
 
@@ -625,6 +625,11 @@ def _kernels_for_zero3(choice: KernelChoice, config: Config, log: Callable[[str]
     if choice.coordinate_descent_tuning and not choice.compile:
         raise ConfigError("kernels.coordinate_descent_tuning", True, "needs kernels.compile, which ZeRO stage 3 turns "
                                                                      "off; set it to false")
+    if choice.dynamic_shapes and not choice.compile:  # auto: only when compiling
+        if config.kernels.dynamic_shapes is True:
+            raise ConfigError("kernels.dynamic_shapes", True, "needs kernels.compile, which ZeRO stage 3 turns off; "
+                                                              "set it to auto or false")
+        choice = dataclasses.replace(choice, dynamic_shapes=False)
     return choice  # CUDA graphs: build_engine keeps them to ZeRO stage 0
 
 

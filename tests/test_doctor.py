@@ -343,8 +343,8 @@ def test_doctor_imports_no_torch(data_dir: Path) -> None:
 
 def test_a_compiled_run_with_many_shapes_is_a_warning_on_gpu() -> None:
     """Li et al.'s pacing at step 8 builds 121 + 1 graphs before step 0 on a GPU: a warning that names the bucket
-    and dynamic shapes; with ``bucket: 64`` (16 + 1 graphs), with ``dynamic_shapes: auto`` (1 + 1), on a CPU (no
-    compile) or with ``compile: false`` there is none."""
+    (and mentions dynamic shapes, which still warm up 121 lengths, so the warning stays with them); with ``bucket:
+    64`` (16 + 1 graphs), on a CPU (no compile) or with ``compile: false`` there is none."""
     pacing = {"type": "fixed_linear", "min_seq_len": 64, "max_seq_len": 1024, "step_size": 8,
               "total_curriculum_steps": 150, "global_batch": 64, "lr": 6e-4, "until_step": 450}
     many = make_config({"pacing": pacing}, data=NO_DATA)
@@ -354,7 +354,7 @@ def test_a_compiled_run_with_many_shapes_is_a_warning_on_gpu() -> None:
     bucketed = make_config({"pacing": {**pacing, "bucket": 64}}, data=NO_DATA)
     assert only(findings_of(bucketed, device="gpu"), "compile-shapes") == []
     dynamic = make_config({"pacing": pacing}, data=NO_DATA, kernels={"dynamic_shapes": "auto"})
-    assert only(findings_of(dynamic, device="gpu"), "compile-shapes") == []
+    assert one(findings_of(dynamic, device="gpu"), "compile-shapes", "warning") == finding
     assert only(findings_of(many, device="cpu"), "compile-shapes") == []
     eager = make_config({"pacing": pacing}, data=NO_DATA, kernels={"compile": False})
     assert only(findings_of(eager, device="gpu"), "compile-shapes") == []

@@ -59,6 +59,8 @@ def test_dynamic_shapes_follow_compile() -> None:
     assert not choose_kernels(KernelsConfig(), "gpt2", on_cuda=True).dynamic_shapes
     assert choose_kernels(KernelsConfig(dynamic_shapes="auto"), "gpt2", on_cuda=True).dynamic_shapes
     assert not choose_kernels(KernelsConfig(dynamic_shapes="auto"), "gpt2", on_cuda=False).dynamic_shapes
+    assert not choose_kernels(KernelsConfig(compile=False, dynamic_shapes="auto"), "gpt2", on_cuda=True).dynamic_shapes
+    assert choose_kernels(KernelsConfig(compile=True, dynamic_shapes=True), "gpt2", on_cuda=False).dynamic_shapes
     with pytest.raises(ConfigError, match="kernels.dynamic_shapes = True: needs kernels.compile"):
         choose_kernels(KernelsConfig(dynamic_shapes=True), "gpt2", on_cuda=False)
 
@@ -92,7 +94,8 @@ def test_coordinate_descent_tuning_reaches_inductor_only_when_asked() -> None:
 
 def test_zero3_turns_compile_off_and_so_refuses_coordinate_descent_tuning() -> None:
     """Under ZeRO stage 3 ``compile: auto`` is turned off (with a note); ``coordinate_descent_tuning: true`` then
-    has nothing to tune: one error naming it, not a setting silently ignored."""
+    has nothing to tune, and ``dynamic_shapes: true`` nothing to mark: one error naming each, not a setting silently
+    ignored; ``dynamic_shapes: auto`` follows compile off."""
     from pipeline.engine import _kernels_for_zero3
 
     stages = [{"until_step": 4, "seq_len": 32, "global_batch": 8}]
@@ -105,6 +108,12 @@ def test_zero3_turns_compile_off_and_so_refuses_coordinate_descent_tuning() -> N
     with pytest.raises(ConfigError, match="kernels.coordinate_descent_tuning = True: needs kernels.compile, which "
                                           "ZeRO stage 3 turns off"):
         _kernels_for_zero3(choose_kernels(tuned.kernels, "gpt2", on_cuda=True), tuned, notes.append)
+    auto = make_config({"stages": stages}, kernels={"compile": "auto", "dynamic_shapes": "auto"})
+    assert not _kernels_for_zero3(choose_kernels(auto.kernels, "gpt2", on_cuda=True), auto, notes.append).dynamic_shapes
+    marked = make_config({"stages": stages}, kernels={"compile": "auto", "dynamic_shapes": True})
+    with pytest.raises(ConfigError, match="kernels.dynamic_shapes = True: needs kernels.compile, which ZeRO stage 3 "
+                                          "turns off"):
+        _kernels_for_zero3(choose_kernels(marked.kernels, "gpt2", on_cuda=True), marked, notes.append)
 
 
 def test_missing_packages_fall_back_and_say_which() -> None:
