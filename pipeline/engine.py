@@ -342,8 +342,7 @@ class Engine:
         if self.kernels.cuda_graphs and len(micro_batches) > 1:
             self._give_gradients_buffers()
         for i, (inputs, labels) in enumerate(micro_batches):
-            for tensor, dim in itertools.product((inputs, labels), self.dynamic_dims):
-                torch._dynamo.maybe_mark_dynamic(tensor, dim)
+            mark_dynamic((inputs, labels), self.dynamic_dims)
             boundary = i == len(micro_batches) - 1
             self.ds.set_gradient_accumulation_boundary(boundary)
             loss = self.ds(inputs, labels)
@@ -546,6 +545,23 @@ def loading_universal(ds: Any) -> Iterator[None]:
         ds._config.load_universal_checkpoint = before
 
 
+def compile_forward(forward: Callable[..., Any], backend: Any, dynamic: bool) -> Callable[..., Any]:
+    """``torch.compile`` of a forward as the engine compiles it: with ``dynamic`` only the sizes ``mark_dynamic``
+    marks are symbolic (evaluation, and a size dynamo sees change, stay static), otherwise every size is static.
+    The no-automatic-dynamic setting holds during this function's calls, when dynamo compiles, and nowhere else
+    in the process."""
+    from torch import _dynamo
+
+    return _dynamo.config.patch(automatic_dynamic_shapes=False)(
+        torch.compile(forward, backend=backend, dynamic=None if dynamic else False))
+
+
+def mark_dynamic(tensors: Sequence[torch.Tensor], dims: Sequence[int]) -> None:
+    """Mark ``dims`` of each tensor symbolic for ``compile_forward`` (dynamo keeps a size of 1 static)."""
+    for tensor, dim in itertools.product(tensors, dims):
+        torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
 def first_stage_per_shape(schedule: Schedule) -> list[Stage]:
     """The first stage of each distinct (micro-batch, seq_len), in order of use."""
     return list({(s.micro_batch, s.seq_len): s for s in reversed(schedule.stages)}.values())[::-1]
@@ -601,12 +617,9 @@ def build_engine(config: Config, schedule: Schedule, ds_config: dict[str, Any], 
         _dynamo.config.recompile_limit = static_graphs + 2
         _dynamo.config.accumulated_recompile_limit = max(256, 4 * static_graphs)
         dynamic_dims = schedule.varying_dims() if choice.dynamic_shapes else ()
-        # the forward only: DeepSpeed's forward hooks on the module stay outside the graph (traced, they break it);
-        # only the sizes forward_backward marks are symbolic: evaluation, and a size dynamo sees change, stay static
-        # (the patch holds during this function's calls, when dynamo compiles, and nowhere else in the process)
+        # the forward only: DeepSpeed's forward hooks on the module stay outside the graph (traced, they break it)
         part = module.compiled_part
-        part.forward = _dynamo.config.patch(automatic_dynamic_shapes=False)(
-            torch.compile(part.forward, backend=monitor.backend, dynamic=None if dynamic_dims else False))
+        part.forward = compile_forward(part.forward, monitor.backend, dynamic=bool(dynamic_dims))
     return Engine(ds_engine, model, optimizer_name, choice, precision, processes, monitor, dynamic_dims)
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
@@ -144,10 +142,13 @@ def test_importable_handles_a_missing_parent_package() -> None:
 
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_one_compiled_graph_per_shape_or_one_for_all(dynamic: bool) -> None:
-    """The shapes compile warms up are the stages' (micro-batch, seq_len), one per stage when they all differ. A
-    ``torch.compile`` of the loss module as the engine sets it up builds exactly ``Schedule.compiled_graphs`` minus
-    evaluation: with static shapes one graph per shape, with the varying sizes marked dynamic one for all three
-    (counted with a backend that records each graph it is given; every shape runs twice)."""
+    """The shapes compile warms up are the stages' (micro-batch, seq_len), one per stage when they all differ. The
+    loss module compiled and its batches marked as the engine does (``compile_forward``, ``mark_dynamic``) builds
+    exactly ``Schedule.compiled_graphs`` minus evaluation: with static shapes one graph per shape, with the varying
+    sizes marked dynamic one for all three (counted with a backend that records each graph it is given; every
+    shape runs twice)."""
+    from pipeline.engine import compile_forward, mark_dynamic
+
     schedule = build_schedule(make_config({"stages": [
         {"until_step": 2, "seq_len": 16, "global_batch": 8, "micro_batch": 8},
         {"until_step": 4, "seq_len": 32, "global_batch": 4, "micro_batch": 4},
@@ -165,15 +166,12 @@ def test_one_compiled_graph_per_shape_or_one_for_all(dynamic: bool) -> None:
         graphs.append(graph)
         return graph.forward
 
-    compiled = torch.compile(CausalLMWithLoss(lm, fused_cross_entropy=False), backend=counting_backend,
-                             dynamic=None if dynamic else False)
-    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
-        for micro_batch, seq_len in shapes * 2:  # every shape twice: the second pass must not compile again
-            tokens = torch.randint(0, 64, (micro_batch, seq_len + 1))
-            inputs, labels = tokens[:, :-1], tokens[:, 1:]
-            for tensor, dim in itertools.product((inputs, labels), schedule.varying_dims() if dynamic else ()):
-                torch._dynamo.maybe_mark_dynamic(tensor, dim)  # as Engine.forward_backward does
-            compiled(inputs, labels)
+    compiled = compile_forward(CausalLMWithLoss(lm, fused_cross_entropy=False).forward, counting_backend, dynamic)
+    for micro_batch, seq_len in shapes * 2:  # every shape twice: the second pass must not compile again
+        tokens = torch.randint(0, 64, (micro_batch, seq_len + 1))
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        mark_dynamic((inputs, labels), schedule.varying_dims() if dynamic else ())  # as Engine.forward_backward does
+        compiled(inputs, labels)
     assert len(graphs) == schedule.compiled_graphs(dynamic) - 1 == (1 if dynamic else 3)
 
 
