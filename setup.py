@@ -28,7 +28,7 @@ setup(
         "gpu": ["liger-kernel>=0.5"],
         "wandb": ["wandb>=0.17"],
         # accelerate: the HF Trainer needs it, and the tests train one to give diagnose and doctor its files
-        "dev": ["pytest>=8", "hypothesis>=6.100", "wandb>=0.17", "accelerate>=0.26"],
+        "dev": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6.100", "wandb>=0.17", "accelerate>=0.26"],
     },
     entry_points={"console_scripts": ["curriculum-pretrain = pipeline.cli:main"]},
 )

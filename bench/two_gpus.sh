@@ -7,6 +7,7 @@
 # The recipe is gpt2-124m-curriculum (embedding padded to 50,304 rows: GPT-2 124M's shapes) shortened to 20 steps
 # per stage: 80 steps, 23.6 M tokens, evaluations every 20 steps. Every stage keeps its global batch; 2 GPUs halve
 # the accumulation (256 x 128 x 2 x 2 = 131,072 tokens per step at seq_len 128, 32 x 1024 x 8 x 2 = 524,288 at 1024).
+# Micro-batches of 32,768 tokens, as the figures were measured (the recipe now has 65,536).
 # Outputs go to OUT_DIR (default runs/two-gpus); a training run that finished there (summary.json) is not run again,
 # so the script can be taken up where it stopped; the kill and two-node checks start afresh each time. CPT is the
 # command (default curriculum-pretrain).
@@ -21,7 +22,7 @@ mkdir -p "$OUT_DIR"
 [ -f data/python-stdlib/manifest.json ] || $CPT prepare-data --source python-stdlib --vocab-size 4096
 
 SETS=(--set model.overrides.vocab_size=50304 --set run.eval_every=20 --set run.checkpoint_every=0
-      --set run.export=false)
+      --set run.export=false --set curriculum.micro_batch_tokens=32768)
 for stage in 0 1 2 3; do
     SETS+=(--set "curriculum.stages.$stage.until_step=$((20 * (stage + 1)))"
            --set "curriculum.stages.$stage.warmup_steps=5")

@@ -187,14 +187,14 @@ def test_plan_lists_the_shapes_a_compiled_run_builds() -> None:
     dynamic shapes (one training graph) and without (one per shape); `--json` lists them."""
     result = run_cli(["plan", "--config", "gpt2-124m-curriculum"])
     assert result.returncode == 0, result.stderr
-    assert ("shapes: 4 training (micro-batch x seq_len: 256x128, 128x256, 64x512, 32x1024); kernels.compile builds "
+    assert ("shapes: 4 training (micro-batch x seq_len: 512x128, 256x256, 128x512, 64x1024); kernels.compile builds "
             "5 graphs with evaluation (2 with kernels.dynamic_shapes: auto)") in result.stdout
     dynamic = run_cli(["plan", "--config", "gpt2-124m-seq-warmup"])  # a recipe with dynamic_shapes: auto
     assert dynamic.returncode == 0, dynamic.stderr
     assert "kernels.compile builds 2 graphs with evaluation (5 with kernels.dynamic_shapes: false)" in dynamic.stdout
     plan = json.loads(run_cli(["plan", "--config", "gpt2-124m-curriculum", "--json"]).stdout)
-    assert plan["shapes"] == [{"micro_batch": 256, "seq_len": 128}, {"micro_batch": 128, "seq_len": 256},
-                              {"micro_batch": 64, "seq_len": 512}, {"micro_batch": 32, "seq_len": 1024}]
+    assert plan["shapes"] == [{"micro_batch": 512, "seq_len": 128}, {"micro_batch": 256, "seq_len": 256},
+                              {"micro_batch": 128, "seq_len": 512}, {"micro_batch": 64, "seq_len": 1024}]
 
 
 # --------------------------------------------------------------------------------------------------- recipes
