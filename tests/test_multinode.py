@@ -35,7 +35,7 @@ TOTAL_STEPS = 10
 CHECKPOINT_EVERY = 4
 FAIL_STEP = 6  # the first checkpoint (step 4) is behind it
 HEARTBEAT_S = 3  # the shortest run.heartbeat_timeout_s there is
-COLLECTIVE_S = 10  # short for a test, longer than the start-up skew of two processes on two busy cores
+COLLECTIVE_S = 20  # short for a test, longer than the start-up skew of two jobs' processes on two busy cores
 JOB_ENDS_WITHIN_S = 60
 
 CONFIG_YAML = """\
@@ -153,7 +153,7 @@ def test_a_stuck_rank_ends_the_job_at_the_collective_timeout(config: Path, tmp_p
 
 @pytest.mark.multiprocess
 def test_long_gaps_on_one_rank_trip_neither_timeout(config: Path, tmp_path: Path) -> None:
-    """With a 3 s heartbeat timeout and a 10 s collective timeout, rank 1 takes 6 s longer over its first evaluation
+    """With a 3 s heartbeat timeout and a 20 s collective timeout, rank 1 takes 6 s longer over its first evaluation
     and rank 0 6 s longer over its first checkpoint: longer than the heartbeat timeout, shorter than the collective
     one. The run ends normally: the heartbeat goes on through a gap, and the others wait in the collective."""
     gap_s = 6

@@ -522,13 +522,14 @@ def test_a_bucket_must_divide_the_full_length() -> None:
 
 def test_a_curriculum_of_10_to_the_11_steps_resolves_at_once() -> None:
     """Plateaus are found per length by bisection, not by walking the steps: 10**11 curriculum steps resolve in
-    well under a second, with each length's first step where the formula puts it."""
+    well under a second of this process's CPU time (not wall time: the tests share the cores), with each length's
+    first step where the formula puts it."""
     import time
 
-    start = time.perf_counter()
+    start = time.process_time()
     schedule = build_schedule(make_config({"pacing": {**LI_PACING, "total_curriculum_steps": 10**11,
                                                       "until_step": 2 * 10**11}}))
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
     assert len(schedule.stages) == 121
     # 64 + floor(s / 10**11 * 960) // 8 * 8 reaches 72 at s = ceil(8 / 960 * 10**11)
     assert schedule.stages[1].start_step == math.ceil(8 * 10**11 / 960) and schedule.stages[1].seq_len == 72
