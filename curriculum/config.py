@@ -323,6 +323,13 @@ class KernelsConfig(Section):
     """Liger's fused linear cross-entropy for any decoder (no ``tokens x vocab`` logits tensor), beside the
     compiled region. Off by default: on an H200 it trained GPT-2 124M slower than the compiled unfused loss
     (457 K against 493 K tok/s at 64 x 1024); it saves the logits' memory. CUDA, ``pip install liger-kernel``."""
+    fp8_lm_head: Switch = False
+    """The output layer's matmuls (forward, input and weight gradients) in FP8 with one scale per tensor, the loss
+    computed from its bf16 logits in fp32 (``pipeline/kernels.py``). Off by default and in every recipe: on an H200
+    it made GPT-2 124M at 64 x 1024 4-6 % faster (554 K against 525 K tok/s) but ended 33.5 M tokens of training
+    0.22 higher in held-out loss (docs/BENCHMARKS.md). GPUs with FP8 tensor cores (compute capability 8.9 or newer);
+    the width, the vocabulary and each micro-batch's tokens multiples of 16; not with ``fused_cross_entropy`` or
+    ZeRO stage 3."""
     liger: Switch = "auto"
     """Liger Triton kernels inside Llama blocks: RMSNorm, SwiGLU, RoPE. CUDA, ``arch: llama``; in ``auto`` not
     with ``compile`` (they break the graph, and Inductor fuses these operations itself)."""

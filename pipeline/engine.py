@@ -308,7 +308,8 @@ class Engine:
                 f"{self.processes.world_size}; ZeRO stage {self.zero_stage}; kernels: fused cross-entropy "
                 f"{kernels.fused_cross_entropy}, liger {kernels.liger}, apex {kernels.apex}, compile {kernels.compile}"
                 + (", dynamic shapes" if self.dynamic_dims else "")
-                + (", CUDA graphs" if kernels.cuda_graphs else ""))
+                + (", CUDA graphs" if kernels.cuda_graphs else "")
+                + (", FP8 output layer" if kernels.fp8_lm_head else ""))
 
     @property
     def zero_stage(self) -> int:
@@ -579,7 +580,9 @@ def build_engine(config: Config, schedule: Schedule, ds_config: dict[str, Any], 
     from pipeline.model import build_model
 
     device, log = processes.device, processes.log
-    choice = choose_kernels(config.kernels, config.model.arch, device.type == "cuda")
+    on_cuda = device.type == "cuda"
+    choice = choose_kernels(config.kernels, config.model.arch, on_cuda,
+                            fp8_matmuls=on_cuda and torch.cuda.get_device_capability(device) >= (8, 9))
     for note in choice.notes:
         log(note)
     zero3 = zero_stage(ds_config) == 3
@@ -594,7 +597,9 @@ def build_engine(config: Config, schedule: Schedule, ds_config: dict[str, Any], 
                             manifest["tokenizer"]["eot_id"])
     if choice.apex:
         log(f"kernels.apex: {swap_apex_norms(model)} norm layers replaced by apex fused ones")
-    module = CausalLMWithLoss(model, fused_cross_entropy=choice.fused_cross_entropy)
+    if choice.fp8_lm_head:
+        choice = _kernels_for_fp8_shapes(choice, config, schedule, model.config, processes.world_size, log)
+    module = CausalLMWithLoss(model, fused_cross_entropy=choice.fused_cross_entropy, fp8_lm_head=choice.fp8_lm_head)
     optimizer, optimizer_name = _build_optimizer(module, config, choice.fused_adam, cpu_offload(ds_config))
     ds_engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
     if processes.world_size == 1 and ds_engine.zero_optimization_stage() == 0:
@@ -623,11 +628,29 @@ def build_engine(config: Config, schedule: Schedule, ds_config: dict[str, Any], 
     return Engine(ds_engine, model, optimizer_name, choice, precision, processes, monitor, dynamic_dims)
 
 
+def _kernels_for_fp8_shapes(choice: KernelChoice, config: Config, schedule: Schedule, model_config: Any,
+                            world_size: int, log: Callable[[str], None]) -> KernelChoice:
+    """The FP8 output layer where every training and evaluation micro-batch fits its matmuls; ``auto`` turns it
+    off with a note where one does not, ``true`` is an error."""
+    from pipeline.kernels import fp8_shape_problem
+
+    tokens = [micro * seq_len for micro, seq_len in schedule.distinct_shapes()]
+    tokens.append(config.run.eval_batch // world_size * schedule.max_seq_len)
+    problem = fp8_shape_problem(model_config.hidden_size, model_config.vocab_size, tokens)
+    if problem is None:
+        return choice
+    if config.kernels.fp8_lm_head is True:
+        raise ConfigError("kernels.fp8_lm_head", True, problem)
+    log(f"kernels.fp8_lm_head: not used ({problem})")
+    return dataclasses.replace(choice, fp8_lm_head=False)
+
+
 def _kernels_for_zero3(choice: KernelChoice, config: Config, log: Callable[[str], None]) -> KernelChoice:
     """ZeRO-3 gathers a layer's parameters in hooks around that layer's forward: the fused loss reads the output
     embedding outside its module, and ``torch.compile`` would trace the hooks. Neither is verified with it: ``auto``
     turns them off (with a note), ``true`` is an error."""
     for name, why in (("fused_cross_entropy", "it reads the output embedding outside its module"),
+                      ("fp8_lm_head", "it reads the output embedding outside its module"),
                       ("compile", "it would trace DeepSpeed's parameter-gathering hooks")):
         if getattr(choice, name):
             if getattr(config.kernels, name) is True:

@@ -9,6 +9,9 @@ Switches (``kernels`` section): ``auto`` uses a kernel where it can run and says
   32 x 1024 tokens of GPT-2's 50,304-way vocabulary) are never materialised. It runs beside the compiled region:
   ``torch.compile`` takes the decoder body, the loss stays eager (Liger's Triton kernels do not trace under
   dynamo). CUDA only.
+- ``fp8_lm_head``: the output layer's three matmuls in FP8 (``torch._scaled_mm``; its input and weight in e4m3
+  with one scale per tensor from the largest magnitude, the logits' gradient in e5m2) inside the compiled region,
+  the loss from its bf16 logits in fp32. GPUs with FP8 tensor cores (compute capability 8.9 or newer).
 - ``liger``: Liger's Triton kernels inside Llama blocks (RMSNorm, SwiGLU, RoPE). Llama only, CUDA only, and not
   under ``compile`` in ``auto`` (they break the graph; Inductor fuses these operations itself).
 - ``apex``: NVIDIA apex's fused RMSNorm / LayerNorm, swapped in when apex is importable (it is not on PyPI); in
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +50,7 @@ class KernelChoice:
     cuda_graphs: bool = False
     coordinate_descent_tuning: bool = False
     dynamic_shapes: bool = False
+    fp8_lm_head: bool = False
 
 
 def importable(module: str) -> bool:
@@ -58,8 +62,9 @@ def importable(module: str) -> bool:
 
 
 def choose_kernels(config: KernelsConfig, arch: str, on_cuda: bool,
-                   is_importable: Callable[[str], bool] = importable) -> KernelChoice:
-    """Resolve the switches for this machine and model architecture."""
+                   is_importable: Callable[[str], bool] = importable, fp8_matmuls: bool = False) -> KernelChoice:
+    """Resolve the switches for this machine and model architecture (``fp8_matmuls``: the GPU has FP8 tensor
+    cores)."""
     notes: list[str] = []
 
     def pick(name: str, switch: Union[str, bool], missing: Optional[str]) -> bool:
@@ -87,6 +92,11 @@ def choose_kernels(config: KernelsConfig, arch: str, on_cuda: bool,
     apex = pick("apex", config.apex, apex_missing)
     fused_ce = pick("fused_cross_entropy", config.fused_cross_entropy,
                     "needs CUDA" if not on_cuda else no_liger if not is_importable("liger_kernel") else None)
+    fp8_lm_head = pick("fp8_lm_head", config.fp8_lm_head,
+                       None if fp8_matmuls else "needs a GPU with FP8 tensor cores (compute capability 8.9 or newer)")
+    if fp8_lm_head and fused_ce:
+        raise ConfigError("kernels.fp8_lm_head", config.fp8_lm_head,
+                          "computes the loss itself; set kernels.fused_cross_entropy to false")
     compile = config.compile is True or (config.compile == "auto" and on_cuda)  # auto: not on a CPU (too slow)
     if config.cuda_graphs is True and not (on_cuda and compile):
         raise ConfigError("kernels.cuda_graphs", True, "needs CUDA and kernels.compile")
@@ -97,7 +107,17 @@ def choose_kernels(config: KernelsConfig, arch: str, on_cuda: bool,
         raise ConfigError("kernels.coordinate_descent_tuning", True,
                           "needs kernels.compile (true, or auto on CUDA) with compile_backend: inductor")
     return KernelChoice(fused_adam, liger, apex, compile, tuple(notes), fused_ce, cuda_graphs,
-                        config.coordinate_descent_tuning, compile and config.dynamic_shapes is not False)
+                        config.coordinate_descent_tuning, compile and config.dynamic_shapes is not False,
+                        fp8_lm_head)
+
+
+def fp8_shape_problem(hidden_size: int, vocab_size: int, micro_batch_tokens: Sequence[int]) -> Optional[str]:
+    """Why the FP8 output layer cannot run these shapes, or None: cuBLAS's FP8 matmuls need every dimension the
+    three matmuls share to be a multiple of 16 (the width, the vocabulary, each micro-batch's tokens)."""
+    odd = [f"{name} {size}" for name, size in (("hidden size", hidden_size), ("vocabulary", vocab_size))
+           if size % 16] + [f"a micro-batch of {tokens} tokens" for tokens in sorted(set(micro_batch_tokens))
+                            if tokens % 16]
+    return f"needs multiples of 16, got {', '.join(odd)}" if odd else None
 
 
 def patch_model_classes(choice: KernelChoice) -> None:
@@ -130,17 +150,75 @@ def swap_apex_norms(model: Any) -> int:
     return swapped
 
 
+E4M3_MAX = 448.0
+"""Largest finite ``float8_e4m3fn``: each FP8 input is scaled so that its largest magnitude lands here."""
+GRADIENT_SCALE = 2.0**15
+"""The logits' gradient before its ``1 / tokens`` factor, ``softmax - one_hot``, lies in [-1, 1]: times 2^15 it
+stays under ``float8_e5m2``'s largest 57,344 and keeps values down to 2^-31 (e5m2's smallest is 2^-16), so it
+needs no scale measured at run time."""
+
+
+def _to_e4m3(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tensor`` in ``float8_e4m3fn`` scaled to its largest magnitude, and the fp32 scale that undoes it."""
+    scale = tensor.detach().abs().amax().float().clamp(min=1e-12) / E4M3_MAX
+    return (tensor.detach() / scale).to(torch.float8_e4m3fn), scale
+
+
+def _column_major(tensor: torch.Tensor) -> torch.Tensor:
+    """The same matrix, stored column by column: the layout ``torch._scaled_mm`` wants its second operand in."""
+    return tensor.t().contiguous().t()
+
+
+class FP8HeadCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``hidden [tokens, d] @ weight[vocab, d].T`` with the output layer's three matmuls in
+    FP8 (``torch._scaled_mm``, one scale per tensor): the forward's and the input gradient's with fast
+    accumulation, the weight gradient's (a sum over every token) with full accumulation, in fp32. The logits come
+    out in bf16 and the loss is computed from them in fp32, as ``F.cross_entropy(logits.float(), labels)`` does;
+    their gradient goes straight into e5m2, in both layouts the two backward matmuls read (FP8 matmuls on Hopper
+    take both operands contiguous along the summed dimension)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hidden8, hidden_scale = _to_e4m3(hidden)
+        weight8, weight_scale = _to_e4m3(weight)
+        logits = torch._scaled_mm(hidden8, weight8.t(), scale_a=hidden_scale, scale_b=weight_scale,
+                                  out_dtype=torch.bfloat16, use_fast_accum=True)
+        lse = torch.logsumexp(logits.float(), dim=-1)
+        loss = (lse - logits.gather(-1, labels[:, None]).squeeze(-1).float()).mean()
+        ctx.save_for_backward(hidden8, hidden_scale, weight8, weight_scale, logits, labels, lse)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        hidden8, hidden_scale, weight8, weight_scale, logits, labels, lse = ctx.saved_tensors
+        # softmax - one_hot, recomputed from the bf16 logits in fp32; the transposed copy is made from the e5m2
+        # tensor (1 byte an element) rather than recomputed with a strided walk over the logits
+        vocab = torch.arange(logits.shape[-1], device=logits.device)
+        softmax_minus_one_hot = torch.exp(logits.float() - lse[:, None]) - (labels[:, None] == vocab).float()
+        grad8 = (softmax_minus_one_hot * GRADIENT_SCALE).to(torch.float8_e5m2)
+        grad8_t = grad8.t().contiguous()
+        grad_scale = (grad / (logits.shape[0] * GRADIENT_SCALE)).float()
+        grad_hidden = torch._scaled_mm(grad8, _column_major(weight8), scale_a=grad_scale, scale_b=weight_scale,
+                                       out_dtype=torch.bfloat16, use_fast_accum=True)
+        grad_weight = torch._scaled_mm(grad8_t, _column_major(hidden8), scale_a=grad_scale, scale_b=hidden_scale,
+                                       out_dtype=torch.float32)
+        return grad_hidden.to(ctx.dtypes[0]), grad_weight.to(ctx.dtypes[1]), None
+
+
 class CausalLMWithLoss(torch.nn.Module):
     """The module the engine trains: ``forward(input_ids, labels) -> mean loss`` (labels already shifted).
 
-    With the fused linear cross-entropy the loss comes from the decoder's last hidden states and the output
-    embedding, chunk by chunk, accumulated in fp32; otherwise from the full logits, in fp32. ``compiled_part``
-    is what ``torch.compile`` takes: the whole module, or the decoder body when the loss is fused.
+    The loss comes from the decoder's last hidden states and the output layer: through the model's own output
+    layer, on fp32 logits; with ``fp8_lm_head`` through ``FP8HeadCrossEntropy``; with the fused linear
+    cross-entropy chunk by chunk, accumulated in fp32. ``compiled_part`` is what ``torch.compile`` takes: the whole
+    module, or the decoder body when the loss is fused.
     """
 
-    def __init__(self, lm: torch.nn.Module, fused_cross_entropy: bool) -> None:
+    def __init__(self, lm: torch.nn.Module, fused_cross_entropy: bool, fp8_lm_head: bool = False) -> None:
         super().__init__()
         self.lm = lm
+        self.fp8_lm_head = fp8_lm_head
         self.fused: Optional[torch.nn.Module] = None
         if fused_cross_entropy:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -152,12 +230,14 @@ class CausalLMWithLoss(torch.nn.Module):
         return self.lm.base_model if self.fused is not None else self
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hidden = self.lm.base_model(input_ids=input_ids).last_hidden_state.flatten(0, 1)
+        head, labels = self.lm.get_output_embeddings(), labels.flatten()
+        if self.fp8_lm_head:
+            return FP8HeadCrossEntropy.apply(hidden, head.weight, labels)
         if self.fused is None:
-            logits = self.lm(input_ids=input_ids).logits
-            return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-        hidden = self.lm.base_model(input_ids=input_ids).last_hidden_state
-        weight = self.lm.get_output_embeddings().weight
+            return F.cross_entropy(head(hidden).float(), labels)
+        weight = head.weight
         if torch.is_autocast_enabled(hidden.device.type):  # bf16 logits chunks, as the unfused matmul would give
             dtype = torch.get_autocast_dtype(hidden.device.type)
             hidden, weight = hidden.to(dtype), weight.to(dtype)
-        return self.fused(weight, hidden.flatten(0, 1), labels.flatten())
+        return self.fused(weight, hidden, labels)
