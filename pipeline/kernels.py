@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -93,10 +93,9 @@ def choose_kernels(config: KernelsConfig, arch: str, on_cuda: bool,
     fused_ce = pick("fused_cross_entropy", config.fused_cross_entropy,
                     "needs CUDA" if not on_cuda else no_liger if not is_importable("liger_kernel") else None)
     fp8_lm_head = pick("fp8_lm_head", config.fp8_lm_head,
-                       None if fp8_matmuls else "needs a GPU with FP8 tensor cores (compute capability 8.9 or newer)")
-    if fp8_lm_head and fused_ce:
-        raise ConfigError("kernels.fp8_lm_head", config.fp8_lm_head,
-                          "computes the loss itself; set kernels.fused_cross_entropy to false")
+                       "needs an NVIDIA GPU with FP8 tensor cores (compute capability 8.9 or newer)"
+                       if not fp8_matmuls else "it computes the loss itself, and kernels.fused_cross_entropy is on"
+                       if fused_ce else None)
     compile = config.compile is True or (config.compile == "auto" and on_cuda)  # auto: not on a CPU (too slow)
     if config.cuda_graphs is True and not (on_cuda and compile):
         raise ConfigError("kernels.cuda_graphs", True, "needs CUDA and kernels.compile")
@@ -111,13 +110,12 @@ def choose_kernels(config: KernelsConfig, arch: str, on_cuda: bool,
                         fp8_lm_head)
 
 
-def fp8_shape_problem(hidden_size: int, vocab_size: int, micro_batch_tokens: Sequence[int]) -> Optional[str]:
-    """Why the FP8 output layer cannot run these shapes, or None: cuBLAS's FP8 matmuls need every dimension the
-    three matmuls share to be a multiple of 16 (the width, the vocabulary, each micro-batch's tokens)."""
-    odd = [f"{name} {size}" for name, size in (("hidden size", hidden_size), ("vocabulary", vocab_size))
-           if size % 16] + [f"a micro-batch of {tokens} tokens" for tokens in sorted(set(micro_batch_tokens))
-                            if tokens % 16]
-    return f"needs multiples of 16, got {', '.join(odd)}" if odd else None
+def fp8_shape_problem(hidden_size: int, vocab_size: int) -> Optional[str]:
+    """Why the FP8 output layer cannot run this model, or None: cuBLAS's FP8 matmuls need the dimensions they sum
+    over and the second operand's to be multiples of 16: the width and the vocabulary (a micro-batch's token count
+    is padded to one, ``FP8HeadCrossEntropy``)."""
+    odd = [f"{name} {size}" for name, size in (("hidden size", hidden_size), ("vocabulary", vocab_size)) if size % 16]
+    return f"needs multiples of 16, got {' and '.join(odd)}" if odd else None
 
 
 def patch_model_classes(choice: KernelChoice) -> None:
@@ -179,14 +177,19 @@ class FP8HeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        hidden8, hidden_scale = _to_e4m3(hidden)
+        ctx.dtypes, tokens = (hidden.dtype, weight.dtype), hidden.shape[0]
+        # the weight gradient sums over the tokens, which cuBLAS wants in multiples of 16: zero rows make up the
+        # difference (none at the recipes' shapes)
+        ctx.pad = -tokens % 16
+        hidden8, hidden_scale = _to_e4m3(F.pad(hidden, (0, 0, 0, ctx.pad)) if ctx.pad else hidden)
         weight8, weight_scale = _to_e4m3(weight)
         logits = torch._scaled_mm(hidden8, weight8.t(), scale_a=hidden_scale, scale_b=weight_scale,
                                   out_dtype=torch.bfloat16, use_fast_accum=True)
+        if ctx.pad:
+            logits = logits[:tokens]
         lse = torch.logsumexp(logits.float(), dim=-1)
         loss = (lse - logits.gather(-1, labels[:, None]).squeeze(-1).float()).mean()
         ctx.save_for_backward(hidden8, hidden_scale, weight8, weight_scale, logits, labels, lse)
-        ctx.dtypes = hidden.dtype, weight.dtype
         return loss
 
     @staticmethod
@@ -195,12 +198,14 @@ class FP8HeadCrossEntropy(torch.autograd.Function):
         # softmax - one_hot, recomputed from the bf16 logits in fp32; the transposed copy is made from the e5m2
         # tensor (1 byte an element) rather than recomputed with a strided walk over the logits
         vocab = torch.arange(logits.shape[-1], device=logits.device)
-        softmax_minus_one_hot = torch.exp(logits.float() - lse[:, None]) - (labels[:, None] == vocab).float()
-        grad8 = (softmax_minus_one_hot * GRADIENT_SCALE).to(torch.float8_e5m2)
+        scaled = (torch.exp(logits.float() - lse[:, None]) - (labels[:, None] == vocab).float()) * GRADIENT_SCALE
+        grad8 = (F.pad(scaled, (0, 0, 0, ctx.pad)) if ctx.pad else scaled).to(torch.float8_e5m2)
         grad8_t = grad8.t().contiguous()
         grad_scale = (grad / (logits.shape[0] * GRADIENT_SCALE)).float()
         grad_hidden = torch._scaled_mm(grad8, _column_major(weight8), scale_a=grad_scale, scale_b=weight_scale,
                                        out_dtype=torch.bfloat16, use_fast_accum=True)
+        if ctx.pad:
+            grad_hidden = grad_hidden[:logits.shape[0]]
         grad_weight = torch._scaled_mm(grad8_t, _column_major(hidden8), scale_a=grad_scale, scale_b=hidden_scale,
                                        out_dtype=torch.float32)
         return grad_hidden.to(ctx.dtypes[0]), grad_weight.to(ctx.dtypes[1]), None

@@ -138,16 +138,22 @@ def test_switched_off_kernels_are_not_used_and_not_mentioned() -> None:
 
 def test_fp8_lm_head_needs_fp8_tensor_cores_and_its_own_loss() -> None:
     """``fp8_lm_head``: off by default; ``auto`` without FP8 matmuls falls back with a note, ``true`` there is an
-    error; with them it is used, and asking for it with the fused loss (which computes the loss itself) is an
-    error naming both; under ZeRO stage 3 ``auto`` turns it off and ``true`` is an error."""
+    error; with them it is used. Beside the fused loss (which computes the loss itself) and under ZeRO stage 3,
+    ``auto`` turns it off with a note and ``true`` is an error."""
     assert not choose_kernels(KernelsConfig(), "gpt2", on_cuda=True, fp8_matmuls=True).fp8_lm_head
     auto = choose_kernels(KernelsConfig(fp8_lm_head="auto"), "gpt2", on_cuda=True)
-    assert not auto.fp8_lm_head and any(note.startswith("kernels.fp8_lm_head: not used (needs a GPU with FP8")
+    assert not auto.fp8_lm_head and any(note.startswith("kernels.fp8_lm_head: not used (needs an NVIDIA GPU with FP8")
                                         for note in auto.notes)
     assert choose_kernels(KernelsConfig(fp8_lm_head="auto"), "gpt2", on_cuda=True, fp8_matmuls=True).fp8_lm_head
     with pytest.raises(ConfigError, match="kernels.fp8_lm_head = True: required but unavailable"):
         choose_kernels(KernelsConfig(fp8_lm_head=True), "gpt2", on_cuda=False)
-    with pytest.raises(ConfigError, match="set kernels.fused_cross_entropy to false"):
+    both = choose_kernels(KernelsConfig(fp8_lm_head="auto", fused_cross_entropy=True), "gpt2", on_cuda=True,
+                          is_importable=everything_importable, fp8_matmuls=True)
+    assert both.fused_cross_entropy and not both.fp8_lm_head
+    assert "kernels.fp8_lm_head: not used (it computes the loss itself, and kernels.fused_cross_entropy is on)" in (
+        both.notes)
+    with pytest.raises(ConfigError, match="kernels.fp8_lm_head = True: required but unavailable: it computes the "
+                                          "loss itself, and kernels.fused_cross_entropy is on"):
         choose_kernels(KernelsConfig(fp8_lm_head=True, fused_cross_entropy=True), "gpt2", on_cuda=True,
                        is_importable=everything_importable, fp8_matmuls=True)
     from pipeline.engine import _kernels_for_zero3
@@ -163,31 +169,28 @@ def test_fp8_lm_head_needs_fp8_tensor_cores_and_its_own_loss() -> None:
             assert not _kernels_for_zero3(choice, config, print).fp8_lm_head
 
 
-def test_fp8_shapes_must_be_multiples_of_16_and_auto_says_which_do_not() -> None:
-    """The FP8 matmuls' shared dimensions: GPT-2 124M's width, padded vocabulary and micro-batches pass; an odd
-    one is named. In a run, every training shape and the evaluation micro-batch (``eval_batch`` over ranks times
-    the longest stage) count: ``auto`` drops the FP8 layer with a note, ``true`` is an error naming the shape."""
+def test_fp8_needs_a_width_and_vocabulary_in_multiples_of_16() -> None:
+    """The FP8 matmuls' fixed dimensions: GPT-2 124M's width and padded vocabulary pass; an odd one is named.
+    ``auto`` drops the FP8 layer with a note, ``true`` is an error naming the size and the way out."""
     from pipeline.engine import _kernels_for_fp8_shapes
 
-    assert fp8_shape_problem(768, 50304, [32 * 1024, 8 * 1024]) is None
-    assert fp8_shape_problem(768, 50257, [3 * 40, 32 * 1024]) == ("needs multiples of 16, got vocabulary 50257, "
-                                                                  "a micro-batch of 120 tokens")
-    stages = [{"until_step": 4, "seq_len": 24, "global_batch": 8, "micro_batch": 8},
-              {"until_step": 8, "seq_len": 40, "global_batch": 4, "micro_batch": 4}]
-    model = type("ModelConfig", (), {"hidden_size": 64, "vocab_size": 128})
-    for switch, eval_batch, problem in (("auto", 8, None), ("auto", 3, "a micro-batch of 120 tokens"),
-                                        (True, 6, "a micro-batch of 120 tokens")):
-        config = make_config({"stages": stages}, kernels={"fp8_lm_head": switch}, run={"eval_batch": eval_batch})
+    assert fp8_shape_problem(768, 50304) is None
+    assert fp8_shape_problem(760, 50257) == "needs multiples of 16, got hidden size 760 and vocabulary 50257"
+    stages = [{"until_step": 4, "seq_len": 24, "global_batch": 8}]
+    for switch, vocab in (("auto", 128), ("auto", 120), (True, 120)):
+        config = make_config({"stages": stages}, kernels={"fp8_lm_head": switch})
         choice = choose_kernels(config.kernels, "gpt2", on_cuda=True, fp8_matmuls=True)
+        model = type("ModelConfig", (), {"hidden_size": 64, "vocab_size": vocab})
         notes: list[str] = []
         if switch is True:
-            with pytest.raises(ConfigError, match=f"kernels.fp8_lm_head = True: needs multiples of 16, got {problem}"):
-                _kernels_for_fp8_shapes(choice, config, build_schedule(config), model, 2, notes.append)
+            with pytest.raises(ConfigError, match="kernels.fp8_lm_head = True: needs multiples of 16, got vocabulary "
+                                                  "120; set it to auto or false"):
+                _kernels_for_fp8_shapes(choice, config, model, notes.append)
             continue
-        kept = _kernels_for_fp8_shapes(choice, config, build_schedule(config), model, 1, notes.append)
-        assert kept.fp8_lm_head == (problem is None)
-        assert notes == ([] if problem is None else [f"kernels.fp8_lm_head: not used (needs multiples of 16, got "
-                                                     f"{problem})"])
+        kept = _kernels_for_fp8_shapes(choice, config, model, notes.append)
+        assert kept.fp8_lm_head == (vocab == 128)
+        assert notes == ([] if vocab == 128 else ["kernels.fp8_lm_head: not used (needs multiples of 16, got "
+                                                  "vocabulary 120)"])
 
 
 def _head_problem(tokens: int = 96, width: int = 64, vocab: int = 160) -> tuple[torch.Tensor, ...]:
@@ -203,31 +206,54 @@ def _reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor)
     return (loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
 
 
-@pytest.mark.parametrize("tokens", [96, 40])
-def test_fp8_head_is_within_fp8_rounding_of_the_fp32_loss(tokens: int) -> None:
-    """The FP8 output layer (real ``torch._scaled_mm``, here its CPU implementation) against fp32: the loss within
-    0.1 %, both gradients within 6 % in norm (e4m3 keeps 3 mantissa bits, the gradient's e5m2 2; measured 2.8 %),
-    the incoming gradient applied, the gradients in the inputs' dtypes; a reference made wrong by a transposed
-    weight gradient or a missing scale would be off by 100 % or more."""
+def _scaled_mm_as_cuda_checks_it(real: object) -> object:
+    """``torch._scaled_mm`` with the checks its CUDA implementation makes and its CPU one does not: the first
+    operand row-major with its columns a multiple of 16, the second column-major with both sizes multiples of 16."""
+
+    def checked(a: torch.Tensor, b: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        assert a.is_contiguous() and b.t().is_contiguous(), (a.stride(), b.stride())
+        assert a.shape[1] % 16 == 0 and b.shape[0] % 16 == 0 and b.shape[1] % 16 == 0, (a.shape, b.shape)
+        return real(a, b, **kwargs)
+
+    return checked
+
+
+@pytest.mark.parametrize("tokens, dtype", [(96, torch.float32), (40, torch.float32), (96, torch.bfloat16)])
+def test_fp8_head_is_within_fp8_rounding_of_the_fp32_loss(monkeypatch, tokens: int, dtype: torch.dtype) -> None:
+    """The FP8 output layer (real ``torch._scaled_mm``, here its CPU implementation, with CUDA's layout and size
+    checks added) against fp32: the loss within 0.1 %, both gradients within 6 % in norm (e4m3 keeps 3 mantissa
+    bits, the gradient's e5m2 2; measured 2.8 %), the incoming gradient applied, the gradients in the inputs'
+    dtypes (fp32 under autocast, bf16 under DeepSpeed's bf16 mode). 40 tokens are padded to 48 for the weight
+    gradient. A transposed weight gradient or a missing scale would be off by 100 % or more."""
+    monkeypatch.setattr(torch, "_scaled_mm", _scaled_mm_as_cuda_checks_it(torch._scaled_mm))
     hidden, weight, labels = _head_problem(tokens)
     loss, grad_hidden, grad_weight = _reference(hidden, weight, labels)
-    ours = FP8HeadCrossEntropy.apply(hidden, weight, labels)
-    ours_hidden, ours_weight = torch.autograd.grad(0.5 * ours, (hidden, weight))
+    low_hidden, low_weight = hidden.detach().to(dtype).requires_grad_(), weight.detach().to(dtype).requires_grad_()
+    ours = FP8HeadCrossEntropy.apply(low_hidden, low_weight, labels)
+    ours_hidden, ours_weight = torch.autograd.grad(0.5 * ours, (low_hidden, low_weight))
     assert ours.item() == pytest.approx(loss.item(), rel=1e-3)
-    assert (ours_hidden.dtype, ours_weight.dtype) == (torch.float32, torch.float32)
+    assert (ours_hidden.dtype, ours_weight.dtype) == (dtype, dtype)
+    assert (ours_hidden.shape, ours_weight.shape) == (hidden.shape, weight.shape)
     for ours_grad, grad in ((ours_hidden, grad_hidden), (ours_weight, grad_weight)):
-        assert ((2 * ours_grad - grad).norm() / grad.norm()).item() < 0.06
+        assert ((2 * ours_grad.float() - grad).norm() / grad.norm()).item() < 0.06
 
 
-def test_the_loss_module_trains_every_parameter_through_each_output_layer() -> None:
-    """``CausalLMWithLoss`` on a tiny GPT-2 (tied input and output embedding): through the model's own output
-    layer it gives the stock loss on transformers' logits; the FP8 output layer gives it within 0.5 % and a gradient for
-    every parameter, the tied embedding's within 10 % in norm."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_the_loss_module_trains_every_parameter_through_each_output_layer(arch: str) -> None:
+    """``CausalLMWithLoss`` on a tiny GPT-2 (input and output embedding tied) and a tiny Llama (untied): through
+    the model's own output layer it gives the stock loss on transformers' logits; the FP8 output layer gives it
+    within 0.5 %, a finite gradient for every parameter, and the output weight's within 10 % in norm."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    lm = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=2, n_positions=32, bos_token_id=0,
-                                    eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    if arch == "gpt2":
+        lm = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=2, n_positions=32,
+                                        bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                        attn_pdrop=0.0))
+    else:
+        lm = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                                          bos_token_id=0, eos_token_id=0))
     tokens = torch.randint(0, 128, (4, 17))
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     expected = torch.nn.functional.cross_entropy(lm(input_ids=inputs).logits.flatten(0, 1), labels.flatten())
@@ -236,11 +262,11 @@ def test_the_loss_module_trains_every_parameter_through_each_output_layer() -> N
     assert plain_loss.item() == pytest.approx(expected.item(), rel=1e-5)
     plain_grads = torch.autograd.grad(plain_loss, list(lm.parameters()))
     fp8_loss = fp8(inputs, labels)
-    fp8_grads = torch.autograd.grad(fp8_loss, list(lm.parameters()))
+    fp8_grads = torch.autograd.grad(fp8_loss, list(lm.parameters()))  # raises if a parameter got no gradient
     assert fp8_loss.item() == pytest.approx(plain_loss.item(), rel=5e-3)
-    assert all(grad is not None and torch.isfinite(grad).all() for grad in fp8_grads)
-    embedding = [name for name, _ in lm.named_parameters()].index("transformer.wte.weight")
-    assert ((fp8_grads[embedding] - plain_grads[embedding]).norm() / plain_grads[embedding].norm()).item() < 0.1
+    assert all(torch.isfinite(grad).all() for grad in fp8_grads)
+    head = [p is lm.get_output_embeddings().weight for p in lm.parameters()].index(True)
+    assert ((fp8_grads[head] - plain_grads[head]).norm() / plain_grads[head].norm()).item() < 0.1
 
 
 def test_importable_handles_a_missing_parent_package() -> None:

@@ -1,0 +1,80 @@
+"""The output layer and its loss alone, bf16 against FP8, at GPT-2 124M's shape on one GPU: forward and backward of
+``hidden [65536, 768] @ weight[50304, 768].T`` and the mean cross-entropy, compiled, under bf16 autocast as
+``train`` runs them (docs/BENCHMARKS.md, "The output layer in FP8"):
+
+    PYTHONPATH=. python3 bench/output_layer_ab.py OUT.json
+
+For each variant: ms per call (20 timed after 3), peak memory, the loss and both gradients against bf16, and the
+GPU time of its ten largest kernels in one profiled call.
+"""
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.kernels import FP8HeadCrossEntropy
+
+TOKENS, WIDTH, VOCAB = 65536, 768, 50304
+VARIANTS = {
+    "bf16": lambda hidden, weight, labels: F.cross_entropy(F.linear(hidden, weight).float(), labels),
+    "fp8_head": lambda hidden, weight, labels: FP8HeadCrossEntropy.apply(hidden, weight, labels),
+}
+
+
+def main(out_path: str) -> None:
+    torch.manual_seed(0)
+    hidden = torch.randn(TOKENS, WIDTH, device="cuda", requires_grad=True)  # fp32, as a LayerNorm gives it
+    weight = (torch.randn(VOCAB, WIDTH, device="cuda") * 0.02).requires_grad_()
+    labels = torch.randint(0, VOCAB, (TOKENS,), device="cuda")
+    report, reference = {}, None
+    for name, loss_fn in VARIANTS.items():
+        compiled = torch.compile(loss_fn)
+
+        def call() -> torch.Tensor:
+            with torch.autocast("cuda", torch.bfloat16):
+                loss = compiled(hidden, weight, labels)
+            loss.backward()
+            return loss
+
+        start = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        compile_s = time.perf_counter() - start
+        for _ in range(3):
+            call()
+        hidden.grad = weight.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(20):
+            loss = call()
+        end.record()
+        torch.cuda.synchronize()
+        grads = hidden.grad / 20, weight.grad / 20
+        hidden.grad = weight.grad = None
+        row = {"ms": round(begin.elapsed_time(end) / 20, 3), "compile_s": round(compile_s, 1), "loss": loss.item(),
+               "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        if reference is None:
+            reference = (loss.item(), *grads)
+        else:
+            row["loss_diff"] = loss.item() - reference[0]
+            row["grad_hidden_rel"] = ((grads[0] - reference[1]).norm() / reference[1].norm()).item()
+            row["grad_weight_rel"] = ((grads[1] - reference[2]).norm() / reference[2].norm()).item()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+            call()
+            torch.cuda.synchronize()
+        hidden.grad = weight.grad = None
+        kernels = sorted(((event.key, event.device_time_total / 1000) for event in profile.key_averages()),
+                         key=lambda kernel: -kernel[1])
+        row["kernels_ms"] = {key[:110]: round(ms, 3) for key, ms in kernels[:10]}
+        report[name] = row
+        print(name, json.dumps(row, indent=1), flush=True)
+    with open(out_path, "w") as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
