@@ -326,7 +326,7 @@ class KernelsConfig(Section):
     fp8_lm_head: Switch = False
     """The output layer's matmuls (forward, input and weight gradients) in FP8 with one scale per tensor, the loss
     computed from its bf16 logits in fp32 (``pipeline/kernels.py``). Off by default and in every recipe: on an H200
-    it made GPT-2 124M at 64 x 1024 about 5.5 % faster (554.6 K against 524.9 K tok/s, one machine) but ended 33.5 M
+    it made GPT-2 124M at 64 x 1024 5.3-5.7 % faster (554.6 K against 524.9 K tok/s, one machine) but ended 33.5 M
     tokens of training 0.22 higher in held-out loss (docs/BENCHMARKS.md). NVIDIA GPUs with FP8 tensor cores
     (compute capability 8.9 or newer); the width and the vocabulary multiples of 16; not with
     ``fused_cross_entropy`` or ZeRO stage 3."""

@@ -90,12 +90,16 @@ def choose_kernels(config: KernelsConfig, arch: str, on_cuda: bool,
                     else "its fused norms break torch.compile's graph; Inductor fuses norms itself"
                     if config.compile is not False and config.apex == "auto" else None)
     apex = pick("apex", config.apex, apex_missing)
+    fp8_asked = config.fp8_lm_head is True and fp8_matmuls
+    if fp8_asked and config.fused_cross_entropy is True:
+        raise ConfigError("kernels.fp8_lm_head", True, "computes the loss itself; set kernels.fused_cross_entropy "
+                                                       "to false")
     fused_ce = pick("fused_cross_entropy", config.fused_cross_entropy,
-                    "needs CUDA" if not on_cuda else no_liger if not is_importable("liger_kernel") else None)
+                    "needs CUDA" if not on_cuda else no_liger if not is_importable("liger_kernel")
+                    else "kernels.fp8_lm_head computes the loss" if fp8_asked else None)
     fp8_lm_head = pick("fp8_lm_head", config.fp8_lm_head,
                        "needs an NVIDIA GPU with FP8 tensor cores (compute capability 8.9 or newer)"
-                       if not fp8_matmuls else "it computes the loss itself, and kernels.fused_cross_entropy is on"
-                       if fused_ce else None)
+                       if not fp8_matmuls else "kernels.fused_cross_entropy computes the loss" if fused_ce else None)
     compile = config.compile is True or (config.compile == "auto" and on_cuda)  # auto: not on a CPU (too slow)
     if config.cuda_graphs is True and not (on_cuda and compile):
         raise ConfigError("kernels.cuda_graphs", True, "needs CUDA and kernels.compile")
@@ -113,7 +117,7 @@ def choose_kernels(config: KernelsConfig, arch: str, on_cuda: bool,
 def fp8_shape_problem(hidden_size: int, vocab_size: int) -> Optional[str]:
     """Why the FP8 output layer cannot run this model, or None: cuBLAS's FP8 matmuls need the dimensions they sum
     over and the second operand's to be multiples of 16: the width and the vocabulary (a micro-batch's token count
-    is padded to one, ``FP8HeadCrossEntropy``)."""
+    is padded to one in the backward, ``FP8HeadCrossEntropy``)."""
     odd = [f"{name} {size}" for name, size in (("hidden size", hidden_size), ("vocabulary", vocab_size)) if size % 16]
     return f"needs multiples of 16, got {' and '.join(odd)}" if odd else None
 
@@ -177,16 +181,11 @@ class FP8HeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        ctx.dtypes, tokens = (hidden.dtype, weight.dtype), hidden.shape[0]
-        # the weight gradient sums over the tokens, which cuBLAS wants in multiples of 16: zero rows make up the
-        # difference (none at the recipes' shapes)
-        ctx.pad = -tokens % 16
-        hidden8, hidden_scale = _to_e4m3(F.pad(hidden, (0, 0, 0, ctx.pad)) if ctx.pad else hidden)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        hidden8, hidden_scale = _to_e4m3(hidden)
         weight8, weight_scale = _to_e4m3(weight)
         logits = torch._scaled_mm(hidden8, weight8.t(), scale_a=hidden_scale, scale_b=weight_scale,
                                   out_dtype=torch.bfloat16, use_fast_accum=True)
-        if ctx.pad:
-            logits = logits[:tokens]
         lse = torch.logsumexp(logits.float(), dim=-1)
         loss = (lse - logits.gather(-1, labels[:, None]).squeeze(-1).float()).mean()
         ctx.save_for_backward(hidden8, hidden_scale, weight8, weight_scale, logits, labels, lse)
@@ -199,13 +198,17 @@ class FP8HeadCrossEntropy(torch.autograd.Function):
         # tensor (1 byte an element) rather than recomputed with a strided walk over the logits
         vocab = torch.arange(logits.shape[-1], device=logits.device)
         scaled = (torch.exp(logits.float() - lse[:, None]) - (labels[:, None] == vocab).float()) * GRADIENT_SCALE
-        grad8 = (F.pad(scaled, (0, 0, 0, ctx.pad)) if ctx.pad else scaled).to(torch.float8_e5m2)
+        # the weight gradient sums over the tokens, which cuBLAS wants in a multiple of 16: zero rows make up the
+        # difference (none at the recipes' shapes; padded before the cast, as FP8 padding is not verified on GPUs)
+        tokens = logits.shape[0]
+        pad = -tokens % 16
+        grad8 = (F.pad(scaled, (0, 0, 0, pad)) if pad else scaled).to(torch.float8_e5m2)
         grad8_t = grad8.t().contiguous()
-        grad_scale = (grad / (logits.shape[0] * GRADIENT_SCALE)).float()
+        if pad:
+            grad8, hidden8 = grad8[:tokens], F.pad(hidden8.float(), (0, 0, 0, pad)).to(torch.float8_e4m3fn)
+        grad_scale = (grad / (tokens * GRADIENT_SCALE)).float()
         grad_hidden = torch._scaled_mm(grad8, _column_major(weight8), scale_a=grad_scale, scale_b=weight_scale,
                                        out_dtype=torch.bfloat16, use_fast_accum=True)
-        if ctx.pad:
-            grad_hidden = grad_hidden[:logits.shape[0]]
         grad_weight = torch._scaled_mm(grad8_t, _column_major(hidden8), scale_a=grad_scale, scale_b=hidden_scale,
                                        out_dtype=torch.float32)
         return grad_hidden.to(ctx.dtypes[0]), grad_weight.to(ctx.dtypes[1]), None

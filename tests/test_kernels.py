@@ -138,8 +138,9 @@ def test_switched_off_kernels_are_not_used_and_not_mentioned() -> None:
 
 def test_fp8_lm_head_needs_fp8_tensor_cores_and_its_own_loss() -> None:
     """``fp8_lm_head``: off by default; ``auto`` without FP8 matmuls falls back with a note, ``true`` there is an
-    error; with them it is used. Beside the fused loss (which computes the loss itself) and under ZeRO stage 3,
-    ``auto`` turns it off with a note and ``true`` is an error."""
+    error; with them it is used. Beside the fused loss (each computes the loss) the switch set to ``true`` wins
+    and an ``auto`` one steps aside with a note, both ``true`` is an error; under ZeRO stage 3 ``auto`` turns it
+    off and ``true`` is an error."""
     assert not choose_kernels(KernelsConfig(), "gpt2", on_cuda=True, fp8_matmuls=True).fp8_lm_head
     auto = choose_kernels(KernelsConfig(fp8_lm_head="auto"), "gpt2", on_cuda=True)
     assert not auto.fp8_lm_head and any(note.startswith("kernels.fp8_lm_head: not used (needs an NVIDIA GPU with FP8")
@@ -147,13 +148,15 @@ def test_fp8_lm_head_needs_fp8_tensor_cores_and_its_own_loss() -> None:
     assert choose_kernels(KernelsConfig(fp8_lm_head="auto"), "gpt2", on_cuda=True, fp8_matmuls=True).fp8_lm_head
     with pytest.raises(ConfigError, match="kernels.fp8_lm_head = True: required but unavailable"):
         choose_kernels(KernelsConfig(fp8_lm_head=True), "gpt2", on_cuda=False)
-    both = choose_kernels(KernelsConfig(fp8_lm_head="auto", fused_cross_entropy=True), "gpt2", on_cuda=True,
-                          is_importable=everything_importable, fp8_matmuls=True)
-    assert both.fused_cross_entropy and not both.fp8_lm_head
-    assert "kernels.fp8_lm_head: not used (it computes the loss itself, and kernels.fused_cross_entropy is on)" in (
-        both.notes)
-    with pytest.raises(ConfigError, match="kernels.fp8_lm_head = True: required but unavailable: it computes the "
-                                          "loss itself, and kernels.fused_cross_entropy is on"):
+    for fp8, fused in (("auto", True), (True, "auto")):  # the one set to true wins, the other steps aside
+        both = choose_kernels(KernelsConfig(fp8_lm_head=fp8, fused_cross_entropy=fused), "gpt2", on_cuda=True,
+                              is_importable=everything_importable, fp8_matmuls=True)
+        assert (both.fp8_lm_head, both.fused_cross_entropy) == (fp8 is True, fused is True)
+        assert [note for note in both.notes if "computes the loss" in note] == [
+            "kernels.fp8_lm_head: not used (kernels.fused_cross_entropy computes the loss)" if fused is True
+            else "kernels.fused_cross_entropy: not used (kernels.fp8_lm_head computes the loss)"]
+    with pytest.raises(ConfigError, match="kernels.fp8_lm_head = True: computes the loss itself; set "
+                                          "kernels.fused_cross_entropy to false"):
         choose_kernels(KernelsConfig(fp8_lm_head=True, fused_cross_entropy=True), "gpt2", on_cuda=True,
                        is_importable=everything_importable, fp8_matmuls=True)
     from pipeline.engine import _kernels_for_zero3
@@ -224,7 +227,7 @@ def test_fp8_head_is_within_fp8_rounding_of_the_fp32_loss(monkeypatch, tokens: i
     checks added) against fp32: the loss within 0.1 %, both gradients within 6 % in norm (e4m3 keeps 3 mantissa
     bits, the gradient's e5m2 2; measured 2.8 %), the incoming gradient applied, the gradients in the inputs'
     dtypes (fp32 under autocast, bf16 under DeepSpeed's bf16 mode). 40 tokens are padded to 48 for the weight
-    gradient. A transposed weight gradient or a missing scale would be off by 100 % or more."""
+    gradient's sum. A transposed weight gradient or a missing scale would be off by 100 % or more."""
     monkeypatch.setattr(torch, "_scaled_mm", _scaled_mm_as_cuda_checks_it(torch._scaled_mm))
     hidden, weight, labels = _head_problem(tokens)
     loss, grad_hidden, grad_weight = _reference(hidden, weight, labels)
