@@ -11,7 +11,7 @@ Switches (``kernels`` section): ``auto`` uses a kernel where it can run and says
   dynamo). CUDA only.
 - ``fp8_lm_head``: the output layer's three matmuls in FP8 (``torch._scaled_mm``; its input and weight in e4m3
   with one scale per tensor from the largest magnitude, the logits' gradient in e5m2) inside the compiled region,
-  the loss from its bf16 logits in fp32. GPUs with FP8 tensor cores (compute capability 8.9 or newer).
+  the loss from its bf16 logits in fp32. NVIDIA GPUs with FP8 tensor cores (compute capability 8.9 or newer).
 - ``liger``: Liger's Triton kernels inside Llama blocks (RMSNorm, SwiGLU, RoPE). Llama only, CUDA only, and not
   under ``compile`` in ``auto`` (they break the graph; Inductor fuses these operations itself).
 - ``apex``: NVIDIA apex's fused RMSNorm / LayerNorm, swapped in when apex is importable (it is not on PyPI); in
