@@ -3,7 +3,8 @@ output layer in FP8"): a tiny GPT-2 (4 layers, d_model 128, tied embeddings, its
 from the embedded corpus' 4,096 tokens) trained on data/python-stdlib, 600 steps of 8 x 256 tokens, AdamW at 3e-3
 (warm-up 30, cosine to 0.1x), clipping 1.0, with one of three output layers:
 
-    bf16           bf16 operands, fp32 accumulation, bf16 logits, the loss in fp32 (what ``train`` runs)
+    bf16           bf16 operands, fp32 accumulation, bf16 logits, the loss in fp32 (``train``'s forward under
+                   autocast; the backward here keeps the logits' gradient in fp32 where autocast rounds it to bf16)
     fp8            ``FP8HeadCrossEntropy``'s arithmetic: e4m3 operands with one scale each, the gradient of the
                    logits in e5m2 with its fixed scale, every sum accumulated exactly (as the CPU does)
     fp8-fastaccum  the same, with the input gradient's sum over the vocabulary in a model of accumulation without
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from pipeline.data import load_tokens
 from pipeline.kernels import GRADIENT_SCALE, FP8HeadCrossEntropy, _to_e4m3
 
 VOCAB, WIDTH, LAYERS, SEQ_LEN, BATCH = 16384, 128, 4, 256, 8
@@ -144,8 +146,7 @@ def main(variant: str, seed: int, out_path: str) -> None:
     check_emulation()
     torch.set_num_threads(1)
     torch.manual_seed(seed)
-    train = np.memmap(f"{DATA}/train.bin", dtype=np.uint16, mode="r")
-    held_out = np.memmap(f"{DATA}/val.bin", dtype=np.uint16, mode="r")
+    train, held_out = load_tokens(DATA, "train"), load_tokens(DATA, "val")
     eval_batches = [windows(held_out, range(i * SEQ_LEN * BATCH, (i + 1) * SEQ_LEN * BATCH, SEQ_LEN))
                     for i in range(EVAL_BATCHES)]
     model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=WIDTH, n_layer=LAYERS, n_head=4, n_positions=SEQ_LEN,
