@@ -8,14 +8,15 @@ from the embedded corpus' 4,096 tokens) trained on data/python-stdlib, 600 steps
     fp8            ``FP8HeadCrossEntropy``'s arithmetic: e4m3 operands with one scale each, the gradient of the
                    logits in e5m2 with its fixed scale, every sum accumulated exactly (as the CPU does)
     fp8-fastaccum  the same, with the input gradient's sum over the vocabulary in a model of accumulation without
-                   promotion: a running sum cut toward zero to 13 mantissa bits after every 32 products
+                   promotion (the layer's first version used fast accumulation there): a running sum cut toward
+                   zero to 13 mantissa bits after every 32 products
 
     PYTHONPATH=. python3 bench/fp8_head_rounding_cpu.py VARIANT SEED OUT.json   # 20-30 min on one core
     PYTHONPATH=. python3 bench/fp8_head_rounding_cpu.py gradients OUT.json        # 1 min
 
 ``gradients`` compares the gradients with ``bench/output_layer_ab.py``'s inputs (GPT-2 124M's output layer, 1,024
 tokens here) against its reference, the output layer under bf16 autocast: exact accumulation, and the model of fast
-accumulation, beside what that script measured on an H200.
+accumulation, beside what that script measured on an H200 with the layer's first version.
 
 The matmuls run in fp32 on values already rounded to their format, which gives the exact-accumulation result
 (the CPU's own bf16 and FP8 matmuls are several times slower); the script first checks that its ``fp8`` layer
@@ -143,8 +144,8 @@ def lr_at(step: int) -> float:
 
 
 def main(variant: str, seed: int, out_path: str) -> None:
+    torch.set_num_threads(1)  # before the check: with two threads its sums now and then differ by an ulp
     check_emulation()
-    torch.set_num_threads(1)
     torch.manual_seed(seed)
     train, held_out = load_tokens(DATA, "train"), load_tokens(DATA, "val")
     eval_batches = [windows(held_out, range(i * SEQ_LEN * BATCH, (i + 1) * SEQ_LEN * BATCH, SEQ_LEN))

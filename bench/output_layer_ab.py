@@ -6,7 +6,8 @@
 
 For each variant: ms per call (20 timed after 3), peak memory, the loss and both gradients against bf16, and the
 GPU time of its ten largest kernels in one profiled call. (The run in docs/BENCHMARKS.md kept the first variant's
-gradients on the GPU, 0.33 GiB in the FP8 variant's peak, and timed two variants that were not shipped.)
+gradients on the GPU, 0.33 GiB in the FP8 variant's peak, timed the FP8 layer's first version, with fast
+accumulation in the input gradient too, and two variants that were not shipped.)
 """
 import json
 import sys

@@ -326,10 +326,11 @@ class KernelsConfig(Section):
     fp8_lm_head: Switch = False
     """The output layer's matmuls (forward, input and weight gradients) in FP8 with one scale per tensor, the loss
     computed from its bf16 logits in fp32 (``pipeline/kernels.py``). Off by default and in every recipe: on an H200
-    it made GPT-2 124M at 64 x 1024 5.3-5.7 % faster (554.6 K against 524.9 K tok/s, one machine) but ended 33.5 M
-    tokens of training 0.22 higher in held-out loss (docs/BENCHMARKS.md). NVIDIA GPUs with FP8 tensor cores
-    (compute capability 8.9 or newer); the width and the vocabulary multiples of 16; not with
-    ``fused_cross_entropy`` or ZeRO stage 3."""
+    GPT-2 124M at 64 x 1024 ran 558.7-562.0 K tok/s with it (bf16: 524.9-534.8 K, other machines), and the 4x
+    recipes' training took 1-3.5 % less time but ended 33.5 M tokens 0.008-0.023 higher in held-out loss, the
+    baseline never reaching its bf16 twin's loss (docs/BENCHMARKS.md). NVIDIA GPUs with FP8 tensor cores (compute
+    capability 8.9 or newer); the width and the vocabulary multiples of 16; not with ``fused_cross_entropy`` or ZeRO
+    stage 3."""
     liger: Switch = "auto"
     """Liger Triton kernels inside Llama blocks: RMSNorm, SwiGLU, RoPE. CUDA, ``arch: llama``; in ``auto`` not
     with ``compile`` (they break the graph, and Inductor fuses these operations itself)."""

@@ -105,7 +105,7 @@ def export_checkpoint(run_dir: RunDir, checkpoint: Path, output: Path) -> int:
     from pipeline.data import EOT_TOKEN, id_bound
     from pipeline.model import build_model
 
-    config = _run_config(run_dir)
+    config = run_config(run_dir)
     tokenizer_file = _tokenizer_file(run_dir, config)
     try:
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
@@ -121,7 +121,8 @@ def export_checkpoint(run_dir: RunDir, checkpoint: Path, output: Path) -> int:
     return max_seq_len
 
 
-def _run_config(run_dir: RunDir) -> Config:
+def run_config(run_dir: RunDir) -> Config:
+    """The config a run directory's run was started with (its config.json), validated."""
     from curriculum.loading import validate_config
 
     try:
