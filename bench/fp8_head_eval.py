@@ -16,8 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from curriculum.schedule import build_schedule
-from pipeline.batches import eval_batches
-from pipeline.data import load_tokens
+from pipeline.batches import load_run_data
 from pipeline.export import run_config
 from pipeline.kernels import CausalLMWithLoss
 from pipeline.rundir import RunDir
@@ -27,16 +26,14 @@ def held_out_losses(run_path: str, device: torch.device) -> dict[str, float]:
     """The run's final model's mean held-out loss with each output layer, over its ``run.eval_batches``."""
     run_dir = RunDir(run_path)
     config = run_config(run_dir)
-    seq_len = build_schedule(config).max_seq_len
-    batches = eval_batches(load_tokens(config.data.dir, "val"), seq_len, config.run.eval_batch, config.run.eval_batches,
-                           rank=0, world_size=1)
+    batches = load_run_data(config, build_schedule(config), rank=0, world_size=1, device=device).eval_batches
     lm = AutoModelForCausalLM.from_pretrained(run_dir.final, torch_dtype=torch.float32).to(device).eval()
     losses = {}
     for name, fp8 in (("bf16", False), ("fp8", True)):
         module, total, rows = CausalLMWithLoss(lm, fused_cross_entropy=False, fp8_lm_head=fp8), 0.0, 0
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
             for inputs, labels in batches:
-                total += module(inputs.to(device), labels.to(device)).double().item() * inputs.shape[0]
+                total += module(inputs, labels).double().item() * inputs.shape[0]
                 rows += inputs.shape[0]
         losses[name] = total / rows
     return losses
