@@ -1,11 +1,13 @@
-"""The output layer and its loss alone, bf16 against FP8, at GPT-2 124M's shape on one GPU: forward and backward of
+"""The output layer and its loss alone at GPT-2 124M's shape on one GPU: forward and backward of
 ``hidden [65536, 768] @ weight[50304, 768].T`` and the mean cross-entropy, compiled, under bf16 autocast as
-``train`` runs them (docs/BENCHMARKS.md, "The output layer in FP8"):
+``train`` runs them, three ways: the plain loss, the loss's gradient made in the forward (``HeadCrossEntropy``,
+the default on CUDA) and the FP8 output layer (docs/BENCHMARKS.md, "The loss's gradient in the forward" and "The
+output layer in FP8"):
 
     PYTHONPATH=. python3 bench/output_layer_ab.py OUT.json
 
-For each variant: ms per call (20 timed after 3), peak memory, the loss and both gradients against bf16, and the
-GPU time of its ten largest kernels in one profiled call. (The run in docs/BENCHMARKS.md kept the first variant's
+For each variant: ms per call (20 timed after 3), peak memory, the loss and both gradients against the plain loss,
+and the GPU time of its ten largest kernels in one profiled call. (The FP8 section's run kept the first variant's
 gradients on the GPU, 0.33 GiB in the FP8 variant's peak, timed the FP8 layer's first version, with fast
 accumulation in the input gradient too, and two variants that were not shipped.)
 """
@@ -16,11 +18,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pipeline.kernels import FP8HeadCrossEntropy
+from pipeline.kernels import FP8HeadCrossEntropy, HeadCrossEntropy
 
 TOKENS, WIDTH, VOCAB = 65536, 768, 50304
 VARIANTS = {
     "stock": lambda hidden, weight, labels: F.cross_entropy(F.linear(hidden, weight).float(), labels),  # bf16
+    "logits_gradient_in_forward": lambda hidden, weight, labels: HeadCrossEntropy.apply(hidden, weight, labels),
     "fp8_head": lambda hidden, weight, labels: FP8HeadCrossEntropy.apply(hidden, weight, labels),
 }
 

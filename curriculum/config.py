@@ -331,6 +331,13 @@ class KernelsConfig(Section):
     baseline never reaching its bf16 twin's loss (docs/BENCHMARKS.md). NVIDIA GPUs with FP8 tensor cores (compute
     capability 8.9 or newer); the width and the vocabulary multiples of 16; not with ``fused_cross_entropy`` or ZeRO
     stage 3."""
+    logits_gradient_in_forward: Switch = "auto"
+    """The loss's gradient with respect to the logits made in the forward pass, while the logits are read for the
+    loss, and written over them (``pipeline/kernels.py``, ``HeadCrossEntropy``; on CUDA one Triton kernel instead of
+    the two Inductor generates): the plain loss's arithmetic up to rounding. On an H200, GPT-2 124M at 64 x 1024:
+    538.9-539.7 K tok/s against 527.8 K without it, the same memory (docs/BENCHMARKS.md). ``auto``: on CUDA, where
+    Triton is (on a CPU its torch form was slower; ``true`` runs it there); not under ZeRO stage 3; with
+    ``fused_cross_entropy`` or ``fp8_lm_head`` those compute the loss."""
     liger: Switch = "auto"
     """Liger Triton kernels inside Llama blocks: RMSNorm, SwiGLU, RoPE. CUDA, ``arch: llama``; in ``auto`` not
     with ``compile`` (they break the graph, and Inductor fuses these operations itself)."""

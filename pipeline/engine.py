@@ -309,7 +309,8 @@ class Engine:
                 f"{kernels.fused_cross_entropy}, liger {kernels.liger}, apex {kernels.apex}, compile {kernels.compile}"
                 + (", dynamic shapes" if self.dynamic_dims else "")
                 + (", CUDA graphs" if kernels.cuda_graphs else "")
-                + (", FP8 output layer" if kernels.fp8_lm_head else ""))
+                + (", FP8 output layer" if kernels.fp8_lm_head else "")
+                + (", output layer's gradient in the forward" if kernels.logits_gradient_in_forward else ""))
 
     @property
     def zero_stage(self) -> int:
@@ -600,7 +601,8 @@ def build_engine(config: Config, schedule: Schedule, ds_config: dict[str, Any], 
         log(f"kernels.apex: {swap_apex_norms(model)} norm layers replaced by apex fused ones")
     if choice.fp8_lm_head:
         choice = _kernels_for_fp8_shapes(choice, config, model.config, log)
-    module = CausalLMWithLoss(model, fused_cross_entropy=choice.fused_cross_entropy, fp8_lm_head=choice.fp8_lm_head)
+    module = CausalLMWithLoss(model, fused_cross_entropy=choice.fused_cross_entropy, fp8_lm_head=choice.fp8_lm_head,
+                              logits_gradient_in_forward=choice.logits_gradient_in_forward)
     optimizer, optimizer_name = _build_optimizer(module, config, choice.fused_adam, cpu_offload(ds_config))
     ds_engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
     if processes.world_size == 1 and ds_engine.zero_optimization_stage() == 0:
@@ -632,8 +634,9 @@ def build_engine(config: Config, schedule: Schedule, ds_config: dict[str, Any], 
 def _kernels_for_fp8_shapes(choice: KernelChoice, config: Config, model_config: Any,
                             log: Callable[[str], None]) -> KernelChoice:
     """The FP8 output layer where the model's width and vocabulary fit its matmuls; ``auto`` turns it off with a
-    note where they do not, ``true`` is an error."""
-    from pipeline.kernels import fp8_shape_problem
+    note where they do not (and ``logits_gradient_in_forward``, which stepped aside for it, back on where it can
+    run), ``true`` is an error."""
+    from pipeline.kernels import fp8_shape_problem, importable
 
     problem = fp8_shape_problem(model_config.hidden_size, model_config.vocab_size)
     if problem is None:
@@ -641,7 +644,10 @@ def _kernels_for_fp8_shapes(choice: KernelChoice, config: Config, model_config: 
     if config.kernels.fp8_lm_head is True:
         raise ConfigError("kernels.fp8_lm_head", True, f"{problem}; set it to auto or false")
     log(f"kernels.fp8_lm_head: not used ({problem})")
-    return dataclasses.replace(choice, fp8_lm_head=False)
+    logits_gradient = config.kernels.logits_gradient_in_forward is not False and importable("triton")
+    if logits_gradient:
+        log("kernels.logits_gradient_in_forward: used after all (the FP8 output layer is not)")
+    return dataclasses.replace(choice, fp8_lm_head=False, logits_gradient_in_forward=logits_gradient)
 
 
 def _kernels_for_zero3(choice: KernelChoice, config: Config, log: Callable[[str], None]) -> KernelChoice:
@@ -650,6 +656,7 @@ def _kernels_for_zero3(choice: KernelChoice, config: Config, log: Callable[[str]
     turns them off (with a note), ``true`` is an error."""
     for name, why in (("fused_cross_entropy", "it reads the output embedding outside its module"),
                       ("fp8_lm_head", "it reads the output embedding outside its module"),
+                      ("logits_gradient_in_forward", "it reads the output embedding outside its module"),
                       ("compile", "it would trace DeepSpeed's parameter-gathering hooks")):
         if getattr(choice, name):
             if getattr(config.kernels, name) is True:

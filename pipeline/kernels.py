@@ -12,6 +12,11 @@ Switches (``kernels`` section): ``auto`` uses a kernel where it can run and says
 - ``fp8_lm_head``: the output layer's three matmuls in FP8 (``torch._scaled_mm``; its input and weight in e4m3
   with one scale per tensor from the largest magnitude, the logits' gradient in e5m2) inside the compiled region,
   the loss from its bf16 logits in fp32. NVIDIA GPUs with FP8 tensor cores (compute capability 8.9 or newer).
+- ``logits_gradient_in_forward``: the model's own output layer with its loss's gradient made in the forward pass,
+  while the logits are read for the loss, and written over them (``HeadCrossEntropy``; on CUDA one Triton kernel,
+  ``pipeline.triton_kernels``, in place of the two Inductor generates for the loss and its gradient). ``auto``: on
+  CUDA (on the CPU its torch form was slower). Not under ZeRO stage 3 (it reads the output embedding outside its
+  module).
 - ``liger``: Liger's Triton kernels inside Llama blocks (RMSNorm, SwiGLU, RoPE). Llama only, CUDA only, and not
   under ``compile`` in ``auto`` (they break the graph; Inductor fuses these operations itself).
 - ``apex``: NVIDIA apex's fused RMSNorm / LayerNorm, swapped in when apex is importable (it is not on PyPI); in
@@ -51,6 +56,7 @@ class KernelChoice:
     coordinate_descent_tuning: bool = False
     dynamic_shapes: bool = False
     fp8_lm_head: bool = False
+    logits_gradient_in_forward: bool = False
 
 
 def importable(module: str) -> bool:
@@ -100,6 +106,11 @@ def choose_kernels(config: KernelsConfig, arch: str, on_cuda: bool,
     fp8_lm_head = pick("fp8_lm_head", config.fp8_lm_head,
                        "needs an NVIDIA GPU with FP8 tensor cores (compute capability 8.9 or newer)"
                        if not fp8_matmuls else "kernels.fused_cross_entropy computes the loss" if fused_ce else None)
+    logits_gradient = (on_cuda or config.logits_gradient_in_forward is True) and pick(  # auto: on CUDA only
+        "logits_gradient_in_forward", config.logits_gradient_in_forward,
+        "kernels.fused_cross_entropy computes the loss" if fused_ce else "kernels.fp8_lm_head computes the loss"
+        if fp8_lm_head else "needs Triton on CUDA (torch's CUDA builds bring it)"
+        if on_cuda and not is_importable("triton") else None)
     compile = config.compile is True or (config.compile == "auto" and on_cuda)  # auto: not on a CPU (too slow)
     if config.cuda_graphs is True and not (on_cuda and compile):
         raise ConfigError("kernels.cuda_graphs", True, "needs CUDA and kernels.compile")
@@ -111,7 +122,7 @@ def choose_kernels(config: KernelsConfig, arch: str, on_cuda: bool,
                           "needs kernels.compile (true, or auto on CUDA) with compile_backend: inductor")
     return KernelChoice(fused_adam, liger, apex, compile, tuple(notes), fused_ce, cuda_graphs,
                         config.coordinate_descent_tuning, compile and config.dynamic_shapes is not False,
-                        fp8_lm_head)
+                        fp8_lm_head, logits_gradient)
 
 
 def fp8_shape_problem(hidden_size: int, vocab_size: int) -> Optional[str]:
@@ -160,6 +171,19 @@ stays under ``float8_e5m2``'s largest 57,344 and keeps values down to 2^-31 (e5m
 needs no scale measured at run time."""
 
 
+def _log_sum_exp_and_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's log-sum-exp and cross-entropy, in fp32."""
+    lse = torch.logsumexp(logits.float(), dim=-1)
+    return lse, lse - logits.gather(-1, labels[:, None]).squeeze(-1).float()
+
+
+def _softmax_minus_one_hot(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """The gradient of each row's cross-entropy with respect to its logits, in fp32 (``lse``: the rows'
+    log-sum-exp): every entry in [-1, 1]."""
+    vocab = torch.arange(logits.shape[-1], device=logits.device)
+    return torch.exp(logits.float() - lse[:, None]) - (labels[:, None] == vocab).float()
+
+
 def _to_e4m3(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``tensor`` in ``float8_e4m3fn`` scaled to its largest magnitude, and the fp32 scale that undoes it."""
     scale = tensor.detach().abs().amax().float().clamp(min=1e-12) / E4M3_MAX
@@ -187,8 +211,8 @@ class FP8HeadCrossEntropy(torch.autograd.Function):
         weight8, weight_scale = _to_e4m3(weight)
         logits = torch._scaled_mm(hidden8, weight8.t(), scale_a=hidden_scale, scale_b=weight_scale,
                                   out_dtype=torch.bfloat16, use_fast_accum=True)
-        lse = torch.logsumexp(logits.float(), dim=-1)
-        loss = (lse - logits.gather(-1, labels[:, None]).squeeze(-1).float()).mean()
+        lse, losses = _log_sum_exp_and_losses(logits, labels)
+        loss = losses.mean()
         ctx.save_for_backward(hidden8, hidden_scale, weight8, weight_scale, logits, labels, lse)
         return loss
 
@@ -197,8 +221,7 @@ class FP8HeadCrossEntropy(torch.autograd.Function):
         hidden8, hidden_scale, weight8, weight_scale, logits, labels, lse = ctx.saved_tensors
         # softmax - one_hot, recomputed from the bf16 logits in fp32; the transposed copy is made from the e5m2
         # tensor (1 byte an element) rather than recomputed with a strided walk over the logits
-        vocab = torch.arange(logits.shape[-1], device=logits.device)
-        scaled = (torch.exp(logits.float() - lse[:, None]) - (labels[:, None] == vocab).float()) * GRADIENT_SCALE
+        scaled = _softmax_minus_one_hot(logits, labels, lse) * GRADIENT_SCALE
         # the weight gradient sums over the tokens, which cuBLAS wants in a multiple of 16: zero rows make up the
         # difference (none at the recipes' shapes; padded before the cast, as FP8 padding is not verified on GPUs)
         tokens = logits.shape[0]
@@ -215,19 +238,69 @@ class FP8HeadCrossEntropy(torch.autograd.Function):
         return grad_hidden.to(ctx.dtypes[0]), grad_weight.to(ctx.dtypes[1]), None
 
 
+if importable("triton"):  # registers cross_entropy_rows_'s CUDA kernel (Triton comes with torch's CUDA builds)
+    importlib.import_module("pipeline.triton_kernels")
+
+
+def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's cross-entropy in fp32, with ``logits`` overwritten by the loss's gradient ``softmax - one_hot``
+    in their dtype. On CUDA one Triton kernel that reads each row twice and writes it once (``pipeline
+    .triton_kernels``); elsewhere the same arithmetic in torch."""
+    if logits.is_cuda:
+        return torch.ops.curriculum_pretrain.cross_entropy_rows_(logits, labels)
+    lse, losses = _log_sum_exp_and_losses(logits, labels)
+    logits.copy_(_softmax_minus_one_hot(logits, labels, lse))
+    return losses
+
+
+class HeadCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``hidden [tokens, d] @ weight[vocab, d].T``, the output layer's matmuls in the autocast
+    dtype (the inputs' dtype without autocast) and the loss from those logits in fp32, as
+    ``F.cross_entropy(F.linear(hidden, weight).float(), labels)`` computes it, in another order: the loss's
+    gradient with respect to the logits, ``softmax - one_hot``, is made in the forward, while the logits are read
+    for the loss, and written over them (``cross_entropy_rows_``); the backward's matmuls read it and scale their
+    outputs by ``grad / tokens`` (the same arithmetic up to rounding). Compiled, the plain loss takes two kernels
+    (the forward reads the logits, the backward reads them again and writes their gradient): at GPT-2 124M's shape
+    on an H200 (65,536 tokens, 50,304-way vocabulary) 8.1 ms against the Triton kernel's 5.05 ms, the output layer
+    and its loss 30.6 ms against 27.6 ms at the same peak memory (docs/BENCHMARKS.md, "The loss's gradient in the
+    forward")."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        ctx.dtypes = hidden.dtype, weight.dtype
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        logits = hidden @ weight.t()
+        loss = cross_entropy_rows_(logits, labels).mean()
+        ctx.save_for_backward(hidden, weight, logits)  # now the gradient
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        hidden, weight, grad_logits = ctx.saved_tensors
+        scale = (grad / grad_logits.shape[0]).float()
+        grad_hidden = (grad_logits @ weight).float() * scale
+        grad_weight = (grad_logits.t() @ hidden).float() * scale
+        return grad_hidden.to(ctx.dtypes[0]), grad_weight.to(ctx.dtypes[1]), None
+
+
 class CausalLMWithLoss(torch.nn.Module):
     """The module the engine trains: ``forward(input_ids, labels) -> mean loss`` (labels already shifted).
 
-    The loss comes from the decoder's last hidden states and the output layer: through the model's own output
-    layer, on fp32 logits; with ``fp8_lm_head`` through ``FP8HeadCrossEntropy``; with the fused linear
-    cross-entropy chunk by chunk, accumulated in fp32. ``compiled_part`` is what ``torch.compile`` takes: the whole
-    module, or the decoder body when the loss is fused.
+    The loss comes from the decoder's last hidden states and the output layer: through the model's own output layer,
+    on fp32 logits (with ``logits_gradient_in_forward``, when gradients are on, through ``HeadCrossEntropy``: the
+    same arithmetic; the output layers of GPT-2 and Llama have no bias); with ``fp8_lm_head`` through
+    ``FP8HeadCrossEntropy``; with the fused linear cross-entropy chunk by chunk, accumulated in fp32.
+    ``compiled_part`` is what ``torch.compile`` takes: the whole module, or the decoder body when the loss is fused.
     """
 
-    def __init__(self, lm: torch.nn.Module, fused_cross_entropy: bool, fp8_lm_head: bool = False) -> None:
+    def __init__(self, lm: torch.nn.Module, fused_cross_entropy: bool, fp8_lm_head: bool = False,
+                 logits_gradient_in_forward: bool = False) -> None:
         super().__init__()
         self.lm = lm
         self.fp8_lm_head = fp8_lm_head
+        self.logits_gradient_in_forward = logits_gradient_in_forward
         self.fused: Optional[torch.nn.Module] = None
         if fused_cross_entropy:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -244,6 +317,8 @@ class CausalLMWithLoss(torch.nn.Module):
         if self.fp8_lm_head:
             return FP8HeadCrossEntropy.apply(hidden, head.weight, labels)
         if self.fused is None:
+            if self.logits_gradient_in_forward and torch.is_grad_enabled():
+                return HeadCrossEntropy.apply(hidden, head.weight, labels)
             return F.cross_entropy(head(hidden).float(), labels)
         weight = head.weight
         if torch.is_autocast_enabled(hidden.device.type):  # bf16 logits chunks, as the unfused matmul would give

@@ -303,9 +303,9 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from pipeline.batches import Prefetcher
+from pipeline.kernels import CausalLMWithLoss
 from pipeline.metrics import RunLogger
 
 # step -> factor for the training loss of that step's micro-batches, first pass over the step only
@@ -314,7 +314,7 @@ MAX_EVENTS = {max_events}
 now = {{"factor": None, "guard_lines": 0}}
 
 _get = Prefetcher.get
-_cross_entropy = F.cross_entropy
+_forward = CausalLMWithLoss.forward
 _log = RunLogger.log
 
 
@@ -323,8 +323,8 @@ def get(self, step, cursor):  # the loop takes each pass over a step's batches o
     return _get(self, step, cursor)
 
 
-def cross_entropy(*args, **kwargs):
-    loss = _cross_entropy(*args, **kwargs)
+def forward(self, *args, **kwargs):  # the module's loss, whichever way it is computed, and so its gradient
+    loss = _forward(self, *args, **kwargs)
     if now["factor"] is not None and torch.is_grad_enabled():  # training, not evaluation
         loss = loss * now["factor"]
     return loss
@@ -341,7 +341,7 @@ def log(self, record):  # a guard that never stops would loop forever: end the p
 
 
 Prefetcher.get = get
-F.cross_entropy = cross_entropy
+CausalLMWithLoss.forward = forward
 RunLogger.log = log
 
 from pipeline.train import main

@@ -10,7 +10,8 @@ from conftest import make_config
 from curriculum.config import KernelsConfig
 from curriculum.errors import ConfigError
 from curriculum.schedule import build_schedule
-from pipeline.kernels import CausalLMWithLoss, FP8HeadCrossEntropy, choose_kernels, fp8_shape_problem, importable
+from pipeline.kernels import (CausalLMWithLoss, FP8HeadCrossEntropy, HeadCrossEntropy, choose_kernels,
+                              cross_entropy_rows_, fp8_shape_problem, importable)
 
 
 def everything_importable(module: str) -> bool:
@@ -152,7 +153,7 @@ def test_fp8_lm_head_needs_fp8_tensor_cores_and_its_own_loss() -> None:
         both = choose_kernels(KernelsConfig(fp8_lm_head=fp8, fused_cross_entropy=fused), "gpt2", on_cuda=True,
                               is_importable=everything_importable, fp8_matmuls=True)
         assert (both.fp8_lm_head, both.fused_cross_entropy) == (fp8 is True, fused is True)
-        assert [note for note in both.notes if "computes the loss" in note] == [
+        assert [note for note in both.notes if "computes the loss" in note and "logits_gradient" not in note] == [
             "kernels.fp8_lm_head: not used (kernels.fused_cross_entropy computes the loss)" if fused is True
             else "kernels.fused_cross_entropy: not used (kernels.fp8_lm_head computes the loss)"]
     with pytest.raises(ConfigError, match="kernels.fp8_lm_head = True: computes the loss itself; set "
@@ -172,17 +173,62 @@ def test_fp8_lm_head_needs_fp8_tensor_cores_and_its_own_loss() -> None:
             assert not _kernels_for_zero3(choice, config, print).fp8_lm_head
 
 
-def test_fp8_needs_a_width_and_vocabulary_in_multiples_of_16() -> None:
+def test_the_loss_gradient_in_the_forward_is_on_by_default_on_cuda_beside_the_plain_loss_only() -> None:
+    """``logits_gradient_in_forward``: on by default on CUDA with Triton, off on a CPU unless set to ``true`` (there
+    the plain loss was faster); an ``auto`` one steps aside with a note where another kernel computes the loss or
+    CUDA has no Triton (``true`` there is an error); under ZeRO stage 3 ``auto`` turns it off and ``true`` is an
+    error."""
+    from pipeline.engine import _kernels_for_zero3
+
+    cpu = choose_kernels(KernelsConfig(), "gpt2", on_cuda=False)
+    assert not cpu.logits_gradient_in_forward and not any("logits_gradient" in note for note in cpu.notes)
+    assert choose_kernels(KernelsConfig(logits_gradient_in_forward=True), "gpt2",
+                          on_cuda=False).logits_gradient_in_forward
+    assert choose_kernels(KernelsConfig(), "gpt2", on_cuda=True, is_importable=everything_importable,
+                          fp8_matmuls=True).logits_gradient_in_forward
+    for other in ({"fused_cross_entropy": True}, {"fp8_lm_head": True}):
+        choice = choose_kernels(KernelsConfig(**other), "gpt2", on_cuda=True, is_importable=everything_importable,
+                                fp8_matmuls=True)
+        assert not choice.logits_gradient_in_forward
+        assert [note for note in choice.notes if note.startswith("kernels.logits_gradient")] == [
+            f"kernels.logits_gradient_in_forward: not used (kernels.{next(iter(other))} computes the loss)"]
+    no_triton = choose_kernels(KernelsConfig(), "gpt2", on_cuda=True, is_importable=lambda module: module != "triton")
+    assert not no_triton.logits_gradient_in_forward
+    assert "kernels.logits_gradient_in_forward: not used (needs Triton on CUDA (torch's CUDA builds bring it))" in (
+        no_triton.notes)
+    with pytest.raises(ConfigError, match="kernels.logits_gradient_in_forward = True: required but unavailable: "
+                                          "needs Triton on CUDA"):
+        choose_kernels(KernelsConfig(logits_gradient_in_forward=True), "gpt2", on_cuda=True,
+                       is_importable=lambda module: module != "triton")
+    stages = [{"until_step": 4, "seq_len": 32, "global_batch": 8}]
+    for switch in ("auto", True):
+        config = make_config({"stages": stages}, kernels={"logits_gradient_in_forward": switch})
+        choice = choose_kernels(config.kernels, "gpt2", on_cuda=True, is_importable=everything_importable)
+        if switch is True:
+            with pytest.raises(ConfigError, match="kernels.logits_gradient_in_forward = True: not verified with ZeRO "
+                                                  "stage 3"):
+                _kernels_for_zero3(choice, config, print)
+        else:
+            assert not _kernels_for_zero3(choice, config, print).logits_gradient_in_forward
+
+
+@pytest.mark.parametrize("triton", [False, True])
+def test_fp8_needs_a_width_and_vocabulary_in_multiples_of_16(monkeypatch, triton: bool) -> None:
     """The FP8 matmuls' fixed dimensions: GPT-2 124M's width and padded vocabulary pass; an odd one is named.
-    ``auto`` drops the FP8 layer with a note, ``true`` is an error naming the size and the way out."""
+    ``auto`` drops the FP8 layer with a note, and turns ``logits_gradient_in_forward`` (which had stepped aside
+    for it) back on where Triton is, saying so; ``true`` is an error naming the size and the way out."""
+    import pipeline.kernels
     from pipeline.engine import _kernels_for_fp8_shapes
 
+    monkeypatch.setattr(pipeline.kernels, "importable", lambda module: triton or module != "triton")
     assert fp8_shape_problem(768, 50304) is None
     assert fp8_shape_problem(760, 50257) == "needs multiples of 16, got hidden size 760 and vocabulary 50257"
     stages = [{"until_step": 4, "seq_len": 24, "global_batch": 8}]
     for switch, vocab in (("auto", 128), ("auto", 120), (True, 120)):
         config = make_config({"stages": stages}, kernels={"fp8_lm_head": switch})
-        choice = choose_kernels(config.kernels, "gpt2", on_cuda=True, fp8_matmuls=True)
+        choice = choose_kernels(config.kernels, "gpt2", on_cuda=True, fp8_matmuls=True,
+                                is_importable=everything_importable)
+        assert not choice.logits_gradient_in_forward
         model = type("ModelConfig", (), {"hidden_size": 64, "vocab_size": vocab})
         notes: list[str] = []
         if switch is True:
@@ -192,8 +238,11 @@ def test_fp8_needs_a_width_and_vocabulary_in_multiples_of_16() -> None:
             continue
         kept = _kernels_for_fp8_shapes(choice, config, model, notes.append)
         assert kept.fp8_lm_head == (vocab == 128)
+        assert kept.logits_gradient_in_forward == (triton and vocab == 120)
         assert notes == ([] if vocab == 128 else ["kernels.fp8_lm_head: not used (needs multiples of 16, got "
-                                                  "vocabulary 120)"])
+                                                  "vocabulary 120)"] + (["kernels.logits_gradient_in_forward: used "
+                                                                         "after all (the FP8 output layer is not)"]
+                                                                        if triton else []))
 
 
 def _head_problem(tokens: int = 96, width: int = 64, vocab: int = 160) -> tuple[torch.Tensor, ...]:
@@ -221,6 +270,54 @@ def _scaled_mm_as_cuda_checks_it(real: object) -> object:
     return checked
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_loss_gradient_made_in_the_forward_is_the_plain_loss_gradient(autocast: bool) -> None:
+    """``HeadCrossEntropy`` against ``F.cross_entropy(F.linear(...).float())``, eager and compiled, with the
+    incoming gradient applied: the loss within 1e-6 of it, both gradients within 1e-6 of the largest in fp32 (the
+    same sums in another order) and within 1 % under bf16 autocast (the logits' gradient is rounded to bf16 from
+    an fp32 value computed another way, and before the ``grad / tokens`` factor rather than after it). A missing
+    scale, a transposed weight gradient or a gradient taken before the overwrite would be off by far more."""
+    for tokens in (96, 64):
+        hidden, weight, labels = _head_problem(tokens)
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            plain = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight).float(), labels)
+        expected = (plain, *torch.autograd.grad(0.5 * plain, (hidden, weight)))
+        for head in (HeadCrossEntropy.apply, torch.compile(HeadCrossEntropy.apply, backend="aot_eager")):
+            with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                loss = head(hidden, weight, labels)
+            ours = (loss, *torch.autograd.grad(0.5 * loss, (hidden, weight)))
+            assert [value.dtype for value in ours] == [torch.float32] * 3
+            for value, reference in zip(ours, expected):
+                bound = 1e-2 if autocast and value is not loss else 1e-6
+                assert ((value - reference).abs().max() / reference.abs().max()).item() < bound
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel needs a CUDA GPU (none on CI)")
+def test_the_triton_kernel_gives_the_torch_arithmetic() -> None:
+    """On a GPU, ``cross_entropy_rows_``'s Triton kernel against its torch form on the same bf16 logits (rows of
+    a vocabulary that is no multiple of its block, and one shorter than a block): the losses within 1e-5, the
+    gradient within one bf16 rounding. Then ``HeadCrossEntropy`` compiled by Inductor under bf16 autocast (the
+    operator's in-place write kept in place or not) against the plain loss, as on the CPU."""
+    torch.manual_seed(0)
+    for vocab in (50304, 1000):
+        logits = (torch.randn(300, vocab, device="cuda") * 3).to(torch.bfloat16)
+        labels = torch.randint(0, vocab, (300,), device="cuda")
+        gradient, reference = logits.clone(), logits.cpu()
+        loss = cross_entropy_rows_(gradient, labels)
+        expected = cross_entropy_rows_(reference, labels.cpu())
+        assert torch.allclose(loss.cpu(), expected, rtol=1e-5, atol=1e-5)
+        assert (gradient.float().cpu() - reference.float()).abs().max().item() <= 2**-8
+    hidden, weight, labels = (tensor.cuda() for tensor in _head_problem(4096, 256, 8192))
+    hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    with torch.autocast("cuda", torch.bfloat16):
+        plain = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight).float(), labels)
+        ours = torch.compile(HeadCrossEntropy.apply)(hidden, weight, labels)
+    assert ours.item() == pytest.approx(plain.item(), rel=1e-5)
+    expected_grads = torch.autograd.grad(plain, (hidden, weight))
+    for grad, expected in zip(torch.autograd.grad(ours, (hidden, weight)), expected_grads):
+        assert ((grad - expected).abs().max() / expected.abs().max()).item() < 1e-2
+
+
 @pytest.mark.parametrize("tokens, dtype", [(96, torch.float32), (40, torch.float32), (96, torch.bfloat16)])
 def test_fp8_head_is_within_fp8_rounding_of_the_fp32_loss(monkeypatch, tokens: int, dtype: torch.dtype) -> None:
     """The FP8 output layer (real ``torch._scaled_mm``, here its CPU implementation, with CUDA's layout and size
@@ -244,8 +341,9 @@ def test_fp8_head_is_within_fp8_rounding_of_the_fp32_loss(monkeypatch, tokens: i
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_the_loss_module_trains_every_parameter_through_each_output_layer(arch: str) -> None:
     """``CausalLMWithLoss`` on a tiny GPT-2 (input and output embedding tied) and a tiny Llama (untied): through
-    the model's own output layer it gives the stock loss on transformers' logits; the FP8 output layer gives it
-    within 0.5 %, a finite gradient for every parameter, and the output weight's within 10 % in norm."""
+    the model's own output layer it gives the stock loss on transformers' logits, with the loss's gradient made in
+    the forward the same gradients (and, without gradients, the plain loss); the FP8 output layer gives it within
+    0.5 %, a finite gradient for every parameter, and the output weight's within 10 % in norm."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -264,6 +362,13 @@ def test_the_loss_module_trains_every_parameter_through_each_output_layer(arch: 
     plain_loss = plain(inputs, labels)
     assert plain_loss.item() == pytest.approx(expected.item(), rel=1e-5)
     plain_grads = torch.autograd.grad(plain_loss, list(lm.parameters()))
+    early = CausalLMWithLoss(lm, False, logits_gradient_in_forward=True)
+    early_loss = early(inputs, labels)
+    assert early_loss.grad_fn.name() == "HeadCrossEntropyBackward"
+    for grad, plain_grad in zip(torch.autograd.grad(early_loss, list(lm.parameters())), plain_grads):
+        assert torch.allclose(grad, plain_grad, rtol=1e-4, atol=1e-7)
+    with torch.no_grad():  # evaluation: nothing to differentiate, the plain loss
+        assert early(inputs, labels).item() == pytest.approx(plain_loss.item(), rel=1e-6)
     fp8_loss = fp8(inputs, labels)
     fp8_grads = torch.autograd.grad(fp8_loss, list(lm.parameters()))  # raises if a parameter got no gradient
     assert fp8_loss.item() == pytest.approx(plain_loss.item(), rel=5e-3)
