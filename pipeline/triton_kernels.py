@@ -6,6 +6,7 @@ form of the same arithmetic on a GPU (``tests/test_kernels.py``, skipped without
 import torch
 import triton
 import triton.language as tl
+from torch import library
 
 BLOCK = 4096
 """Logits read per iteration of a row: at GPT-2 124M's shape on an H200 (65,536 rows of 50,304) with 8 warps the
@@ -40,7 +41,7 @@ def _cross_entropy_rows_kernel(logits_ptr, labels_ptr, loss_ptr, stride, vocab, 
         tl.store(row_ptr + cols, gradient.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
-@torch.library.custom_op("curriculum_pretrain::cross_entropy_rows_", mutates_args=("logits",), device_types="cuda")
+@library.custom_op("curriculum_pretrain::cross_entropy_rows_", mutates_args=("logits",), device_types="cuda")
 def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Each row's cross-entropy in fp32; ``logits`` is overwritten with ``softmax - one_hot``. Every label must be
     in ``[0, vocabulary)`` (not checked on the GPU: the pipeline's always are, it has no ignored positions)."""
