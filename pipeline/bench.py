@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cap this process's GPU memory (e.g. 0.17 of a 141 GB H200 = a 24 GB card)")
     parser.add_argument("--output", default=None, help="JSON path (default runs/<name>-bench.json)")
     parser.add_argument("--profile", action="store_true",
-                        help="also profile one step of the longest stage: GPU time by kernel kind (torch.profiler)")
+                        help="also profile one step of the longest stage: GPU time by kernel kind and the time "
+                             "no kernel runs (torch.profiler)")
     parser.add_argument("--from-train", default=None, metavar="RUN_DIR",
                         help="report the figures of a train run directory instead of measuring")
     parser.add_argument("--against", default=None, metavar="BENCH_JSON|RUN_DIR",
@@ -139,9 +140,11 @@ def bench(config: Any, args: argparse.Namespace) -> int:
         stage = first_stage_per_shape(schedule)[-1]  # the longest stage: the one a run spends most time in
         engine.enter_stage(stage)
         profile = profile_step(lambda: engine.train_step(loader.load(stage, 0, 0)), device)
-        log(f"profile of one step at seq_len {stage.seq_len} (GPU time by kernel kind): " +
-            ", ".join(f"{kind} {ms:.1f} ms ({100 * ms / profile['total_ms']:.0f} %)"
-                      for kind, ms in profile["by_kind_ms"].items()))
+        log(f"profile of one step at seq_len {stage.seq_len} (GPU time by kernel kind): "
+            + ", ".join(f"{kind} {ms:.1f} ms ({100 * ms / profile['total_ms']:.0f} %)"
+                        for kind, ms in profile["by_kind_ms"].items())
+            + (f"; no kernel running for {profile['idle_ms']:.1f} of the kernels' {profile['span_ms']:.1f} ms"
+               if profile["span_ms"] else ""))
     loader.close()
     report = {
         "config": config.name, "device": device_name(device), "world_size": processes.world_size,
@@ -265,8 +268,27 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, keys in KERNEL_KINDS if any(k in lowered for k in keys)), "other elementwise")
 
 
+def idle_time(intervals: list[tuple[float, float]]) -> tuple[float, float]:
+    """``(span, idle)`` of kernels' ``(start, end)`` times: from the first start to the last end, and the part of
+    it in which no kernel ran (overlapping kernels count once)."""
+    if not intervals:
+        return 0.0, 0.0
+    ordered = sorted(intervals)
+    busy, (run_start, run_end) = 0.0, ordered[0]
+    for start, end in ordered[1:]:
+        if start > run_end:  # a gap: close the run of overlapping kernels
+            busy += run_end - run_start
+            run_start = start
+        run_end = max(run_end, end)
+    busy += run_end - run_start
+    span = run_end - ordered[0][0]
+    return span, span - busy
+
+
 def profile_step(step: Callable[[], Any], device: Any) -> dict[str, Any]:
-    """GPU time of one training step by kernel kind, and the 15 kernels that take longest (torch.profiler)."""
+    """GPU time of one training step by kernel kind, the 15 kernels that take longest, and the time within the
+    step's span of kernels in which the GPU ran none (torch.profiler). ``step`` reads its own batch (not one step
+    ahead, as ``train`` does): the batch's copy to the GPU is in the span."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -279,7 +301,8 @@ def profile_step(step: Callable[[], Any], device: Any) -> dict[str, Any]:
     for event in kernels:
         by_kind[kernel_kind(event.name)] = by_kind.get(kernel_kind(event.name), 0.0) + event.device_time / 1000
         top[event.name] = top.get(event.name, 0.0) + event.device_time / 1000
-    return {"total_ms": sum(by_kind.values()),
+    span_us, idle_us = idle_time([(event.time_range.start, event.time_range.end) for event in kernels])
+    return {"total_ms": sum(by_kind.values()), "span_ms": span_us / 1000, "idle_ms": idle_us / 1000,
             "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
             "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:15])}
 

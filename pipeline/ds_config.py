@@ -5,7 +5,8 @@ batch sizes, gradient clipping, precision and the optimizer, so those keys may n
 overrides. Batch and clip are set for the first stage here and changed by the training loop at stage boundaries.
 What DeepSpeed would reject only when the engine starts is an error here: a template that is not a UTF-8 JSON
 object (or gives a key twice, or ``NaN``), a section that is not a mapping, an unknown offload device, a ZeRO stage
-other than 0-2, a non-finite number in the overrides.
+other than 0-3, a non-finite number in the overrides. DeepSpeed's throughput timer, which synchronises the device
+at every micro-batch, is off unless the template or the overrides set it up (``timers.throughput``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ SECTIONS: dict[str, str] = {
     "wandb": "{enabled: true}",
     "csv_monitor": "{enabled: true}",
     "aio": "{block_size: 1048576}",
+    "timers": "{throughput: {enabled: false}}",
+    "timers.throughput": "{enabled: false}",
 }
 """DeepSpeed settings that must be mappings (DeepSpeed fails on anything else when the engine starts), with an
 example of each for the error message."""
@@ -141,6 +144,18 @@ def derive_ds_config(config: Config, schedule: Schedule, precision: Precision) -
         if isinstance(zero_override, dict) and "stage" in zero_override:
             raise ConfigError("deepspeed.overrides.zero_optimization.stage", zero_stage, allowed)
         raise ConfigError("deepspeed.template", template, f"sets zero_optimization.stage = {zero_stage!r}; {allowed}")
+    for key in ("enabled", "synchronized"):
+        value = _get(ds, f"timers.throughput.{key}")
+        if value is not _ABSENT and not isinstance(value, bool):
+            if _get(config.deepspeed.overrides, f"timers.throughput.{key}") is not _ABSENT:
+                raise ConfigError(f"deepspeed.overrides.timers.throughput.{key}", value, "must be true or false")
+            raise ConfigError("deepspeed.template", template,
+                              f"sets timers.throughput.{key} = {value!r}; it must be true or false")
+    if _get(ds, "timers.throughput.enabled") is _ABSENT and _get(ds, "timers.throughput.synchronized") is _ABSENT:
+        # DeepSpeed's throughput timer is on by default and synchronises the device at every micro-batch's forward
+        # and step (4 waits a step at 2 micro-batches): the CPU could not queue the next micro-batch while the GPU
+        # runs this one. The loop times its steps itself; a template or override may still set the timer up.
+        ds.setdefault("timers", {}).setdefault("throughput", {})["enabled"] = False
     first = schedule.stages[0]
     ds.update({
         # e.g. 32 micro x 1 accum x 1 rank = 32 sequences per step in the tiny recipe's first stage

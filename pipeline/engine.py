@@ -10,12 +10,13 @@ One training step (``Engine.train_step``), the same wherever it runs:
 3. the caller decides (``decide``, the spike guard): apply the update (``engine.step()`` at the accumulation
    boundary) or drop the gradients.
 
-With ``run.precision: bf16-autocast`` (the default on GPUs) and ZeRO stage 0 nothing else waits for the GPU: the
-gradient norm is computed on the device before the update and read with the loss, the gradients are clipped with it
-in one fused multiply (DeepSpeed's own fp32 clip, parameter by parameter, is switched off), and DeepSpeed steps the
-optimizer directly; with one rank it skips its gradient all-reduce. DeepSpeed's bf16 mode and ZeRO read their
-overflow flags and gradient norms on the host inside ``engine.step()``; the loop then reads the norm they computed
-after the update. With CUDA graphs, accumulated gradients live in buffers of their own (``_give_gradients_buffers``).
+With ``run.precision: bf16-autocast`` (the default on GPUs) and ZeRO stage 0 nothing else waits for the GPU (nor
+does DeepSpeed's throughput timer, which is off): the gradient norm is computed on the device before the update and
+read with the loss, the gradients are clipped with it in one fused multiply (DeepSpeed's own fp32 clip, parameter by
+parameter, is switched off), and DeepSpeed steps the optimizer directly; with one rank it skips its gradient
+all-reduce. DeepSpeed's bf16 mode and ZeRO read their overflow flags and gradient norms on the host inside
+``engine.step()``; the loop then reads the norm they computed after the update. With CUDA graphs, accumulated
+gradients live in buffers of their own (``_give_gradients_buffers``).
 
 Compilation (``kernels.compile``): ``torch.compile`` takes the model and its loss (or the decoder body when the loss
 is fused). With ``kernels.dynamic_shapes`` the training batches' stage-varying sizes are marked dynamic, so one graph
@@ -45,6 +46,10 @@ pin and that each exists on a real engine.
 - the ``torch_autocast`` config section (written by ``pipeline/ds_config.py`` for ``run.precision: bf16-autocast``;
   the engine reads it as ``_config.torch_autocast_enabled``): bf16 matmuls under fp32 weights, with DeepSpeed
   stepping the optimizer directly.
+- the ``timers.throughput`` config section (written by ``pipeline/ds_config.py``: ``enabled: false`` unless the
+  template or overrides set it up): DeepSpeed's throughput timer is on by default and calls its accelerator's
+  ``synchronize()`` at every micro-batch's forward and step, which would stop the CPU queueing the next
+  micro-batch while the GPU runs this one.
 - ``engine._config.load_universal_checkpoint`` (``loading_universal``): whether a load reads a universal
   checkpoint, read at every ``load_checkpoint``; on for the one load of a resume on another world size
   (``pipeline/checkpoint.py`` converts with ``deepspeed.checkpoint.ds_to_universal``).

@@ -448,4 +448,15 @@ curriculum:
         assert row["mfu"] is None and "baseline" not in row
         assert row["peak_memory_gib"] is None and row["peak_reserved_gib"] is None
     assert report["time_to_first_step_s"] > 0 and report["stage_switch_cost_s"] >= 0
-    assert report["profile"]["by_kind_ms"] == {}  # the profiler sees GPU kernels only, and there is no GPU here
+    # the profiler sees GPU kernels only, and there is no GPU here
+    assert (report["profile"]["by_kind_ms"], report["profile"]["idle_ms"]) == ({}, 0.0)
+
+
+def test_idle_time_counts_the_gaps_between_kernels_once() -> None:
+    """A kernel that overlaps another (a second stream) adds no busy time twice; a gap is idle; a kernel inside a
+    longer one ends nothing."""
+    from pipeline.bench import idle_time
+
+    assert idle_time([]) == (0.0, 0.0)
+    assert idle_time([(5.0, 6.0), (0.0, 2.0), (1.0, 3.0)]) == (6.0, 2.0)
+    assert idle_time([(0.0, 10.0), (2.0, 3.0), (12.0, 13.0)]) == (13.0, 2.0)

@@ -162,6 +162,19 @@ def test_ds_config_bf16_follows_run_precision(precision: str, flag: list[str], e
     assert ds.get("torch_autocast") == ({"enabled": True, "dtype": "bfloat16"} if autocast else None)
 
 
+@pytest.mark.parametrize(("settings", "timers"), [
+    ([], {"throughput": {"enabled": False}}),
+    (["deepspeed.overrides.timers.throughput.enabled=true"], {"throughput": {"enabled": True}}),
+    (["deepspeed.overrides.timers.throughput.synchronized=false"], {"throughput": {"synchronized": False}}),
+])
+def test_deepspeeds_throughput_timer_is_off_unless_set_up(settings: list[str], timers: dict) -> None:
+    """The timer synchronises the device at every micro-batch: off by default; a user who sets it up (on, or
+    timed without synchronising) gets what they wrote."""
+    result = run_cli(["ds-config", "--config", "tiny-cpu", *(arg for s in settings for arg in ("--set", s))])
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["timers"] == timers
+
+
 # --------------------------------------------------------------------------------------------------- no torch
 
 
