@@ -256,14 +256,14 @@ def cross_entropy_rows_(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 class HeadCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``hidden [tokens, d] @ weight[vocab, d].T``, the output layer's matmuls in the autocast
     dtype (the inputs' dtype without autocast) and the loss from those logits in fp32, as
-    ``F.cross_entropy(F.linear(hidden, weight).float(), labels)`` computes it, in another order: the loss's
-    gradient with respect to the logits, ``softmax - one_hot``, is made in the forward, while the logits are read
-    for the loss, and written over them (``cross_entropy_rows_``); the backward's matmuls read it and scale their
-    outputs by ``grad / tokens`` (the same arithmetic up to rounding). Compiled, the plain loss takes two kernels
-    (the forward reads the logits, the backward reads them again and writes their gradient): at GPT-2 124M's shape
-    on an H200 (65,536 tokens, 50,304-way vocabulary) 8.1 ms against the Triton kernel's 5.05 ms (4.80 ms at the 16
-    warps it now runs with), the output layer and its loss 30.6 ms against 27.6 ms at the same peak memory
-    (docs/BENCHMARKS.md, "The loss's gradient in the forward")."""
+    ``F.cross_entropy(F.linear(hidden, weight).float(), labels)`` computes it, in another order: the loss's gradient
+    with respect to the logits, ``softmax - one_hot``, is made in the forward, while the logits are read for the loss,
+    and written over them (``cross_entropy_rows_``); the backward's matmuls read it and scale their outputs by
+    ``grad / tokens`` (the same arithmetic up to rounding). Compiled, the plain loss takes two kernels (the forward
+    reads the logits, the backward reads them again and writes their gradient): at GPT-2 124M's shape on an H200
+    (65,536 tokens, 50,304-way vocabulary) 8.1 ms against the Triton kernel's 5.05 ms (then at 8 warps; at the 16 it
+    now runs 4.80 against 5.09 ms in a later run), the output layer and its loss 30.6 ms against 27.6 ms at the same
+    peak memory (docs/BENCHMARKS.md, "The loss's gradient in the forward")."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """The DeepSpeed pin in setup.py, and the DeepSpeed internals ``pipeline/engine.py`` depends on (its docstring lists
 them), on real engines: each exists and takes the values the engine writes.
 
-Five engines on the CPU, built in one process of their own (gloo, one rank) by the project's ``build_engine`` from
-``derive_ds_config``: fp32 (ZeRO stage 0), ZeRO stages 2 and 3, DeepSpeed's bf16 mode, and fp32 under bf16 autocast. Each
-enters a stage with clip 0.5 and trains three steps of two micro-batches (10-30 s in all on 2 cores).
+Six engines on the CPU, built in one process of their own (gloo, one rank) by the project's ``build_engine`` from
+``derive_ds_config``: fp32 (ZeRO stage 0), ZeRO stages 2 and 3, DeepSpeed's bf16 mode, fp32 under bf16 autocast, and
+fp32 with DeepSpeed's throughput timer turned on in the overrides. Each enters a stage with clip 0.5 and trains three
+steps of two micro-batches (10-30 s in all on 2 cores).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ accelerator.synchronize = lambda *args, **kwargs: device_syncs.append(1)
 
 configs = {}
 for label, precision, zero_stage in [("fp32", "fp32", 0), ("zero2", "fp32", 2), ("zero3", "fp32", 3),
-                                     ("bf16", "bf16", 0), ("bf16-autocast", "bf16-autocast", 0)]:
+                                     ("bf16", "bf16", 0), ("bf16-autocast", "bf16-autocast", 0),
+                                     ("fp32-timer-on", "fp32", 0)]:
     configs[label] = precision, validate_config({
         "model": {"arch": "llama", "preset": "tiny", "overrides": {
             "num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
@@ -50,7 +52,10 @@ for label, precision, zero_stage in [("fp32", "fp32", 0), ("zero2", "fp32", 2), 
                                    "grad_clip": 0.5}]},
         # ZeRO-3: every parameter partitioned, however small (by default those under 100K elements are not)
         "deepspeed": {"overrides": {"zero_optimization": {"stage": zero_stage} if zero_stage < 3 else
-                                    {"stage": 3, "stage3_param_persistence_threshold": 0}}},
+                                    {"stage": 3, "stage3_param_persistence_threshold": 0},
+                                    # the others get the derived config's timer setting
+                                    **({"timers": {"throughput": {"enabled": True}}} if label == "fp32-timer-on"
+                                       else {})}},
         "kernels": {"compile": False}})
 processes = init_processes(configs["fp32"][1])
 found = {}
@@ -145,11 +150,13 @@ def test_zero3_leaves_placeholders_in_the_module_after_a_step(engines: dict[str,
 
 
 def test_deepspeed_never_synchronises_the_device_in_a_step(engines: dict[str, dict[str, Any]]) -> None:
-    """DeepSpeed never calls its accelerator's ``synchronize()`` in a step: its throughput timer, on by default,
-    would from the third step on, at every micro-batch's forward and step (4 times a step here), and the CPU could
-    not queue the next micro-batch while the device runs this one. (Host reads of values, such as the loop's one
-    ``.tolist()`` or the bf16 and ZeRO optimizers' overflow checks, are not counted here.)"""
-    assert {label: found["device_syncs"] for label, found in engines.items()} == dict.fromkeys(engines, 0)
+    """With the derived config DeepSpeed never calls its accelerator's ``synchronize()`` in a step (on the CPU, with
+    the default template): its throughput timer, on by default, would from the third step on, at every micro-batch's
+    forward and step, and the CPU could not queue the next micro-batch while the device runs this one; the engine
+    whose overrides turn the timer on shows it, 4 times in its third step. (Host reads of values, such as the loop's
+    one ``.tolist()`` or the bf16 and ZeRO optimizers' overflow checks, are not counted here.)"""
+    assert {label: found["device_syncs"] for label, found in engines.items()} == {
+        **dict.fromkeys(engines, 0), "fp32-timer-on": 4}
 
 
 def test_one_rank_without_zero_skips_the_gradient_all_reduce(engines: dict[str, dict[str, Any]]) -> None:
