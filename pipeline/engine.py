@@ -582,14 +582,19 @@ def build_engine(config: Config, schedule: Schedule, ds_config: dict[str, Any], 
     import deepspeed
 
     from pipeline.ds_config import cpu_offload, zero_stage
-    from pipeline.kernels import CausalLMWithLoss, choose_kernels, patch_model_classes, swap_apex_norms
-    from pipeline.model import build_model
+    from pipeline.kernels import (CausalLMWithLoss, choose_kernels, fp8_shape_problem, patch_model_classes,
+                                  swap_apex_norms)
+    from pipeline.model import build_model, model_config_dict
 
     device, log = processes.device, processes.log
     on_cuda = device.type == "cuda"
+    vocab_size, eot_id = manifest["tokenizer"]["vocab_size"], manifest["tokenizer"]["eot_id"]
+    fields = model_config_dict(config.model, vocab_size, schedule.max_seq_len, eot_id)  # GPT-2 names its width n_embd
     choice = choose_kernels(config.kernels, config.model.arch, on_cuda,  # ROCm's FP8 types differ: not verified
                             fp8_matmuls=on_cuda and torch.version.hip is None
-                            and torch.cuda.get_device_capability(device) >= (8, 9))
+                            and torch.cuda.get_device_capability(device) >= (8, 9),
+                            fp8_shapes=fp8_shape_problem(fields.get("n_embd", fields.get("hidden_size")),
+                                                         fields["vocab_size"]))
     for note in choice.notes:
         log(note)
     zero3 = zero_stage(ds_config) == 3
@@ -600,12 +605,9 @@ def build_engine(config: Config, schedule: Schedule, ds_config: dict[str, Any], 
     # built where it trains (a 124M model's initialisation took 1.6 s on the host); ZeRO-3 partitions a model that
     # may not fit on one device, so it starts on the host
     with torch.device("cpu" if zero3 else device):
-        model = build_model(config.model, manifest["tokenizer"]["vocab_size"], schedule.max_seq_len,
-                            manifest["tokenizer"]["eot_id"])
+        model = build_model(config.model, vocab_size, schedule.max_seq_len, eot_id)
     if choice.apex:
         log(f"kernels.apex: {swap_apex_norms(model)} norm layers replaced by apex fused ones")
-    if choice.fp8_lm_head:
-        choice = _kernels_for_fp8_shapes(choice, config, model.config, log)
     module = CausalLMWithLoss(model, fused_cross_entropy=choice.fused_cross_entropy, fp8_lm_head=choice.fp8_lm_head,
                               logits_gradient_in_forward=choice.logits_gradient_in_forward)
     optimizer, optimizer_name = _build_optimizer(module, config, choice.fused_adam, cpu_offload(ds_config))
@@ -634,25 +636,6 @@ def build_engine(config: Config, schedule: Schedule, ds_config: dict[str, Any], 
         part = module.compiled_part
         part.forward = compile_forward(part.forward, monitor.backend, dynamic=bool(dynamic_dims))
     return Engine(ds_engine, model, optimizer_name, choice, precision, processes, monitor, dynamic_dims)
-
-
-def _kernels_for_fp8_shapes(choice: KernelChoice, config: Config, model_config: Any,
-                            log: Callable[[str], None]) -> KernelChoice:
-    """The FP8 output layer where the model's width and vocabulary fit its matmuls; ``auto`` turns it off with a
-    note where they do not (and ``logits_gradient_in_forward``, which stepped aside for it, back on where it can
-    run), ``true`` is an error."""
-    from pipeline.kernels import fp8_shape_problem, importable
-
-    problem = fp8_shape_problem(model_config.hidden_size, model_config.vocab_size)
-    if problem is None:
-        return choice
-    if config.kernels.fp8_lm_head is True:
-        raise ConfigError("kernels.fp8_lm_head", True, f"{problem}; set it to auto or false")
-    log(f"kernels.fp8_lm_head: not used ({problem})")
-    logits_gradient = config.kernels.logits_gradient_in_forward is not False and importable("triton")
-    if logits_gradient:
-        log("kernels.logits_gradient_in_forward: used after all (the FP8 output layer is not)")
-    return dataclasses.replace(choice, fp8_lm_head=False, logits_gradient_in_forward=logits_gradient)
 
 
 def _kernels_for_zero3(choice: KernelChoice, config: Config, log: Callable[[str], None]) -> KernelChoice:

@@ -68,9 +68,10 @@ def importable(module: str) -> bool:
 
 
 def choose_kernels(config: KernelsConfig, arch: str, on_cuda: bool,
-                   is_importable: Callable[[str], bool] = importable, fp8_matmuls: bool = False) -> KernelChoice:
+                   is_importable: Callable[[str], bool] = importable, fp8_matmuls: bool = False,
+                   fp8_shapes: Optional[str] = None) -> KernelChoice:
     """Resolve the switches for this machine and model architecture (``fp8_matmuls``: the GPU has FP8 tensor
-    cores)."""
+    cores; ``fp8_shapes``: why the model's width and vocabulary do not fit them, ``fp8_shape_problem``)."""
     notes: list[str] = []
 
     def pick(name: str, switch: Union[str, bool], missing: Optional[str]) -> bool:
@@ -96,7 +97,9 @@ def choose_kernels(config: KernelsConfig, arch: str, on_cuda: bool,
                     else "its fused norms break torch.compile's graph; Inductor fuses norms itself"
                     if config.compile is not False and config.apex == "auto" else None)
     apex = pick("apex", config.apex, apex_missing)
-    fp8_asked = config.fp8_lm_head is True and fp8_matmuls
+    no_fp8 = "needs an NVIDIA GPU with FP8 tensor cores (compute capability 8.9 or newer)" if not fp8_matmuls \
+        else fp8_shapes
+    fp8_asked = config.fp8_lm_head is True and no_fp8 is None
     if fp8_asked and config.fused_cross_entropy is True:
         raise ConfigError("kernels.fp8_lm_head", True, "computes the loss itself; set kernels.fused_cross_entropy "
                                                        "to false")
@@ -104,8 +107,7 @@ def choose_kernels(config: KernelsConfig, arch: str, on_cuda: bool,
                     "needs CUDA" if not on_cuda else no_liger if not is_importable("liger_kernel")
                     else "kernels.fp8_lm_head computes the loss" if fp8_asked else None)
     fp8_lm_head = pick("fp8_lm_head", config.fp8_lm_head,
-                       "needs an NVIDIA GPU with FP8 tensor cores (compute capability 8.9 or newer)"
-                       if not fp8_matmuls else "kernels.fused_cross_entropy computes the loss" if fused_ce else None)
+                       no_fp8 or ("kernels.fused_cross_entropy computes the loss" if fused_ce else None))
     logits_gradient = (on_cuda or config.logits_gradient_in_forward is True) and pick(  # auto: on CUDA only
         "logits_gradient_in_forward", config.logits_gradient_in_forward,
         "kernels.fused_cross_entropy computes the loss" if fused_ce else "kernels.fp8_lm_head computes the loss"

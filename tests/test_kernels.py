@@ -10,8 +10,8 @@ from conftest import make_config
 from curriculum.config import KernelsConfig
 from curriculum.errors import ConfigError
 from curriculum.schedule import build_schedule
-from pipeline.kernels import (CausalLMWithLoss, FP8HeadCrossEntropy, HeadCrossEntropy, choose_kernels,
-                              cross_entropy_rows_, fp8_shape_problem, importable)
+from pipeline.kernels import (CausalLMWithLoss, FP8HeadCrossEntropy, HeadCrossEntropy, KernelChoice,
+                              choose_kernels, cross_entropy_rows_, fp8_shape_problem, importable)
 
 
 def everything_importable(module: str) -> bool:
@@ -213,36 +213,26 @@ def test_the_loss_gradient_in_the_forward_is_on_by_default_on_cuda_beside_the_pl
 
 
 @pytest.mark.parametrize("triton", [False, True])
-def test_fp8_needs_a_width_and_vocabulary_in_multiples_of_16(monkeypatch, triton: bool) -> None:
+def test_fp8_needs_a_width_and_vocabulary_in_multiples_of_16(triton: bool) -> None:
     """The FP8 matmuls' fixed dimensions: GPT-2 124M's width and padded vocabulary pass; an odd one is named.
-    ``auto`` drops the FP8 layer with a note, and turns ``logits_gradient_in_forward`` (which had stepped aside
-    for it) back on where Triton is, saying so; ``true`` is an error naming the size and the way out."""
-    import pipeline.kernels
-    from pipeline.engine import _kernels_for_fp8_shapes
-
-    monkeypatch.setattr(pipeline.kernels, "importable", lambda module: triton or module != "triton")
+    ``auto`` drops the FP8 layer with a note, and ``logits_gradient_in_forward`` (which steps aside for an FP8
+    layer) runs where Triton is; ``true`` is an error naming the size."""
     assert fp8_shape_problem(768, 50304) is None
     assert fp8_shape_problem(760, 50257) == "needs multiples of 16, got hidden size 760 and vocabulary 50257"
-    stages = [{"until_step": 4, "seq_len": 24, "global_batch": 8}]
-    for switch, vocab in (("auto", 128), ("auto", 120), (True, 120)):
-        config = make_config({"stages": stages}, kernels={"fp8_lm_head": switch})
-        choice = choose_kernels(config.kernels, "gpt2", on_cuda=True, fp8_matmuls=True,
-                                is_importable=everything_importable)
-        assert not choice.logits_gradient_in_forward
-        model = type("ModelConfig", (), {"hidden_size": 64, "vocab_size": vocab})
-        notes: list[str] = []
-        if switch is True:
-            with pytest.raises(ConfigError, match="kernels.fp8_lm_head = True: needs multiples of 16, got vocabulary "
-                                                  "120; set it to auto or false"):
-                _kernels_for_fp8_shapes(choice, config, model, notes.append)
-            continue
-        kept = _kernels_for_fp8_shapes(choice, config, model, notes.append)
-        assert kept.fp8_lm_head == (vocab == 128)
-        assert kept.logits_gradient_in_forward == (triton and vocab == 120)
-        assert notes == ([] if vocab == 128 else ["kernels.fp8_lm_head: not used (needs multiples of 16, got "
-                                                  "vocabulary 120)"] + (["kernels.logits_gradient_in_forward: used "
-                                                                         "after all (the FP8 output layer is not)"]
-                                                                        if triton else []))
+
+    def choose(switch: object, vocab: int) -> KernelChoice:
+        return choose_kernels(KernelsConfig(fp8_lm_head=switch), "gpt2", on_cuda=True, fp8_matmuls=True,
+                              fp8_shapes=fp8_shape_problem(64, vocab),
+                              is_importable=lambda module: triton or module != "triton")
+
+    with pytest.raises(ConfigError, match="kernels.fp8_lm_head = True: required but unavailable: needs multiples of "
+                                          "16, got vocabulary 120"):
+        choose(True, 120)
+    fits, odd = choose("auto", 128), choose("auto", 120)
+    assert (fits.fp8_lm_head, fits.logits_gradient_in_forward) == (True, False)
+    assert (odd.fp8_lm_head, odd.logits_gradient_in_forward) == (False, triton)
+    assert "kernels.fp8_lm_head: not used (needs multiples of 16, got vocabulary 120)" in odd.notes
+    assert not any(note.startswith("kernels.fp8_lm_head") for note in fits.notes)
 
 
 def _head_problem(tokens: int = 96, width: int = 64, vocab: int = 160) -> tuple[torch.Tensor, ...]:
