@@ -584,17 +584,16 @@ def build_engine(config: Config, schedule: Schedule, ds_config: dict[str, Any], 
     from pipeline.ds_config import cpu_offload, zero_stage
     from pipeline.kernels import (CausalLMWithLoss, choose_kernels, fp8_shape_problem, patch_model_classes,
                                   swap_apex_norms)
-    from pipeline.model import build_model, model_config_dict
+    from pipeline.model import WIDTH_FIELD, build_model, model_config_dict
 
     device, log = processes.device, processes.log
     on_cuda = device.type == "cuda"
     vocab_size, eot_id = manifest["tokenizer"]["vocab_size"], manifest["tokenizer"]["eot_id"]
-    fields = model_config_dict(config.model, vocab_size, schedule.max_seq_len, eot_id)  # GPT-2 names its width n_embd
+    fields = model_config_dict(config.model, vocab_size, schedule.max_seq_len, eot_id)
     choice = choose_kernels(config.kernels, config.model.arch, on_cuda,  # ROCm's FP8 types differ: not verified
                             fp8_matmuls=on_cuda and torch.version.hip is None
                             and torch.cuda.get_device_capability(device) >= (8, 9),
-                            fp8_shapes=fp8_shape_problem(fields.get("n_embd", fields.get("hidden_size")),
-                                                         fields["vocab_size"]))
+                            fp8_shapes=fp8_shape_problem(fields[WIDTH_FIELD[config.model.arch]], fields["vocab_size"]))
     for note in choice.notes:
         log(note)
     zero3 = zero_stage(ds_config) == 3

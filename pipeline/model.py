@@ -36,6 +36,9 @@ GPT2_ALIASES: dict[str, str] = {"hidden_size": "n_embd", "num_hidden_layers": "n
                                 "num_attention_heads": "n_head", "max_position_embeddings": "n_positions"}
 
 
+WIDTH_FIELD: dict[str, str] = {"llama": "hidden_size", "gpt2": "n_embd"}
+"""The transformers config field that holds the model's width, by architecture."""
+
 MAX_MODEL_SIZE = 2**24
 """Largest size an override may give (width, depth, heads, vocabulary, positions): 16,777,216."""
 
@@ -136,7 +139,7 @@ def _check_heads(model: ModelConfig, fields: dict[str, Any], given: dict[str, st
     """Attention heads that split the width evenly, grouped KV heads that divide the heads, and (Llama) an even
     head size for RoPE's rotation: transformers would fail on these only when the model is built or run."""
     llama = model.arch == "llama"
-    hidden_field, heads_field = ("hidden_size", "num_attention_heads") if llama else ("n_embd", "n_head")
+    hidden_field, heads_field = WIDTH_FIELD[model.arch], "num_attention_heads" if llama else "n_head"
     hidden, heads = fields[hidden_field], fields[heads_field]
     if hidden % heads:
         if heads_field in given:
