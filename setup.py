@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["curriculum", "curriculum.recipes", "pipeline", "ds_configs"],
-    package_data={"curriculum.recipes": ["*.yaml"], "ds_configs": ["*.json"]},
+    package_data={"curriculum.recipes": ["*.yaml"], "ds_configs": ["*.json"], "pipeline": ["csrc/*.cpp"]},
     install_requires=[
         # install torch first (CPU machines: pip install torch==2.13.0); any 2.x from 2.4 on works
         "torch>=2.4",

@@ -338,6 +338,11 @@ class KernelsConfig(Section):
     538.9-539.7 K tok/s against 527.8 K without it, the same memory (docs/BENCHMARKS.md). ``auto``: on CUDA, where
     Triton is (on a CPU its torch form was slower; ``true`` runs it there); not under ZeRO stage 3; with
     ``fused_cross_entropy`` or ``fp8_lm_head`` those compute the loss."""
+    fused_mlp: Switch = "auto"
+    """GPT-2's MLP with its tanh GELU inside the matmuls, both ways (cuBLASLt epilogues, ``pipeline/gelu_mlp.py``;
+    built on first use, as FusedAdam is): two passes over the 4x-wide activations fewer per layer. ``auto``: on
+    CUDA for ``arch: gpt2`` with ``activation_function`` ``gelu_new`` (GPT-2's) in ``bf16`` or ``bf16-autocast``,
+    when the extension builds; not under ZeRO stage 3."""
     liger: Switch = "auto"
     """Liger Triton kernels inside Llama blocks: RMSNorm, SwiGLU, RoPE. CUDA, ``arch: llama``; in ``auto`` not
     with ``compile`` (they break the graph, and Inductor fuses these operations itself)."""

@@ -582,23 +582,28 @@ def build_engine(config: Config, schedule: Schedule, ds_config: dict[str, Any], 
     import deepspeed
 
     from pipeline.ds_config import cpu_offload, zero_stage
-    from pipeline.kernels import (CausalLMWithLoss, choose_kernels, fp8_shape_problem, patch_model_classes,
-                                  swap_apex_norms)
+    from pipeline.kernels import (CausalLMWithLoss, choose_kernels, fp8_shape_problem, gelu_mlp_problem,
+                                  patch_model_classes, swap_apex_norms)
     from pipeline.model import WIDTH_FIELD, build_model, model_config_dict
 
     device, log = processes.device, processes.log
     on_cuda = device.type == "cuda"
     vocab_size, eot_id = manifest["tokenizer"]["vocab_size"], manifest["tokenizer"]["eot_id"]
     fields = model_config_dict(config.model, vocab_size, schedule.max_seq_len, eot_id)
+    precision: Precision = ("bf16" if ds_config["bf16"]["enabled"]
+                            else "bf16-autocast" if "torch_autocast" in ds_config else "fp32")
     choice = choose_kernels(config.kernels, config.model.arch, on_cuda,  # ROCm's FP8 types differ: not verified
                             fp8_matmuls=on_cuda and torch.version.hip is None
                             and torch.cuda.get_device_capability(device) >= (8, 9),
-                            fp8_shapes=fp8_shape_problem(fields[WIDTH_FIELD[config.model.arch]], fields["vocab_size"]))
+                            fp8_shapes=fp8_shape_problem(fields[WIDTH_FIELD[config.model.arch]], fields["vocab_size"]),
+                            mlp_problem=gelu_mlp_problem(config.model.arch, fields, precision))
     for note in choice.notes:
         log(note)
     zero3 = zero_stage(ds_config) == 3
     if zero3:
         choice = _kernels_for_zero3(choice, config, log)
+    if choice.fused_mlp:
+        choice = _build_gelu_mlp(choice, config, log)
     patch_model_classes(choice)
     torch.manual_seed(config.run.seed)
     # built where it trains (a 124M model's initialisation took 1.6 s on the host); ZeRO-3 partitions a model that
@@ -607,14 +612,16 @@ def build_engine(config: Config, schedule: Schedule, ds_config: dict[str, Any], 
         model = build_model(config.model, vocab_size, schedule.max_seq_len, eot_id)
     if choice.apex:
         log(f"kernels.apex: {swap_apex_norms(model)} norm layers replaced by apex fused ones")
+    if choice.fused_mlp:
+        from pipeline.gelu_mlp import fuse_gelu_mlps
+
+        log(f"kernels.fused_mlp: {fuse_gelu_mlps(model)} MLPs with the GELU in cuBLASLt's matmul epilogues")
     module = CausalLMWithLoss(model, fused_cross_entropy=choice.fused_cross_entropy, fp8_lm_head=choice.fp8_lm_head,
                               logits_gradient_in_forward=choice.logits_gradient_in_forward)
     optimizer, optimizer_name = _build_optimizer(module, config, choice.fused_adam, cpu_offload(ds_config))
     ds_engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
     if processes.world_size == 1 and ds_engine.zero_optimization_stage() == 0:
         ds_engine.enable_backward_allreduce = False  # nothing to average: no flatten, all-reduce, unflatten per step
-    precision: Precision = ("bf16" if ds_config["bf16"]["enabled"]
-                            else "bf16-autocast" if "torch_autocast" in ds_config else "fp32")
     if choice.cuda_graphs and ds_engine.zero_optimization_stage() > 0:
         if config.kernels.cuda_graphs is True:
             raise ConfigError("kernels.cuda_graphs", True, "verified with ZeRO stage 0 only; set it to auto or false")
@@ -637,6 +644,23 @@ def build_engine(config: Config, schedule: Schedule, ds_config: dict[str, Any], 
     return Engine(ds_engine, model, optimizer_name, choice, precision, processes, monitor, dynamic_dims)
 
 
+def _build_gelu_mlp(choice: KernelChoice, config: Config, log: Callable[[str], None]) -> KernelChoice:
+    """Build (or load from torch's extension cache) ``kernels.fused_mlp``'s C++ extension; where it does not build
+    (no compiler, no CUDA headers), ``auto`` goes on without it and says so, ``true`` is an error."""
+    from pipeline.gelu_mlp import extension
+
+    try:
+        extension()
+    except Exception as err:  # a failed build raises RuntimeError, OSError or CalledProcessError, among others
+        last_line = (str(err).strip().splitlines() or [""])[-1]
+        why = f"its cuBLASLt extension did not build: {type(err).__name__}: {last_line}"
+        if config.kernels.fused_mlp is True:
+            raise ConfigError("kernels.fused_mlp", True, f"required but unavailable ({why})") from None
+        log(f"kernels.fused_mlp: not used ({why})")
+        return dataclasses.replace(choice, fused_mlp=False)
+    return choice
+
+
 def _kernels_for_zero3(choice: KernelChoice, config: Config, log: Callable[[str], None]) -> KernelChoice:
     """ZeRO-3 gathers a layer's parameters in hooks around that layer's forward: the fused loss reads the output
     embedding outside its module, and ``torch.compile`` would trace the hooks. Neither is verified with it: ``auto``
@@ -644,6 +668,7 @@ def _kernels_for_zero3(choice: KernelChoice, config: Config, log: Callable[[str]
     for name, why in (("fused_cross_entropy", "it reads the output embedding outside its module"),
                       ("fp8_lm_head", "it reads the output embedding outside its module"),
                       ("logits_gradient_in_forward", "it reads the output embedding outside its module"),
+                      ("fused_mlp", "it reads the MLP's weights outside their modules"),
                       ("compile", "it would trace DeepSpeed's parameter-gathering hooks")):
         if getattr(choice, name):
             if getattr(config.kernels, name) is True:

@@ -17,6 +17,9 @@ Switches (``kernels`` section): ``auto`` uses a kernel where it can run and says
   ``pipeline.triton_kernels``, in place of the two Inductor generates for the loss and its gradient). ``auto``: on
   CUDA (on the CPU its torch form was slower). Not under ZeRO stage 3 (it reads the output embedding outside its
   module).
+- ``fused_mlp``: GPT-2's MLP with its tanh GELU in cuBLASLt's matmul epilogues, forward and backward
+  (``pipeline.gelu_mlp``; a C++ extension built on first use). ``auto``: on CUDA, GPT-2 with ``gelu_new``, bf16.
+  Not under ZeRO stage 3 (it reads the MLP's weights outside their modules).
 - ``liger``: Liger's Triton kernels inside Llama blocks (RMSNorm, SwiGLU, RoPE). Llama only, CUDA only, and not
   under ``compile`` in ``auto`` (they break the graph; Inductor fuses these operations itself).
 - ``apex``: NVIDIA apex's fused RMSNorm / LayerNorm, swapped in when apex is importable (it is not on PyPI); in
@@ -57,6 +60,7 @@ class KernelChoice:
     dynamic_shapes: bool = False
     fp8_lm_head: bool = False
     logits_gradient_in_forward: bool = False
+    fused_mlp: bool = False
 
 
 def importable(module: str) -> bool:
@@ -69,9 +73,10 @@ def importable(module: str) -> bool:
 
 def choose_kernels(config: KernelsConfig, arch: str, on_cuda: bool,
                    is_importable: Callable[[str], bool] = importable, fp8_matmuls: bool = False,
-                   fp8_shapes: Optional[str] = None) -> KernelChoice:
+                   fp8_shapes: Optional[str] = None, mlp_problem: Optional[str] = None) -> KernelChoice:
     """Resolve the switches for this machine and model architecture (``fp8_matmuls``: the GPU has FP8 tensor
-    cores; ``fp8_shapes``: why the model's width and vocabulary do not fit them, ``fp8_shape_problem``)."""
+    cores; ``fp8_shapes``: why the model's width and vocabulary do not fit them, ``fp8_shape_problem``;
+    ``mlp_problem``: why its MLP cannot have the GELU in its matmuls, ``gelu_mlp_problem``)."""
     notes: list[str] = []
 
     def pick(name: str, switch: Union[str, bool], missing: Optional[str]) -> bool:
@@ -113,6 +118,7 @@ def choose_kernels(config: KernelsConfig, arch: str, on_cuda: bool,
         "kernels.fused_cross_entropy computes the loss" if fused_ce else "kernels.fp8_lm_head computes the loss"
         if fp8_lm_head else "needs Triton on CUDA (torch's CUDA builds bring it)"
         if on_cuda and not is_importable("triton") else None)
+    fused_mlp = pick("fused_mlp", config.fused_mlp, "needs CUDA" if not on_cuda else mlp_problem)
     compile = config.compile is True or (config.compile == "auto" and on_cuda)  # auto: not on a CPU (too slow)
     if config.cuda_graphs is True and not (on_cuda and compile):
         raise ConfigError("kernels.cuda_graphs", True, "needs CUDA and kernels.compile")
@@ -124,7 +130,7 @@ def choose_kernels(config: KernelsConfig, arch: str, on_cuda: bool,
                           "needs kernels.compile (true, or auto on CUDA) with compile_backend: inductor")
     return KernelChoice(fused_adam, liger, apex, compile, tuple(notes), fused_ce, cuda_graphs,
                         config.coordinate_descent_tuning, compile and config.dynamic_shapes is not False,
-                        fp8_lm_head, logits_gradient)
+                        fp8_lm_head, logits_gradient, fused_mlp)
 
 
 def fp8_shape_problem(hidden_size: int, vocab_size: int) -> Optional[str]:
@@ -133,6 +139,23 @@ def fp8_shape_problem(hidden_size: int, vocab_size: int) -> Optional[str]:
     is padded to one in the backward, ``FP8HeadCrossEntropy``)."""
     odd = [f"{name} {size}" for name, size in (("hidden size", hidden_size), ("vocabulary", vocab_size)) if size % 16]
     return f"needs multiples of 16, got {' and '.join(odd)}" if odd else None
+
+
+def gelu_mlp_problem(arch: str, fields: dict[str, Any], precision: str) -> Optional[str]:
+    """Why ``kernels.fused_mlp`` cannot run this model, or None (``fields``: its transformers config fields): GPT-2's
+    MLP, the tanh GELU that cuBLASLt's epilogues compute, bf16, and a width and an inner size in multiples of 8
+    (cuBLASLt's 16-byte alignment)."""
+    if arch != "gpt2":
+        return "GPT-2's MLP only (cuBLASLt's epilogues have GELU, not SwiGLU)"
+    if precision == "fp32":
+        return "needs run.precision bf16 or bf16-autocast"
+    activation = fields.get("activation_function", "gelu_new")
+    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
+        return f"activation_function {activation!r} is not the tanh GELU (gelu_new) that cuBLASLt computes"
+    width = fields["n_embd"]
+    sizes = (("width", width), ("inner size", fields.get("n_inner") or 4 * width))
+    odd = [f"{name} {size}" for name, size in sizes if size % 8]
+    return f"needs multiples of 8, got {' and '.join(odd)}" if odd else None
 
 
 def patch_model_classes(choice: KernelChoice) -> None:

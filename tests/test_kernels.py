@@ -19,10 +19,12 @@ def everything_importable(module: str) -> bool:
 
 
 def test_on_cpu_every_auto_kernel_falls_back_with_one_note_each() -> None:
-    """No CUDA: FusedAdam, Liger and apex all fall back, each saying why once; compile stays as configured."""
+    """No CUDA: FusedAdam, Liger, apex and the fused MLP all fall back, each saying why once; compile stays as
+    configured."""
     choice = choose_kernels(KernelsConfig(), "llama", on_cuda=False, is_importable=everything_importable)
     assert (choice.fused_adam, choice.liger, choice.apex, choice.compile) == (False, False, False, False)
-    assert [note.split(":")[0] for note in choice.notes] == ["kernels.fused_adam", "kernels.liger", "kernels.apex"]
+    assert [note.split(":")[0] for note in choice.notes] == ["kernels.fused_adam", "kernels.liger", "kernels.apex",
+                                                             "kernels.fused_mlp"]
     assert all("needs CUDA" in note for note in choice.notes)
 
 
@@ -100,7 +102,7 @@ def test_zero3_turns_compile_off_and_so_refuses_coordinate_descent_tuning() -> N
 
     stages = [{"until_step": 4, "seq_len": 32, "global_batch": 8}]
     notes: list[str] = []
-    plain = make_config({"stages": stages}, kernels={"compile": "auto"})
+    plain = make_config({"stages": stages}, kernels={"compile": "auto", "fused_mlp": False})
     choice = _kernels_for_zero3(choose_kernels(plain.kernels, "gpt2", on_cuda=True), plain, notes.append)
     assert not choice.compile and notes == ["kernels.compile: not used (ZeRO stage 3: it would trace DeepSpeed's "
                                             "parameter-gathering hooks)"]
