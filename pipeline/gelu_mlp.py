@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import library
 
+
 @functools.cache
 def extension() -> Any:
     """The compiled ``csrc/gelu_mlp.cpp`` (built once per machine into torch's extension cache)."""

@@ -137,8 +137,13 @@ def fp8_shape_problem(hidden_size: int, vocab_size: int) -> Optional[str]:
     """Why the FP8 output layer cannot run this model, or None: cuBLAS's FP8 matmuls need the dimensions they sum
     over and the second operand's to be multiples of 16: the width and the vocabulary (a micro-batch's token count
     is padded to one in the backward, ``FP8HeadCrossEntropy``)."""
-    odd = [f"{name} {size}" for name, size in (("hidden size", hidden_size), ("vocabulary", vocab_size)) if size % 16]
-    return f"needs multiples of 16, got {' and '.join(odd)}" if odd else None
+    return _not_multiples_of(16, (("hidden size", hidden_size), ("vocabulary", vocab_size)))
+
+
+def _not_multiples_of(multiple: int, sizes: tuple[tuple[str, int], ...]) -> Optional[str]:
+    """``needs multiples of N, got ...`` naming each of the ``(name, size)`` pairs that is not one, or None."""
+    odd = [f"{name} {size}" for name, size in sizes if size % multiple]
+    return f"needs multiples of {multiple}, got {' and '.join(odd)}" if odd else None
 
 
 def gelu_mlp_problem(arch: str, fields: dict[str, Any], precision: str) -> Optional[str]:
@@ -153,9 +158,7 @@ def gelu_mlp_problem(arch: str, fields: dict[str, Any], precision: str) -> Optio
     if activation not in ("gelu_new", "gelu_pytorch_tanh"):
         return f"activation_function {activation!r} is not the tanh GELU (gelu_new) that cuBLASLt computes"
     width = fields["n_embd"]
-    sizes = (("width", width), ("inner size", fields.get("n_inner") or 4 * width))
-    odd = [f"{name} {size}" for name, size in sizes if size % 8]
-    return f"needs multiples of 8, got {' and '.join(odd)}" if odd else None
+    return _not_multiples_of(8, (("width", width), ("inner size", fields.get("n_inner") or 4 * width)))
 
 
 def patch_model_classes(choice: KernelChoice) -> None:
