@@ -59,8 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cap this process's GPU memory (e.g. 0.17 of a 141 GB H200 = a 24 GB card)")
     parser.add_argument("--output", default=None, help="JSON path (default runs/<name>-bench.json)")
     parser.add_argument("--profile", action="store_true",
-                        help="also profile one step of the longest stage: GPU time by kernel kind and the time "
-                             "no kernel runs (torch.profiler)")
+                        help="also profile one step of the longest stage: GPU time by kernel kind, the kernels that "
+                             "take longest with their launches, and the time no kernel runs with its longest gaps "
+                             "(torch.profiler)")
     parser.add_argument("--from-train", default=None, metavar="RUN_DIR",
                         help="report the figures of a train run directory instead of measuring")
     parser.add_argument("--against", default=None, metavar="BENCH_JSON|RUN_DIR",
@@ -269,27 +270,28 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, keys in KERNEL_KINDS if any(k in lowered for k in keys)), "other elementwise")
 
 
-def idle_time(intervals: list[tuple[float, float]]) -> tuple[float, float]:
-    """``(span, idle)`` of kernels' ``(start, end)`` times: from the first start to the last end, and the part of
-    it in which no kernel ran (overlapping kernels count once)."""
-    if not intervals:
-        return 0.0, 0.0
-    ordered = sorted(intervals)
-    busy, (run_start, run_end) = 0.0, ordered[0]
-    for start, end in ordered[1:]:
-        if start > run_end:  # a gap: close the run of overlapping kernels
-            busy += run_end - run_start
-            run_start = start
-        run_end = max(run_end, end)
-    busy += run_end - run_start
-    span = run_end - ordered[0][0]
-    return span, span - busy
+def kernel_gaps(kernels: list[tuple[float, float, str]]) -> tuple[float, list[tuple[float, float, str, str]]]:
+    """The span of kernels' ``(start, end, name)`` (first start to last end) and its gaps, in which no kernel ran
+    (overlapping kernels count once), each as ``(offset from the first start, length, the kernel that ended last
+    before it, the kernel after it)``, longest first."""
+    if not kernels:
+        return 0.0, []
+    ordered = sorted(kernels)
+    first, (_, run_end, last) = ordered[0][0], ordered[0]
+    gaps = []
+    for start, end, name in ordered[1:]:
+        if start > run_end:
+            gaps.append((run_end - first, start - run_end, last, name))
+        if end > run_end:
+            run_end, last = end, name
+    return run_end - first, sorted(gaps, key=lambda gap: -gap[1])
 
 
 def profile_step(step: Callable[[], Any], device: Any) -> dict[str, Any]:
-    """GPU time of one training step by kernel kind, the 15 kernels that take longest, and the time within the
-    step's span of kernels in which the GPU ran none (torch.profiler). ``step`` reads its own batch (not one step
-    ahead, as ``train`` does): the batch's copy to the GPU is in the span."""
+    """GPU time of one training step by kernel kind, the 30 kernels that take longest (with their launches per
+    step), and the time within the step's span of kernels in which the GPU ran none, with its 10 longest gaps
+    (torch.profiler). ``step`` reads its own batch (not one step ahead, as ``train`` does): the batch's copy to the
+    GPU is in the span."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -299,13 +301,20 @@ def profile_step(step: Callable[[], Any], device: Any) -> dict[str, Any]:
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
     by_kind: dict[str, float] = {}
     top: dict[str, float] = {}
+    calls: dict[str, int] = {}
     for event in kernels:
         by_kind[kernel_kind(event.name)] = by_kind.get(kernel_kind(event.name), 0.0) + event.device_time / 1000
         top[event.name] = top.get(event.name, 0.0) + event.device_time / 1000
-    span_us, idle_us = idle_time([(event.time_range.start, event.time_range.end) for event in kernels])
-    return {"total_ms": sum(by_kind.values()), "span_ms": span_us / 1000, "idle_ms": idle_us / 1000,
+        calls[event.name] = calls.get(event.name, 0) + 1
+    span_us, gaps = kernel_gaps([(event.time_range.start, event.time_range.end, event.name) for event in kernels])
+    top_names = sorted(top, key=lambda name: -top[name])[:30]
+    return {"total_ms": sum(by_kind.values()), "span_ms": span_us / 1000,
+            "idle_ms": sum(length for _, length, _, _ in gaps) / 1000,
             "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
-            "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:15])}
+            "top_kernels_ms": {name: top[name] for name in top_names},
+            "top_kernels_calls": {name: calls[name] for name in top_names},
+            "longest_gaps": [{"at_ms": at / 1000, "ms": length / 1000, "after": before[:100], "before": after[:100]}
+                             for at, length, before, after in gaps[:10]]}
 
 
 # --------------------------------------------------------------------------------------------------- --from-train

@@ -444,11 +444,12 @@ curriculum:
     assert (report["profile"]["by_kind_ms"], report["profile"]["idle_ms"]) == ({}, 0.0)
 
 
-def test_idle_time_counts_the_gaps_between_kernels_once() -> None:
-    """A kernel that overlaps another (a second stream) adds no busy time twice; a gap is idle; a kernel inside a
-    longer one ends nothing."""
-    from pipeline.bench import idle_time
+def test_kernel_gaps_count_overlapping_kernels_once_and_name_their_neighbours() -> None:
+    """A kernel that overlaps another (a second stream) leaves no gap; a gap is measured from the end of the kernel
+    that ends last (not the one that started last, when it sits inside a longer one); longest gap first."""
+    from pipeline.bench import kernel_gaps
 
-    assert idle_time([]) == (0.0, 0.0)
-    assert idle_time([(5.0, 6.0), (0.0, 2.0), (1.0, 3.0)]) == (6.0, 2.0)
-    assert idle_time([(0.0, 10.0), (2.0, 3.0), (12.0, 13.0)]) == (13.0, 2.0)
+    assert kernel_gaps([]) == (0.0, [])
+    assert kernel_gaps([(5.0, 6.0, "c"), (0.0, 2.0, "a"), (1.0, 3.0, "b")]) == (6.0, [(3.0, 2.0, "b", "c")])
+    span, gaps = kernel_gaps([(0.0, 10.0, "long"), (2.0, 3.0, "inside"), (12.0, 13.0, "next"), (16.0, 17.0, "end")])
+    assert span == 17.0 and gaps == [(13.0, 3.0, "next", "end"), (10.0, 2.0, "long", "next")]
