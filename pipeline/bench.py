@@ -298,7 +298,9 @@ def profile_step(step: Callable[[], Any], device: Any) -> dict[str, Any]:
     step()  # nothing left to compile or allocate in the profiled step
     with profile(activities=activities) as prof:
         step()
-    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    # kernels and copies only: the GPU-side spans torch.compile annotates ("## Call CompiledFxGraph ... ##") cover
+    # whole graphs
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA" and not e.is_user_annotation]
     by_kind: dict[str, float] = {}
     top: dict[str, float] = {}
     calls: dict[str, int] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import socket
 import sys
@@ -14,11 +15,30 @@ LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "G
                       "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE")
 
 
+EPHEMERAL_PORTS = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it when binding port 0)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a rendezvous that binds it seconds later. Taken at
+    random below the range the OS hands out to outgoing connections (Linux's ``ip_local_port_range``, 32768-60999
+    by default): a port from that range can be taken in between by any connection on the machine, gloo's among
+    them (two test runs side by side collided so: ``EADDRINUSE``). Where that range is unknown or starts low, the
+    OS picks one (binding port 0)."""
+    try:
+        with open(EPHEMERAL_PORTS) as f:
+            first_ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        first_ephemeral = 0
+    candidates = random.SystemRandom().sample(range(first_ephemeral // 2, first_ephemeral), 32) \
+        if first_ephemeral >= 4096 else []
+    for port in [*candidates, 0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError("no free TCP port on 127.0.0.1")
 
 
 def single_process_defaults(environ: MutableMapping[str, str]) -> None:

@@ -57,6 +57,27 @@ def test_single_process_defaults_fill_a_bare_environment() -> None:
     assert environ["PATH"] == "/usr/bin"
 
 
+def test_free_ports_come_from_below_the_range_outgoing_connections_take(tmp_path, monkeypatch) -> None:
+    """With that range at 40000-60999 every port lies in 20000-39999 and can be bound; where the range starts low
+    or its file is missing (not Linux) the OS picks one."""
+    import socket
+
+    from pipeline import environment
+
+    ports = tmp_path / "ip_local_port_range"
+    monkeypatch.setattr(environment, "EPHEMERAL_PORTS", str(ports))
+    ports.write_text("40000\t60999\n")
+    for _ in range(20):
+        port = environment.free_port()
+        assert 20000 <= port < 40000
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+    ports.write_text("1024\t65535\n")
+    assert 0 < environment.free_port() < 65536
+    ports.unlink()
+    assert 0 < environment.free_port() < 65536
+
+
 def test_single_process_defaults_leave_a_launcher_alone() -> None:
     """torchrun / the DeepSpeed launcher set RANK and WORLD_SIZE (and the rest): nothing is added or changed."""
     launcher = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "2",
