@@ -317,8 +317,8 @@ def profile_step(step: Callable[[], Any], device: Any) -> dict[str, Any]:
             "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
             "top_kernels_ms": {name: top[name] for name in top_names},
             "top_kernels_calls": {name: calls[name] for name in top_names},
-            "longest_gaps": [{"at_ms": at / 1000, "ms": length / 1000, "after": before[:100], "before": after[:100]}
-                             for at, length, before, after in gaps[:10]]}
+            "longest_gaps": [{"at_ms": at / 1000, "ms": length / 1000, "previous_kernel": previous,
+                              "next_kernel": following} for at, length, previous, following in gaps[:10]]}
 
 
 # --------------------------------------------------------------------------------------------------- --from-train

@@ -19,26 +19,26 @@ EPHEMERAL_PORTS = "/proc/sys/net/ipv4/ip_local_port_range"
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago, for a rendezvous that binds it seconds later. Taken at
-    random below the range the OS hands out to outgoing connections (Linux's ``ip_local_port_range``, 32768-60999
-    by default): a port from that range can be taken in between by any connection on the machine, gloo's among
-    them (two test runs side by side collided so: ``EADDRINUSE``). Where that range is unknown or starts low, the
-    OS picks one (binding port 0)."""
+    """A TCP port that was free on every address a moment ago, for a rendezvous that binds it seconds later. Taken
+    at random below the range the OS hands out to outgoing connections (Linux's ``ip_local_port_range``,
+    32768-60999 by default): a port from that range can be taken in between by any connection on the machine,
+    gloo's among them (two test runs side by side collided so: ``EADDRINUSE``). Where that range is unknown, starts
+    low or is not a port range, the OS picks one (binding port 0)."""
     try:
         with open(EPHEMERAL_PORTS) as f:
             first_ephemeral = int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         first_ephemeral = 0
     candidates = random.SystemRandom().sample(range(first_ephemeral // 2, first_ephemeral), 32) \
-        if first_ephemeral >= 4096 else []
+        if 4096 <= first_ephemeral <= 65536 else []
     for port in [*candidates, 0]:
         with socket.socket() as s:
             try:
-                s.bind(("127.0.0.1", port))
+                s.bind(("", port))
             except OSError:
                 continue
             return s.getsockname()[1]
-    raise OSError("no free TCP port on 127.0.0.1")
+    raise OSError("no free TCP port")
 
 
 def single_process_defaults(environ: MutableMapping[str, str]) -> None:

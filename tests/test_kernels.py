@@ -451,5 +451,7 @@ def test_kernel_gaps_count_overlapping_kernels_once_and_name_their_neighbours() 
 
     assert kernel_gaps([]) == (0.0, [])
     assert kernel_gaps([(5.0, 6.0, "c"), (0.0, 2.0, "a"), (1.0, 3.0, "b")]) == (6.0, [(3.0, 2.0, "b", "c")])
-    span, gaps = kernel_gaps([(0.0, 10.0, "long"), (2.0, 3.0, "inside"), (12.0, 13.0, "next"), (16.0, 17.0, "end")])
+    # the profiler's times are absolute: offsets count from the first kernel's start
+    span, gaps = kernel_gaps([(100.0, 110.0, "long"), (102.0, 103.0, "inside"), (112.0, 113.0, "next"),
+                              (116.0, 117.0, "end")])
     assert span == 17.0 and gaps == [(13.0, 3.0, "next", "end"), (10.0, 2.0, "long", "next")]
