@@ -64,6 +64,7 @@ def test_free_ports_come_from_below_the_range_outgoing_connections_take(tmp_path
 
     from pipeline import environment
 
+    system = Path(environment.EPHEMERAL_PORTS)  # the machine's own range, read below
     ports = tmp_path / "ip_local_port_range"
     monkeypatch.setattr(environment, "EPHEMERAL_PORTS", str(ports))
     ports.write_text("40000\t60999\n")
@@ -73,7 +74,6 @@ def test_free_ports_come_from_below_the_range_outgoing_connections_take(tmp_path
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
     # the OS's own pick comes from the machine's range (where there is one to read)
-    system = Path("/proc/sys/net/ipv4/ip_local_port_range")
     low, high = map(int, system.read_text().split()) if system.exists() else (1, 65535)
     for content in ("1024\t65535\n", "70000\t80000\n", "not ports\n"):
         ports.write_text(content)
