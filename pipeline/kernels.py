@@ -340,7 +340,9 @@ class CausalLMWithLoss(torch.nn.Module):
         return self.lm.base_model if self.fused is not None else self
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        hidden = self.lm.base_model(input_ids=input_ids).last_hidden_state.flatten(0, 1)
+        # no key/value cache: transformers builds one by default (``use_cache``), and filling it copies every
+        # layer's keys and values each micro-batch
+        hidden = self.lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state.flatten(0, 1)
         head, labels = self.lm.get_output_embeddings(), labels.flatten()
         if self.fp8_lm_head:
             return FP8HeadCrossEntropy.apply(hidden, head.weight, labels)

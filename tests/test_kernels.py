@@ -369,6 +369,32 @@ def test_the_loss_module_trains_every_parameter_through_each_output_layer(arch: 
     assert ((fp8_grads[head] - plain_grads[head]).norm() / plain_grads[head].norm()).item() < 0.1
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_the_loss_module_builds_no_key_value_cache(monkeypatch, arch: str) -> None:
+    """transformers' decoders build a key/value cache unless told not to (``use_cache`` is on in their configs),
+    and filling it copies every layer's keys and values: the loss module's forward, training or evaluating,
+    builds none, where the stock call does."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers.cache_utils import DynamicCache
+
+    built = []
+    init = DynamicCache.__init__
+    monkeypatch.setattr(DynamicCache, "__init__", lambda self, *a, **k: (built.append(1), init(self, *a, **k))[1])
+    if arch == "gpt2":
+        lm = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=2, n_positions=32))
+    else:
+        lm = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
+    inputs = torch.randint(0, 128, (2, 16))
+    lm(input_ids=inputs)
+    assert len(built) == 1  # the stock call: what the loss module must not do
+    model = CausalLMWithLoss(lm, fused_cross_entropy=False, logits_gradient_in_forward=True)
+    model(inputs, inputs).backward()
+    with torch.no_grad():
+        model(inputs, inputs)
+    assert len(built) == 1
+
+
 def test_importable_handles_a_missing_parent_package() -> None:
     """``apex.normalization`` without apex is simply not importable (find_spec would raise)."""
     assert importable("torch.nn") and not importable("surely_not_a_package.normalization")
