@@ -71,8 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.commands import load_config_from_args, output_file
+
     if args.from_train is not None:
-        return from_train(Path(args.from_train), Path(args.against) if args.against else None, args.output)
+        output = output_file("--output", args.output) if args.output else None
+        return from_train(Path(args.from_train), Path(args.against) if args.against else None, output)
     if args.config is None:
         raise ConfigError("--config", None, "required (or --from-train RUN_DIR)")
     if args.against is not None:
@@ -82,12 +85,11 @@ def run(args: argparse.Namespace) -> int:
                           "steps must be >= 1 and warmup >= 0")
     if args.memory_fraction is not None and not 0 < args.memory_fraction <= 1:
         raise ConfigError("--memory-fraction", args.memory_fraction, "must be in (0, 1]")
-    from pipeline.commands import load_config_from_args
+    config = load_config_from_args(args)
+    return bench(config, args, output_file("--output", args.output or Path("runs") / f"{config.name}-bench.json"))
 
-    return bench(load_config_from_args(args), args)
 
-
-def bench(config: Any, args: argparse.Namespace) -> int:
+def bench(config: Any, args: argparse.Namespace, out: Path) -> int:
     import torch
 
     from pipeline.batches import Prefetcher, load_run_data
@@ -167,7 +169,6 @@ def bench(config: Any, args: argparse.Namespace) -> int:
         "shapes": rows, "profile": profile, "torch": torch.__version__,
     }
     if processes.rank == 0:
-        out = Path(args.output or Path("runs") / f"{config.name}-bench.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
         log(f"wrote {out}")
@@ -324,13 +325,13 @@ def profile_step(step: Callable[[], Any], device: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------- --from-train
 
 
-def from_train(run_dir: Path, against: Optional[Path], output: Optional[str]) -> int:
+def from_train(run_dir: Path, against: Optional[Path], output: Optional[Path]) -> int:
     """Per-stage throughput; compile, evaluation and start-up time and the non-training share of a train run's wall
     time."""
     report = train_report(run_dir, against)
     for line in format_train_report(report):
         print(line)
-    out = Path(output) if output else run_dir / "bench-from-train.json"
+    out = output or run_dir / "bench-from-train.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
@@ -339,12 +340,12 @@ def from_train(run_dir: Path, against: Optional[Path], output: Optional[str]) ->
 def train_report(run_dir: Path, against: Optional[Path], flag: str = "--from-train") -> dict[str, Any]:
     """The figures of one train run directory (``flag`` names it in errors); ``against`` a bench JSON or a reference
     run directory."""
-    from pipeline.rundir import RunDir, eval_rows, read_records, stage_throughput, train_rows
+    from pipeline.rundir import RunDir, eval_rows, read_checked, stage_throughput, train_rows
 
     paths = RunDir(run_dir)
     if not paths.metrics.is_file():
         raise ConfigError(flag, str(run_dir), "holds no metrics.jsonl; give a train run directory")
-    records = read_records(paths.metrics)
+    records = read_checked(paths.metrics)
     train, evals = train_rows(records), eval_rows(records)
     if not train:
         raise ConfigError(flag, str(run_dir), "metrics.jsonl has no train lines yet")

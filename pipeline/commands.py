@@ -6,7 +6,8 @@ others (``config_sets``). Every command that reads a run config loads it through
 ``plan``, ``doctor``, ``train`` and the rest read the same config from the same command line. A ``ConfigError`` anywhere becomes ``error: <field> = <value>: <what is allowed>`` on stderr and exit
 status 2 (``run_reporting_errors``), followed by ``(set by CPT_...)`` when an environment variable set that value;
 argparse's own errors (a missing argument, a value of the wrong type, ``nan`` for a number: ``finite_float``) take
-the same one-line form (``OneLineParser``).
+the same one-line form (``OneLineParser``). An output path is checked before any work starts
+(``output_directory``, ``output_file``): a command never runs to its end to fail on where its results go.
 """
 
 from __future__ import annotations
@@ -77,11 +78,33 @@ def world_size_argument(value: str) -> int:
 
 
 def output_directory(flag: str, value: "str | Path") -> Path:
-    """An output directory argument: created if missing, but never a file."""
+    """An output directory argument, checked before any work starts (the command creates it, with its missing
+    parents, when it writes): a directory, or a path one can be made at."""
     path = Path(value)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(flag, str(path), "is a file; give a directory (it is created if missing)")
+    _check_writable(flag, path, path, "a directory")
     return path
+
+
+def output_file(flag: str, value: "str | Path") -> Path:
+    """An output file argument, checked before any work starts: not a directory, and in a directory that exists or
+    can be made."""
+    path = Path(value)
+    if path.is_dir():
+        raise ConfigError(flag, str(path), "is a directory; give a file path")
+    _check_writable(flag, path, path.parent, "a file path in a directory")
+    return path
+
+
+def _check_writable(flag: str, path: Path, directory: Path, wanted: str) -> None:
+    """Raise ``ConfigError`` (``flag`` = ``path``: what is wrong; give ``wanted``) unless ``directory`` can be written
+    into once made: its nearest existing ancestor (itself, if it exists) is a directory this process may write into.
+    """
+    ancestor = next(p for p in (directory, *directory.parents) if p.exists())  # "." or "/" at the latest
+    named = "" if ancestor == path else f"{ancestor} "
+    if not ancestor.is_dir():
+        raise ConfigError(flag, str(path), f"{named}is a file; give {wanted}")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(flag, str(path), f"{named}is not writable; give {wanted} you can write to")
 
 
 class OneLineParser(argparse.ArgumentParser):

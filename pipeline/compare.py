@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from curriculum.errors import ConfigError
-from pipeline.rundir import RunDir, eval_rows, read_records, stop_reason, train_rows
+from pipeline.rundir import RunDir, eval_rows, read_checked, stop_reason, train_rows
 
 HELP = "compare runs: held-out loss, and tokens and seconds to a target loss, against the first run"
 AXES = ("tokens", "train_s", "elapsed_s")
@@ -103,7 +103,7 @@ def compare_runs(run_dirs: Sequence[Path], target_loss: Optional[float]
         paths = RunDir(run_dir)
         if not paths.metrics.is_file():
             raise ConfigError("RUN_DIR", str(run_dir), "holds no metrics.jsonl; give a run directory of `train`")
-        records = read_records(paths.metrics)
+        records = read_checked(paths.metrics)
         evals = eval_rows(records)
         if not evals:
             raise ConfigError("RUN_DIR", str(run_dir), "has no evaluation yet (kind: eval lines); compare needs "
@@ -226,6 +226,8 @@ def plot(target: float, runs: Sequence[RunComparison], run_records: Sequence[lis
 def run(args: argparse.Namespace) -> int:
     from pipeline.commands import output_directory
 
+    if args.target_loss is not None and args.target_loss <= 0:
+        raise ConfigError("--target-loss", args.target_loss, "must be a positive loss")  # a cross-entropy is > 0
     out_dir = output_directory("--output-dir", args.output_dir)
     run_dirs = [Path(d) for d in args.run_dirs]
     target, marks, runs, records = compare_runs(run_dirs, args.target_loss)

@@ -200,11 +200,11 @@ def prepare_data(
     ``vocab_size`` tokens on the training documents. ``dtype`` is ``auto``, ``uint16`` or ``uint32``. Returns the
     manifest. Bad input raises ``ConfigError`` before anything in ``output_dir`` is replaced.
     """
-    output_dir = Path(output_dir)
+    from pipeline.commands import output_directory
+
     check_arguments(tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction, dtype=dtype, seed=seed,
                     num_proc=num_proc, max_files=max_files)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError("--output", str(output_dir), "is a file; give a directory")
+    output_dir = output_directory("--output", output_dir)
     files = resolve_sources(sources, max_files)
     loaded = load_tokenizer(tokenizer) if tokenizer is not None else None
     if loaded is not None:

@@ -61,7 +61,7 @@ from curriculum.config import Config, GradClipAutoConfig
 from curriculum.errors import ConfigError
 from curriculum.schedule import auto_grad_clip, build_schedule, describe_auto_grad_clip
 from pipeline.external import READABLE, read_logs
-from pipeline.rundir import RunDir, loss_rose, read_config, read_numbered
+from pipeline.rundir import RunDir, loss_rose, read_checked, read_config
 from pipeline.spikes import Spike, SpikeRule, find_spike_steps
 
 MIN_ROWS = 10
@@ -112,38 +112,20 @@ class Finding:
 
 # ------------------------------------------------------------------------------------------------ reading
 
-# fields each kind of line must carry for diagnosis, and whether null is allowed
-_REQUIRED: dict[str, dict[str, bool]] = {
-    "train": {"step": False, "stage": False, "seq_len": False, "loss": False, "grad_norm": True,
-              "grad_clip": True, "tok_per_s": False},
-    "eval": {"step": False, "eval_loss": False},
-    "guard": {"step": False},
-}
-
 
 def read_records(run_dir: Path) -> list[Record]:
     """Every line of ``run_dir/metrics.jsonl`` (blank lines skipped; kinds not known here kept as they are).
 
-    Raises ``ConfigError`` naming the file and line number for a line that is not a JSON object or lacks a field
-    the diagnosis needs, and naming the directory when it or its ``metrics.jsonl`` is missing.
+    Raises ``ConfigError`` naming the file and line number for a line that is not a JSON object or lacks a number
+    its kind carries (``pipeline.rundir.read_checked``), and naming the directory when it or its ``metrics.jsonl``
+    is missing.
     """
     if not run_dir.is_dir():
         raise ConfigError("run_dir", str(run_dir), "no such directory; give a run directory (holding metrics.jsonl)")
     path = RunDir(run_dir).metrics
     if not path.is_file():
         raise ConfigError("run_dir", str(run_dir), "holds no metrics.jsonl; give a run directory that has trained")
-    records = []
-    for number, record in read_numbered(path, strict=True):
-        where = f"{path}:{number}"
-        kind = record.get("kind")
-        for field, nullable in (_REQUIRED.get(kind, {}) if isinstance(kind, str) else {}).items():
-            value = record.get(field)
-            if value is None and nullable:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"{where}: {field}", value,
-                                  f"a {kind} line needs a number{' or null' if nullable else ''}")
-        records.append(record)
+    records = read_checked(path, strict=True)
     if not any(record.get("kind") == "train" for record in records):
         raise ConfigError("run_dir", str(run_dir), "metrics.jsonl has no train lines yet; nothing to diagnose")
     return records

@@ -94,6 +94,38 @@ def read_numbered(path: Path, strict: bool = False) -> list[tuple[int, Record]]:
     return records
 
 
+NUMBER_FIELDS: dict[str, dict[str, bool]] = {
+    "train": {"step": False, "stage": False, "seq_len": False, "loss": False, "grad_norm": True, "grad_clip": True,
+              "tok_per_s": False, "tokens": True, "global_batch": True, "mfu": True, "elapsed_s": True,
+              "train_s": True, "world_size": True},
+    "eval": {"step": False, "eval_loss": False, "tokens": True, "eval_s": True, "train_s": True, "elapsed_s": True},
+    "guard": {"step": False},
+    "compile": {"step": False, "warmup_s": True},
+}
+"""Per kind of line, the numbers its readers (diagnose, compare, bench --from-train) take from it, and whether the
+field may be null or missing (older runs lack ``world_size``, ``train_s``...; ``mfu`` is null where the device's
+peak FLOPs are unknown)."""
+
+
+def read_checked(path: Path, strict: bool = False) -> list[Record]:
+    """``read_records``, each line checked for the numbers its kind carries (``NUMBER_FIELDS``; kinds not listed are
+    kept as they are): what the commands that report on a run read, so a damaged or hand-edited line is a
+    ``ConfigError`` naming the file, the line and the field rather than a ``TypeError`` deep in a report."""
+    records = []
+    for number, record in read_numbered(path, strict):
+        kind = record.get("kind")
+        for field, nullable in (NUMBER_FIELDS.get(kind, {}) if isinstance(kind, str) else {}).items():
+            value = record.get(field)
+            if value is None and nullable:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{path}:{number}: {field}", value,
+                                  f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} line needs a number"
+                                  + (" or null" if nullable else ""))
+        records.append(record)
+    return records
+
+
 def read_config(path: Path) -> Optional[Config]:
     """The run config a config.json holds (None when there is none). Raises ``ConfigError`` naming the file when it
     is not JSON, and the field when this version no longer accepts it."""

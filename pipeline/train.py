@@ -83,6 +83,8 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
 
     startup = _Phases()  # where the time before the first step goes, in the log
     # ------------------------------------------------------------------ plan, data, checkpoint: checked before writing
+    run_dir = RunDir(output_directory("--output-dir",
+                                      output_dir or config.run.output_dir or Path("runs") / config.name))
     processes = init_processes(config)
     startup.done("processes")
     rank, world_size, log = processes.rank, processes.world_size, processes.log
@@ -92,7 +94,6 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
         raise ConfigError("--stop-at-step", stop_at_step, f"must be in 1 .. {schedule.total_steps}")
     if schedule.cut_from is not None:
         log(f"run.max_steps: the plan is cut at step {schedule.total_steps} of {schedule.cut_from}")
-    run_dir = RunDir(output_directory("--output-dir", output_dir or config.run.output_dir or Path("runs") / config.name))
     data = load_run_data(config, schedule, rank, world_size, processes.device)
     ds_config = derive_ds_config(config, schedule, device_precision(config, processes.device))
     tokenizer = data.manifest["tokenizer"]

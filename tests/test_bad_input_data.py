@@ -502,7 +502,7 @@ CLI_CASES = [
     CliCase("output an existing file", (*CLI_GOOD, "--output", "{bad}/a_file"),
             "error: --output = '{bad}/a_file': is a file; give a directory"),
     CliCase("output below a file", (*CLI_GOOD, "--output", "{bad}/a_file/data"),
-            "error: --output = '{bad}/a_file/data': cannot be created: Not a directory"),
+            "error: --output = '{bad}/a_file/data': {bad}/a_file is a file; give a directory"),
     CliCase("latin-1 text", ("{bad}/latin1.txt", *CLI_GOOD, "--output", "{out}"),
             "error: {bad}/latin1.txt = 'byte 9': line 3 is not UTF-8 text"),
     CliCase("empty jsonl", ("{bad}/empty.jsonl", *CLI_GOOD, "--output", "{out}"),

@@ -2,9 +2,9 @@
 
 The classes: data loss (a broken ``checkpoints/latest``, a fresh start into a directory that holds a run, a
 failing command rewriting config.json), resume (a torn last metrics line, another model shape, a checkpoint past
-the plan's end), output paths that are files, a sweep directory whose manifest is damaged, and ``diagnose`` on a
-directory it cannot write into. Each refusal exits with status 2 and one ``error:`` line on stderr, and leaves the
-directory byte-identical (every file's sha256 before and after).
+the plan's end), output paths that are files or cannot be made, a sweep directory whose manifest is damaged, and
+``diagnose`` on a directory it cannot write into. Each refusal exits with status 2 and one ``error:`` line on
+stderr, and leaves the directory byte-identical (every file's sha256 before and after).
 
 One tiny run, stopped at step 7 of 15 (checkpoints at 4 and 7, seven metrics lines), is made once and copied.
 """
@@ -12,6 +12,7 @@ One tiny run, stopped at step 7 of 15 (checkpoints at 4 and 7, seven metrics lin
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -189,6 +190,36 @@ def test_an_output_directory_that_is_a_file_is_refused(config: Path, tmp_path: P
     result = cli(command, "--config", str(config), "--output-dir", str(target))
     assert_refused(result, f"error: --output-dir = '{target}': is a file")
     assert target.read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize("command", ["train", "lr-find", "sweep"])
+def test_an_output_directory_below_a_file_is_refused_before_any_work(config: Path, tmp_path: Path,
+                                                                    command: str) -> None:
+    """``--output-dir FILE/sub`` cannot be made: one line naming the file, before anything runs (no output at all;
+    train built its engine and lr-find ran every ramp before mkdir failed with a traceback)."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me\n")
+    result = cli(command, "--config", str(config), "--output-dir", str(a_file / "sub"))
+    assert_refused(result, f"error: --output-dir = '{a_file / 'sub'}': {a_file} is a file; give a directory")
+    assert result.stdout == "" and a_file.read_text() == "keep me\n"
+
+
+def test_an_output_directory_that_cannot_be_written_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    """A directory this process may not write into (``os.access`` says so here: tests run as root, whom no mode
+    stops) is refused as an output directory, and so is a new directory below it."""
+    from curriculum.errors import ConfigError
+    from pipeline.commands import output_directory
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(ConfigError) as refused_itself:
+        output_directory("--output-dir", tmp_path)
+    assert str(refused_itself.value) == (f"--output-dir = '{tmp_path}': is not writable; give a directory you can "
+                                         "write to")
+    with pytest.raises(ConfigError) as refused_below:
+        output_directory("--output-dir", tmp_path / "new" / "run")
+    assert str(refused_below.value) == (f"--output-dir = '{tmp_path / 'new' / 'run'}': {tmp_path} is not writable; "
+                                        "give a directory you can write to")
 
 
 # --------------------------------------------------------------------------------------------------- sweep state

@@ -1,5 +1,6 @@
 """``bench --from-train``: a train run's per-stage throughput read from its metrics, beside a bench JSON or, for
-scaling, beside a reference run on fewer GPUs; one error line for what it cannot read."""
+scaling, beside a reference run on fewer GPUs; one error line for what it cannot read, and for an ``--output`` that
+cannot be written (measuring too), before any work."""
 
 from __future__ import annotations
 
@@ -162,6 +163,35 @@ def test_what_it_cannot_read_is_one_error_line(tmp_path: Path) -> None:
     assert result.returncode == 2 and result.stderr.splitlines() == [
         f"error: --from-train = '{run}': its train lines do not give their world size and its ds_config.json does "
         "not either"]
+
+
+def test_a_train_line_whose_loss_is_null_is_one_error_line(tmp_path: Path) -> None:
+    """``"loss": null`` on a train line (no run writes one) is the one line ``diagnose`` gives for it, naming the
+    file, the line and the field; not a TypeError, and no report is written."""
+    lines = train_lines(1, ONE_GPU_TOK_PER_S)
+    lines[2]["loss"] = None
+    run = write_run(tmp_path / "run", 1, ONE_GPU_TOK_PER_S, lines=lines)
+    out = tmp_path / "report.json"
+    result = run_cli(["bench", "--from-train", str(run), "--output", str(out)])
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"error: {run}/metrics.jsonl:3: loss = None: a train line needs a number"]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("mode", ["from-train", "measure"])
+def test_an_output_it_cannot_write_is_refused_before_anything_runs(tmp_path: Path, mode: str) -> None:
+    """``--output`` below a file, or an existing directory: one line, with nothing read or measured first (both
+    modes used to run to their end, then fail with FileExistsError or IsADirectoryError)."""
+    source = (["--from-train", str(write_run(tmp_path / "run", 1, ONE_GPU_TOK_PER_S))] if mode == "from-train"
+              else ["--config", "tiny-cpu", "--no-baseline"])
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me\n")
+    for output, allowed in ((a_file / "bench.json", f"{a_file} is a file; give a file path in a directory"),
+                            (tmp_path, "is a directory; give a file path")):
+        result = run_cli(["bench", *source, "--output", str(output)])
+        assert result.returncode == 2 and result.stderr.splitlines() == [f"error: --output = '{output}': {allowed}"]
+        assert result.stdout == ""
+    assert a_file.read_text() == "keep me\n"
 
 
 def test_a_rounding_remainder_prints_as_zero_not_minus_zero() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import pytest
 from conftest import run_cli
@@ -145,6 +146,50 @@ def test_what_compare_cannot_compare_is_one_error(tmp_path: Path, make: object, 
     result = run_cli(["compare", str(base), str(other), "--output-dir", str(tmp_path / "out")])
     assert result.returncode == 2 and result.stderr.startswith(f"error: RUN_DIR = '{other}': {message}")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("line", "field", "value", "allowed"), [
+    (5, "loss", None, "a train line needs a number"),
+    (10, "eval_loss", "high", "an eval line needs a number"),
+    (10, "elapsed_s", "late", "an eval line needs a number or null"),
+], ids=["train-loss-null", "eval-loss-a-string", "eval-seconds-a-string"])
+def test_a_metrics_value_that_is_not_a_number_is_one_error(tmp_path: Path, line: int, field: str,
+                                                           value: Optional[str], allowed: str) -> None:
+    """A value a run never writes (line 5: step 4's train line; line 10: the evaluation after step 9) is the one
+    line ``diagnose`` gives for it, naming the file, the line, the field and the value; not a TypeError, and
+    nothing is written."""
+    base = write_run(tmp_path / "baseline", BASELINE)
+    other = write_run(tmp_path / "other", FASTER)
+    lines = (other / "metrics.jsonl").read_text().splitlines()
+    lines[line - 1] = json.dumps({**json.loads(lines[line - 1]), field: value})
+    (other / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    result = run_cli(["compare", str(base), str(other), "--output-dir", str(tmp_path / "out")])
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"error: {other}/metrics.jsonl:{line}: {field} = {value!r}: {allowed}"]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("target", "shown"), [("-1", "-1.0"), ("0", "0.0")])
+def test_a_target_loss_that_is_not_positive_is_one_error(tmp_path: Path, target: str, shown: str) -> None:
+    """A cross-entropy is above 0: ``--target-loss`` 0 or below is refused (no run could reach it)."""
+    base = write_run(tmp_path / "baseline", BASELINE)
+    result = run_cli(["compare", str(base), "--target-loss", target, "--output-dir", str(tmp_path / "out")])
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"error: --target-loss = {shown}: must be a positive loss"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_directory_below_a_file_is_one_error(tmp_path: Path) -> None:
+    """``--output-dir FILE/sub`` cannot be made: one line naming the file, checked before the runs are read (a
+    NotADirectoryError once they had been)."""
+    base = write_run(tmp_path / "baseline", BASELINE)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me\n")
+    result = run_cli(["compare", str(base), "--output-dir", str(a_file / "sub")])
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"error: --output-dir = '{a_file / 'sub'}': {a_file} is a file; give a directory"]
+    assert a_file.read_text() == "keep me\n"
 
 
 def test_runs_of_one_recipe_are_named_by_their_directories(tmp_path: Path) -> None:
