@@ -258,7 +258,7 @@ def _field_loc(loc: tuple[Any, ...]) -> list[str]:
             continue  # inside a field that is not a section: a union member's tag
         keys.append(str(part))
         field = model.model_fields.get(str(part))
-        model = _model_in(field.annotation) if field is not None else None
+        model = model_in(field.annotation) if field is not None else None
     return keys
 
 
@@ -269,18 +269,20 @@ def _allowed_keys(loc: list[str]) -> list[str]:
         if key.isdigit():
             continue
         annotation = model.model_fields[key].annotation if key in model.model_fields else None
-        nested = _model_in(annotation)
+        nested = model_in(annotation)
         if nested is None:
             return []
         model = nested
     return list(model.model_fields)
 
 
-def _model_in(annotation: Any) -> Optional[type[BaseModel]]:
+def model_in(annotation: Any) -> Optional[type[BaseModel]]:
+    """The pydantic model a field's annotation holds (``Section``, ``Optional[Section]``, ``list[Section]``), or
+    None."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in getattr(annotation, "__args__", ()):
-        found = _model_in(arg)
+        found = model_in(arg)
         if found is not None:
             return found
     return None

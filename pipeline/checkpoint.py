@@ -49,6 +49,7 @@ import os
 import random
 import shutil
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -343,11 +344,20 @@ def _convert_to_universal(path: Path, universal: Path) -> Optional[str]:
 
 def resolve_resume(arg: str, checkpointer: Checkpointer, log: Optional[Callable[[str], None]] = None
                    ) -> Optional[Path]:
-    """``auto``: the run's latest checkpoint if any; ``none``: start fresh; else a checkpoint directory.
+    """``auto``: the run's latest checkpoint if any; ``none``: start fresh; else a checkpoint directory. A checkpoint
+    with a damaged file (``damaged_file``) is an error before anything is built to load it.
 
     A ``latest`` that names a checkpoint that is not there (deleted, or the directory copied without it) is never
     a silent fresh start: ``auto`` resumes from the newest complete ``step<N>`` checkpoint and says so (``log``),
     and is an error when there is none."""
+    path = _resume_path(arg, checkpointer, log)
+    damage = damaged_file(path) if path is not None else None
+    if damage is not None:
+        raise ConfigError("--resume", str(path), f"{damage}; resume from another checkpoint")
+    return path
+
+
+def _resume_path(arg: str, checkpointer: Checkpointer, log: Optional[Callable[[str], None]]) -> Optional[Path]:
     if arg == "none":
         return None
     if arg == "auto":
@@ -370,6 +380,20 @@ def resolve_resume(arg: str, checkpointer: Checkpointer, log: Optional[Callable[
     if not path.is_dir():
         raise ConfigError("--resume", arg, "must be auto, none, a checkpoint directory or a checkpoints directory")
     return path
+
+
+def damaged_file(checkpoint: Path) -> Optional[str]:
+    """The first file of ``checkpoint`` that ``torch.save`` wrote (``*.pt``: the engine's and ``rank<r>.pt``) and that
+    is not a whole zip archive, said in a few words (a save killed while writing, a copy cut short, a full disk); None
+    when every one is whole. Only each archive's directory is read, which a file cut short has lost (it is at the
+    end): checking the data too would read the whole checkpoint, gigabytes for the optimizer state."""
+    for file in sorted(checkpoint.glob("*.pt")):
+        try:
+            with zipfile.ZipFile(file):
+                pass
+        except (zipfile.BadZipFile, OSError) as err:
+            return f"{file.name} is damaged (not a whole torch.save archive: {err})"
+    return None
 
 
 def move_into_place(partial: Path, final: Path) -> None:

@@ -7,8 +7,9 @@ YAML, unknown key) is bad input, like for every other command: one line and exit
     check                 severity  flags
     schedule              error     ``build_schedule`` rejects the config (batch not divisible by the world size, ...)
     warmup-too-long       error     a warmup longer than its stage (from ``build_schedule``)
-    ds-config             error     ``derive_ds_config`` rejects it (owned keys, ZeRO-3); CPU optimizer offload with
-                                    ZeRO stage 0 (offload needs stage 1 or 2)
+    ds-config             error     ``derive_ds_config`` rejects it (owned keys, ZeRO-3, what DeepSpeed's own config
+                                    classes refuse); CPU optimizer offload with ZeRO stage 0 (offload needs stage 1
+                                    or 2)
                           warning   ``run.precision: bf16`` on a CPU (slow); optimizer offload on a CPU-only device
     model                 error     the model section does not resolve (``model_config_dict`` rejects it)
     data                  error     ``data.dir`` does not exist, has no ``manifest.json``, or it cannot be read
@@ -43,14 +44,16 @@ gpt2 or llama):
                                     x gradient_accumulation_steps x world size``); without ``--hf-args``, DeepSpeed's
                                     own rule (train batch = micro-batch x accumulation x world size) broken
     ds-config             error     a DeepSpeed clip, LR or precision value that differs from the Trainer's; a ZeRO
-                                    stage outside 0-3; bf16 and fp16 both enabled
+                                    stage outside 0-3; bf16 and fp16 both enabled; else a key or value DeepSpeed's
+                                    own config classes refuse (``deepspeed_refusal``: a misspelt key, a section that
+                                    is not a mapping, a value of the wrong type)
                           warning   ``"auto"`` values and no ``--hf-args`` to fill them: those keys are not checked
     grad-clip             warning   no gradient clipping (``gradient_clipping`` absent or <= 0, ``max_grad_norm``
                                     <= 0)
 
 The parameter count is computed from the transformers config fields (``pipeline.model.model_config_dict``) without
-building the model, so the command needs no torch. ``--device auto`` imports torch only to ask whether CUDA is
-available, and counts as CPU when torch is missing. ``lr_events`` (multiplicative LR changes) are not part of the LR
+building the model. The DeepSpeed JSON is checked with DeepSpeed's own config classes, which import torch (about 3 s
+on a CPU); nothing is built or allocated. ``lr_events`` (multiplicative LR changes) are not part of the LR
 checks: they usually anneal on purpose.
 """
 
@@ -72,7 +75,7 @@ from curriculum.errors import ConfigError
 from curriculum.schedule import LRWindow, Schedule, Stage, build_schedule
 from pipeline.commands import load_config_from_args, world_size_argument
 from pipeline.data import MANIFEST_FILE, read_manifest
-from pipeline.ds_config import cpu_offload, derive_ds_config, resolve_precision, zero_stage
+from pipeline.ds_config import cpu_offload, deepspeed_refusal, derive_ds_config, resolve_precision, zero_stage
 from pipeline.environment import sanitize_cuda_arch_list
 from pipeline.external import is_number, read_json_object
 from pipeline.model import model_config_dict
@@ -692,7 +695,10 @@ def check_trainer_settings(hf: Optional[Mapping[str, Any]], ds: Optional[Mapping
     values: dict[str, Any] = {}
     if ds is not None:
         values, findings = fill_auto(ds_values(ds, ds_name), hf, world_size, ds_name)
-        findings += check_ds_values(values, hf is None, world_size, ds_name)
+        own = check_ds_values(values, hf is None, world_size, ds_name)
+        findings += own
+        if not any(f.check == "ds-config" and f.severity == "error" for f in own):  # else DeepSpeed refuses that too
+            findings += check_deepspeed_accepts(ds, ds_name)
     lr: Optional[float] = None
     lr_field = ""
     if hf is not None:
@@ -798,6 +804,18 @@ def check_ds_values(values: Mapping[str, Any], alone: bool, world_size: int, ds_
                 "DeepSpeed needs train_batch_size = train_micro_batch_size_per_gpu x gradient_accumulation_steps x "
                 "world size; set two of them and it derives the third (check --world-size)"))
     return findings
+
+
+def check_deepspeed_accepts(ds: Mapping[str, Any], ds_name: str) -> list[Finding]:
+    """What DeepSpeed's own config classes refuse in a DeepSpeed JSON (``deepspeed_refusal``; its batch sizes are
+    judged by the batch checks): DeepSpeed stops on it at initialize."""
+    refusal = deepspeed_refusal(dict(ds))
+    if refusal is None:
+        return []
+    setting = f"{refusal.key} = {json.dumps(refusal.value)}: " if refusal.key else ""
+    return [Finding("error", "ds-config", f"{ds_name}: {refusal.key}" if refusal.key else ds_name,
+                    f"{setting}{refusal.allowed} (DeepSpeed stops at initialize on it)",
+                    "fix it as DeepSpeed's config reference says: https://www.deepspeed.ai/docs/config-json/")]
 
 
 def deepspeed_batch_problem(train: Optional[int], micro: Optional[int], accum: Optional[int], world_size: int

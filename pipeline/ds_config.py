@@ -5,18 +5,26 @@ batch sizes, gradient clipping, precision and the optimizer, so those keys may n
 overrides. Batch and clip are set for the first stage here and changed by the training loop at stage boundaries.
 What DeepSpeed would reject only when the engine starts is an error here: a template that is not a UTF-8 JSON
 object (or gives a key twice, or ``NaN``), a section that is not a mapping, an unknown offload device, a ZeRO stage
-other than 0-3, a non-finite number in the overrides. DeepSpeed's throughput timer, which synchronises the device
-at every micro-batch, is off unless the template or the overrides set it up (``timers.throughput``).
+other than 0-3, a non-finite number in the overrides; then whatever DeepSpeed's own config classes refuse in the
+result (a misspelt key at any depth, a value of the wrong type), found by running them on it without a GPU or a
+process group (``deepspeed_refusal``, which ``doctor --ds-config`` runs on a DeepSpeed JSON too). DeepSpeed's
+throughput timer, which synchronises the device at every micro-batch, is off unless the template or the overrides
+set it up (``timers.throughput``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import json
+import logging
 import math
+import os
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal, Optional
 
 from curriculum.config import Config
 from curriculum.errors import ConfigError
@@ -28,6 +36,7 @@ OWNED_KEYS = {
     "gradient_accumulation_steps": "curriculum stages (global_batch / micro_batch / world size)",
     "gradient_clipping": "curriculum stages (grad_clip)",
     "bf16": "run.precision",
+    "bfloat16": "run.precision (bfloat16 is DeepSpeed's old name for bf16)",
     "fp16": "run.precision (bf16, bf16-autocast or fp32)",
     "torch_autocast": "run.precision (bf16-autocast)",
     "optimizer": "the optimizer section (the training loop builds the optimizer)",
@@ -167,7 +176,17 @@ def derive_ds_config(config: Config, schedule: Schedule, precision: Precision) -
     })
     if precision == "bf16-autocast":
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    return ds
+    refusal = deepspeed_refusal(ds)
+    if refusal is None:
+        return ds
+    overrides = config.deepspeed.overrides
+    if refusal.key and _get(overrides, refusal.key) is not _ABSENT:
+        raise ConfigError(f"deepspeed.overrides.{refusal.key}", refusal.value, refusal.allowed)
+    if refusal.key:
+        raise ConfigError("deepspeed.template", template, f"sets {refusal.key} = {refusal.value!r}; {refusal.allowed}")
+    # settings that DeepSpeed refuses together, not one of them alone
+    raise ConfigError("deepspeed.overrides" if overrides else "deepspeed.template", overrides or template,
+                      refusal.allowed)
 
 
 _ABSENT = object()
@@ -190,6 +209,176 @@ def _check_numbers(value: Any, path: str) -> None:
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
         _check_numbers(item, f"{path}.{key}")
+
+
+# ------------------------------------------------------------------------------------- DeepSpeed's own validation
+
+DEEPSPEED_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+DEEPSPEED_MINIMAL = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}
+"""The batch DeepSpeed's config classes are run with instead of the one given: the run config's batch comes from
+its checked schedule, and doctor judges another tool's batch against the world size. DeepSpeed derives
+``train_batch_size`` = 1 x 1 x its world size, so this fits with a process group of any size or none (world size
+1)."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """What DeepSpeed refuses in a DeepSpeed JSON: the dotted key (``""`` for settings refused together), its value
+    and what is allowed."""
+
+    key: str
+    value: Any
+    allowed: str
+
+
+def deepspeed_refusal(ds: dict[str, Any]) -> Optional[Refusal]:
+    """The first thing DeepSpeed would refuse in ``ds`` when the engine starts, or None: a top-level key it does not
+    read (``deepspeed_keys``), then a section its config classes refuse, one section at a time (a pydantic error
+    names the class, not where in the JSON it sits), then the sections together (bf16 and fp16 both enabled)."""
+    known = deepspeed_keys()
+    for key, value in ds.items():
+        if key not in known:
+            return Refusal(key, value, f"unknown key; allowed: {', '.join(known)}")
+    sections = [({key: value}, key) for key, value in ds.items() if key not in DEEPSPEED_BATCH_KEYS]
+    for settings, where in [*sections, (ds, "")]:
+        refusal = _refusal(settings, where)
+        if refusal is not None:
+            return refusal
+    return None
+
+
+@contextlib.contextmanager
+def _deepspeed_config() -> Iterator[Any]:
+    """DeepSpeed's ``DeepSpeedConfig`` class, with DeepSpeed's log held back meanwhile: it writes to stdout, where
+    ``ds-config`` prints its JSON, and what it says (deprecated keys) it says again when the engine starts."""
+    import torch
+
+    from pipeline.environment import choose_accelerator
+
+    choose_accelerator(os.environ, torch.cuda.is_available())  # else DeepSpeed's first import logs its guess
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.utils import logger
+
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield DeepSpeedConfig
+    finally:
+        logger.setLevel(level)
+
+
+class _LookUps(dict):  # type: ignore[type-arg]
+    """Settings that note every key looked up in them, also through the shallow copy ``DeepSpeedConfig`` reads."""
+
+    def __init__(self, settings: dict[str, Any], looked_up: Optional[set[str]] = None) -> None:
+        super().__init__(settings)
+        self.looked_up: set[str] = set() if looked_up is None else looked_up
+
+    def __copy__(self) -> "_LookUps":
+        return _LookUps(self, self.looked_up)
+
+    def __getitem__(self, key: str) -> Any:
+        self.looked_up.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self.looked_up.add(str(key))
+        return super().__contains__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.looked_up.add(key)
+        return super().get(key, default)
+
+    def keys(self) -> "_LookUps":  # type: ignore[override]
+        return self  # `key in settings.keys()` goes through __contains__
+
+
+@functools.cache
+def deepspeed_keys() -> tuple[str, ...]:
+    """The top-level keys DeepSpeed reads, sorted. DeepSpeed keeps no list of them and ignores any other key (a
+    misspelt ``zero_optimisation`` leaves ZeRO off), so they are taken from ``DeepSpeedConfig`` itself: the keys it
+    looks up in a minimal config, less those it refuses for being there at all (features it has removed, such as
+    ``nebula``)."""
+    with _deepspeed_config() as deepspeed_config:
+        from deepspeed.runtime.config import DeepSpeedConfigError
+
+        probe = _LookUps(DEEPSPEED_MINIMAL)
+        deepspeed_config(probe)
+        removed = set()
+        for key in probe.looked_up:
+            try:
+                deepspeed_config({**DEEPSPEED_MINIMAL, key: None})
+            except DeepSpeedConfigError:
+                removed.add(key)
+            except Exception:  # None is no value for most settings; what matters is which are refused as such
+                pass
+    return tuple(sorted(probe.looked_up - removed))
+
+
+def _refusal(settings: dict[str, Any], where: str) -> Optional[Refusal]:
+    """What ``DeepSpeedConfig`` refuses in ``settings`` (with the batch of ``DEEPSPEED_MINIMAL``), or None; ``where``:
+    the key to blame when the error does not say (``""``: the settings together)."""
+    from pydantic import ValidationError
+
+    checked = {key: value for key, value in settings.items() if key not in DEEPSPEED_BATCH_KEYS}
+    with _deepspeed_config() as deepspeed_config:
+        try:
+            # a deep copy: DeepSpeed writes into the sections it reads (data_efficiency)
+            deepspeed_config({**copy.deepcopy(checked), **DEEPSPEED_MINIMAL})
+        except ValidationError as err:
+            error = err.errors()[0]
+            key = _key_at(checked, error["loc"], error["input"]) or where
+            if error["type"] != "extra_forbidden":
+                return Refusal(key, error["input"], error["msg"].removeprefix("Value error, "))
+            allowed = _allowed_keys(err.title, error["loc"][:-1])
+            listed = f"; allowed: {', '.join(allowed)}" if allowed else ""
+            return Refusal(key, error["input"], "unknown key" + listed)
+        except Exception as err:  # DeepSpeed's parsers raise what they hit: a TypeError for a section that is not a
+            # mapping, an AssertionError (bf16 and fp16 both on), a ValueError (an unknown dtype), DeepSpeedConfigError
+            return Refusal(where, checked.get(where), f"DeepSpeed refuses it: {' '.join(str(err).split())}"
+                                                      if str(err) else f"DeepSpeed refuses it ({type(err).__name__})")
+    return None
+
+
+def _key_at(settings: dict[str, Any], loc: tuple[Any, ...], value: Any) -> str:
+    """The dotted key in ``settings`` that a pydantic error's ``loc`` points at, or ``""``. ``loc`` starts at the
+    class that raised it, wherever DeepSpeed nests that class (an unknown key in ``timers.throughput`` is only
+    ``('enabledd',)``), so it is the key that ends with ``loc``, the one holding ``value`` where several do."""
+    if not loc:
+        return ""
+    ends = [(path, held) for path, held in _paths(settings) if path[-len(loc):] == tuple(loc)]
+    found = [path for path, held in ends if held == value] or [path for path, _ in ends]
+    return ".".join(map(str, found[0])) if found else ""
+
+
+def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """Every key path in nested mappings and lists, with the value there."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        yield (*prefix, key), value
+        yield from _paths(value, (*prefix, key))
+
+
+def _allowed_keys(class_name: str, loc: tuple[Any, ...]) -> list[str]:
+    """The keys DeepSpeed's config class ``class_name`` (a pydantic error names only the class) takes at ``loc``
+    inside it, deprecated ones left out; ``[]`` when that is not a class of DeepSpeed's."""
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    from curriculum.loading import model_in
+
+    classes, model = [DeepSpeedConfigModel], None
+    while classes and model is None:
+        cls = classes.pop()
+        model = cls if cls.__name__ == class_name else None
+        classes += cls.__subclasses__()
+    for part in (part for part in loc if not isinstance(part, int)):  # list indices skipped
+        fields = model.model_fields if model is not None else {}
+        field = next((f for name, f in fields.items() if part in (name, f.alias)), None)
+        model = model_in(field.annotation) if field is not None else None
+    if model is None:
+        return []
+    return [field.alias or name for name, field in model.model_fields.items()
+            if not (isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("deprecated"))]
 
 
 def zero_stage(ds: dict[str, Any]) -> int:

@@ -53,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from pipeline.commands import output_directory
     from pipeline.environment import choose_accelerator
 
     choose_accelerator(os.environ, torch.cuda.is_available())
@@ -60,9 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if not run_dir.config.is_file():
         raise ConfigError("RUN_DIR", args.run_dir, "has no config.json: give a run directory written by train")
     checkpoint = resolve_checkpoint(run_dir, args.checkpoint)
-    output = Path(args.output)
-    if output.exists() and not output.is_dir():
-        raise ConfigError("--output", args.output, "is a file; give a new or empty directory")
+    output = output_directory("--output", args.output)
     if output.is_dir() and any(output.iterdir()):
         raise ConfigError("--output", args.output, "is not empty; give a new or empty directory")
     max_seq_len = export_checkpoint(run_dir, checkpoint, output)
@@ -72,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
 
 def resolve_checkpoint(run_dir: RunDir, arg: str) -> Path:
     """``latest`` or ``best`` (the checkpoint the pointer names), a step number or a tag in the run's
-    ``checkpoints/``, or a checkpoint directory."""
-    from pipeline.checkpoint import BEST, LATEST, complete_checkpoints, pointed, tag_for
+    ``checkpoints/``, or a checkpoint directory; one with a damaged file is an error before the model is built."""
+    from pipeline.checkpoint import BEST, LATEST, complete_checkpoints, damaged_file, pointed, tag_for
 
     directory = run_dir.checkpoints
     pointer = directory / arg
@@ -84,6 +83,9 @@ def resolve_checkpoint(run_dir: RunDir, arg: str) -> Path:
     else:  # a tag (or the full copy older runs saved as best), or a directory anywhere
         path = pointer if pointer.is_dir() else Path(arg)
     if path is not None and path.is_dir():
+        damage = damaged_file(path)
+        if damage is not None:
+            raise ConfigError("--checkpoint", str(path), f"{damage}; export another checkpoint")
         return path
     available = [p.name for p in complete_checkpoints(directory)]
     if not available:

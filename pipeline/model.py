@@ -4,7 +4,8 @@ Presets follow the usual shapes: GPT-2 124M/350M/1.3B (GPT-3 paper table 2.1 wid
 the same width and depth (RoPE, RMSNorm, SwiGLU with ``intermediate_size ~ 8/3 d`` rounded to 64). ``tiny`` trains
 on a laptop CPU. Every field of the transformers config can be overridden from the YAML (``model.overrides``); the
 sizes, rates and switches the presets and the parameter count use are checked here, without torch, before any
-command starts (``check_model_overrides``).
+command starts (``check_model_overrides``), and so are the names transformers looks up in its tables when it builds
+the model (the activation, the RoPE type): their tables import torch, so only a config that overrides them does.
 
 Attention is PyTorch SDPA called with ``is_causal=True`` and no mask tensor (``causal_sdpa``, registered with
 transformers below). Training rows are never padded and always start at position 0, so the causal mask is all a
@@ -15,6 +16,7 @@ An exported model is saved with the stock ``sdpa`` implementation.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Optional
 
@@ -42,8 +44,9 @@ WIDTH_FIELD: dict[str, str] = {"llama": "hidden_size", "gpt2": "n_embd"}
 MAX_MODEL_SIZE = 2**24
 """Largest size an override may give (width, depth, heads, vocabulary, positions): 16,777,216."""
 
-# What the fields that the presets set, or that the parameter count reads, must be. They are checked here, without
-# transformers (``plan`` and ``doctor`` need no torch), before any model is built; transformers checks the rest.
+# What the fields that the presets set, or that the parameter count reads, must be, and the fields transformers looks
+# up in its tables only when it builds the model (a KeyError then). They are checked here, before any model is built;
+# transformers checks the rest.
 OVERRIDE_KINDS: dict[str, str] = {
     **dict.fromkeys(("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                      "max_position_embeddings", "vocab_size", "n_embd", "n_layer", "n_head", "n_positions"), "size"),
@@ -51,6 +54,8 @@ OVERRIDE_KINDS: dict[str, str] = {
     **dict.fromkeys(("rope_theta", "rms_norm_eps", "layer_norm_epsilon", "initializer_range"), "positive"),
     **dict.fromkeys(("attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"), "probability"),
     **dict.fromkeys(("tie_word_embeddings", "attention_bias", "mlp_bias", "scale_attn_weights"), "switch"),
+    **dict.fromkeys(("hidden_act", "activation_function"), "activation"),  # Llama's, GPT-2's
+    **dict.fromkeys(("rope_scaling", "rope_parameters"), "rope"),  # transformers 4's name, 5's
 }
 
 
@@ -114,7 +119,7 @@ def _apply_overrides(model: ModelConfig, fields: dict[str, Any]) -> dict[str, st
         if problem:
             raise ConfigError(f"model.overrides.{key}", value, problem)
         given[field] = key
-        fields[field] = value
+        fields[field] = copy.deepcopy(value)  # transformers writes into the mappings it gets (rope_scaling)
     _check_heads(model, fields, given)
     return given
 
@@ -125,6 +130,12 @@ def _kind_problem(kind: Optional[str], value: Any) -> Optional[str]:
         return None  # a field transformers checks when the model is built
     if kind == "switch":
         return None if isinstance(value, bool) else "must be true or false"
+    if kind == "activation":
+        from transformers.activations import ACT2FN
+
+        return None if isinstance(value, str) and value in ACT2FN else f"must be one of {', '.join(sorted(ACT2FN))}"
+    if kind == "rope":
+        return _rope_problem(value)
     if kind.startswith("size"):
         if (value is None and kind == "size or null") or (type(value) is int and 1 <= value <= MAX_MODEL_SIZE):
             return None
@@ -133,6 +144,22 @@ def _kind_problem(kind: Optional[str], value: Any) -> Optional[str]:
     if kind == "positive":
         return None if number and value > 0 else "must be a finite number > 0"
     return None if number and 0 <= value <= 1 else "must be a number from 0 to 1"
+
+
+def _rope_problem(value: Any) -> Optional[str]:
+    """What is wrong with RoPE settings (``{rope_type: linear, factor: 2.0}``, or null), or None: transformers finds a
+    ``rope_type`` of none of its own (``type`` in older configs) only when it builds the rotary embedding."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        return "must be a mapping, e.g. {rope_type: linear, factor: 2.0}, or null"
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope_types = sorted({"default", *ROPE_INIT_FUNCTIONS})  # "default" is computed apart in transformers 5
+    rope_type = value.get("rope_type", value.get("type", "default"))
+    if rope_type in rope_types:
+        return None
+    return f"rope_type {rope_type!r} is not one of transformers' RoPE types: {', '.join(rope_types)}"
 
 
 def _check_heads(model: ModelConfig, fields: dict[str, Any], given: dict[str, str]) -> None:
@@ -199,7 +226,7 @@ def build_model(model: ModelConfig, vocab_size: int, max_seq_len: int, eot_id: i
 
     try:
         hf_config = AutoConfig.for_model(model_type, **fields)
-    except (TypeError, ValueError, StrictDataclassError) as err:
+    except (TypeError, ValueError, KeyError, StrictDataclassError) as err:  # KeyError: RoPE settings it lacks
         raise ConfigError("model.overrides", model.overrides,
                           f"rejected by transformers: {' '.join(str(err).split())}") from None
     # A config stores any keyword it does not know as an attribute, so the built config has every key, typos

@@ -7,7 +7,8 @@ Sections, one per class of bad input:
    twice in one mapping, a non-finite ``lr-find`` ramp;
 2. environment variables: the error names the ``CPT_*`` variable behind it;
 3. upper bounds: counts far past any run are errors naming the bound, never a hang;
-4. values a library would reject later: optimizer ranges, ``model.overrides``, DeepSpeed sections and templates;
+4. values a library would reject later: optimizer ranges, ``model.overrides`` (activation and RoPE type included),
+   DeepSpeed sections and templates, and whatever DeepSpeed's own config classes refuse in the merged JSON;
 5. float options of the commands: ``nan`` and ``inf`` are not numbers they take.
 
 ``plan``, ``ds-config`` and ``doctor`` stand in for ``train`` and ``lr-find``: all load the config through the same
@@ -287,6 +288,11 @@ MODEL_OVERRIDES = [
     Case("doctor: bad override is bad input", ("doctor", "--config", "tiny-cpu", "--device", "cpu", "--set",
                                                "model.overrides.vocab_size=0"),
          "error: model.overrides.vocab_size = 0: must be a whole number from 1 to 16,777,216"),
+    Case("an activation transformers has not", plan("model.overrides.hidden_act=nosuch"),
+         "error: model.overrides.hidden_act = 'nosuch': must be one of gelu, "),
+    Case("a RoPE type transformers has not", plan("model.overrides.rope_scaling={rope_type: bogus, factor: 2.0}"),
+         "error: model.overrides.rope_scaling = {'rope_type': 'bogus', 'factor': 2.0}: rope_type 'bogus' is not one "
+         "of transformers' RoPE types: default, "),
 ]
 
 DEEPSPEED = [
@@ -307,6 +313,29 @@ DEEPSPEED = [
          "error: deepspeed.overrides.timers.throughput.enabled = None: must be true or false"),
     Case("a non-finite override", ds_config("deepspeed.overrides.zero_optimization.reduce_bucket_size=.nan"),
          "error: deepspeed.overrides.zero_optimization.reduce_bucket_size = nan: must be a finite number"),
+    # what DeepSpeed's own config classes refuse, or (a top-level key) ignore, in the merged JSON
+    Case("a misspelt ZeRO key", ds_config("deepspeed.overrides.zero_optimization.stagee=1"),
+         "error: deepspeed.overrides.zero_optimization.stagee = 1: unknown key; allowed: stage, "
+         "contiguous_gradients, "),
+    Case("a ZeRO value of the wrong type", ds_config("deepspeed.overrides.zero_optimization.reduce_bucket_size=abc"),
+         "error: deepspeed.overrides.zero_optimization.reduce_bucket_size = 'abc': Input should be a valid integer"),
+    Case("a misspelt key of a nested section", ds_config("deepspeed.overrides.timers.throughput.enable=false"),
+         "error: deepspeed.overrides.timers.throughput.enable = False: unknown key; allowed: enabled, synchronized"),
+    Case("a misspelt top-level key", ds_config("deepspeed.overrides.zero_optimisation.stage=1"),
+         "error: deepspeed.overrides.zero_optimisation = {'stage': 1}: unknown key; allowed: "
+         "activation_checkpointing, "),
+    Case("an unknown top-level key", ds_config("deepspeed.overrides.bogus=1"),
+         "error: deepspeed.overrides.bogus = 1: unknown key; allowed: "),
+    Case("bf16 under DeepSpeed's old name", ds_config("deepspeed.overrides.bfloat16.enabled=true"),
+         "error: deepspeed.overrides.bfloat16 = {'enabled': True}: derived from run.precision"),
+    Case("settings DeepSpeed refuses together", ds_config("deepspeed.template=zero2",
+                                                          "deepspeed.overrides.zero_optimization.stage=3",
+                                                          "deepspeed.overrides.gradient_allreduce_op=sum"),
+         "error: deepspeed.overrides = {'zero_optimization': {'stage': 3}, 'gradient_allreduce_op': 'sum'}: DeepSpeed "
+         "refuses it: gradient_allreduce_op='sum' is not supported with ZeRO stage 3"),
+    Case("a misspelt key in a template", ds_config("deepspeed.template={tmp}/typo.json"),
+         "error: deepspeed.template = '{tmp}/typo.json': sets zero_optimization.overlap_com = True; unknown key; "
+         "allowed: stage, ", files={"typo.json": '{"zero_optimization": {"stage": 1, "overlap_com": true}}'}),
     Case("template not UTF-8", ds_config("deepspeed.template={tmp}/latin1.json"),
          "error: deepspeed.template = '{tmp}/latin1.json': cannot read it as UTF-8 text",
          files={"latin1.json": '{"wall_clock_breakdown": false, "note": "caf\xe9"}'.encode("latin-1")}),

@@ -246,6 +246,27 @@ def test_resolve_resume_bad_path(tmp_path: Path, bad: str) -> None:
     assert err.value.value == str(tmp_path / bad)
 
 
+@pytest.mark.parametrize("damaged", ["rank0.pt", "mp_rank_00_model_states.pt"])
+def test_a_checkpoint_with_a_file_cut_short_is_refused_before_loading(tmp_path: Path, damaged: str) -> None:
+    """A checkpoint file cut short (a save killed while writing, a copy interrupted): ``--resume`` auto or the
+    directory is one ConfigError naming the checkpoint and the file, before the engine is built, instead of torch's
+    zip-reader RuntimeError when it loads; an older whole checkpoint still resumes."""
+    directory = tmp_path / "checkpoints"
+    checkpointer = Checkpointer(directory, keep=3, rank=0)
+    older, newer = save_steps(checkpointer, FakeEngine(), 100, 200)
+    # the engine's weights file, as DeepSpeed names it
+    torch.save({"module": {}}, newer / "mp_rank_00_model_states.pt")
+    file = newer / damaged
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    for arg in ("auto", str(newer)):
+        with pytest.raises(ConfigError) as err:
+            resolve_resume(arg, checkpointer)
+        assert (err.value.field, err.value.value) == ("--resume", str(newer))
+        assert err.value.allowed.startswith(f"{damaged} is damaged (not a whole torch.save archive: ")
+        assert err.value.allowed.endswith("; resume from another checkpoint")
+    assert resolve_resume(str(older), checkpointer) == older
+
+
 # --------------------------------------------------------------------------------------------------- loading
 
 

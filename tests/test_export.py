@@ -366,3 +366,24 @@ def test_bad_input_is_one_line_and_writes_nothing(run: Path, tmp_path: Path) -> 
     assert a_file.read_text() == "keep me"
     assert_one_error_line(export(run, "--output", str(not_empty)), f"error: --output = '{not_empty}': is not empty")
     assert [p.name for p in not_empty.iterdir()] == ["keep.txt"]
+
+
+def test_a_damaged_checkpoint_and_an_output_below_a_file_are_one_line(run: Path, tmp_path: Path) -> None:
+    """A checkpoint whose weights file is cut short (a copy interrupted) is one line naming the checkpoint and the
+    file, before the model is built, instead of torch's zip-reader RuntimeError; an output path below a file is one
+    line before anything is read, instead of a NotADirectoryError when the files are written."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged, ignore=shutil.ignore_patterns("final"))
+    latest = damaged / "checkpoints" / LATEST
+    weights = latest / "mp_rank_00_model_states.pt"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    output = tmp_path / "output"
+    assert_one_error_line(export(damaged, "--output", str(output)),
+                          f"error: --checkpoint = '{latest}': mp_rank_00_model_states.pt is damaged (not a whole "
+                          "torch.save archive: ")
+    assert not output.exists()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    assert_one_error_line(export(run, "--output", str(a_file / "sub")),
+                          f"error: --output = '{a_file / 'sub'}': {a_file} is a file; give a directory")
+    assert a_file.read_text() == "keep me"

@@ -369,6 +369,38 @@ def test_deepspeed_json_checks(tmp_path: Path, capsys: pytest.CaptureFixture[str
         ("warning", "grad-clip", "ds.json: gradient_clipping")]
 
 
+@pytest.mark.parametrize(("fields", "field", "says", "deepspeed_says"), [
+    ({"zero_optimization": {"stage": 2, "stagee": 1}}, "zero_optimization.stagee",
+     "zero_optimization.stagee = 1: unknown key; allowed: stage, ", "Extra inputs are not permitted"),
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "abc"}}, "zero_optimization.reduce_bucket_size",
+     "Input should be a valid integer", "valid integer"),
+    ({"zero_optimization": 2}, "zero_optimization", "must be a mapping, not int", "must be a mapping"),
+    ({"bf16": True}, "bf16", "must be a mapping, not bool", "must be a mapping"),
+    ({"zero_optimisation": {"stage": 2}}, "zero_optimisation", "unknown key; allowed: activation_checkpointing, ",
+     None),
+], ids=["misspelt ZeRO key", "ZeRO value of the wrong type", "ZeRO not a mapping", "bf16 not a mapping",
+        "misspelt top-level key"])
+def test_what_deepspeed_refuses_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], fields: dict[str, Any],
+                                           field: str, says: str, deepspeed_says: str | None) -> None:
+    """A DeepSpeed JSON with a key or value DeepSpeed's own config classes refuse (a misspelt key, a section that is
+    not a mapping) is an error finding naming the key, where doctor found nothing before; DeepSpeedConfig refuses it
+    too, and ignores a misspelt top-level key (ZeRO stays off), which is an error here for that reason."""
+    config = {"train_batch_size": 8, "gradient_clipping": 1.0, **fields}
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps(config))
+    status, findings = doctor(capsys, "--ds-config", str(ds_json))
+    from deepspeed.runtime.config import DeepSpeedConfig  # after doctor, which says which accelerator before importing
+
+    assert status == 1 and checks(findings) == [("error", "ds-config")]
+    assert findings[0]["field"] == f"ds.json: {field}"
+    assert says in findings[0]["message"]
+    if deepspeed_says is None:
+        assert DeepSpeedConfig(config).zero_optimization_stage == 0
+    else:
+        with pytest.raises(Exception, match=deepspeed_says):
+            DeepSpeedConfig(config)
+
+
 def test_auto_values_without_arguments_are_not_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A DeepSpeed JSON meant for the Trainer, checked alone: one warning naming what only the Trainer fills in."""
     status, findings = doctor(capsys, "--ds-config", str(ds_config(tmp_path)))

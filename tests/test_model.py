@@ -15,7 +15,8 @@ from conftest import make_config
 from curriculum.config import ModelConfig
 from curriculum.errors import ConfigError
 from curriculum.schedule import build_schedule
-from pipeline.model import build_model, flops_per_token, matmul_params, model_config_dict, padded_vocab_size
+from pipeline.model import (build_model, check_model_overrides, flops_per_token, matmul_params, model_config_dict,
+                            padded_vocab_size)
 
 VOCAB = 300  # a small byte-level BPE; padded to 320 = 5 x 64
 EOT_ID = 0
@@ -111,6 +112,38 @@ def test_unknown_override_key(arch: str) -> None:
         build_model(model, VOCAB, MAX_SEQ_LEN, EOT_ID)
     assert err.value.field == "model.overrides.num_hidden_layer"
     assert "not a field of" in str(err.value)
+
+
+@pytest.mark.parametrize(("arch", "overrides", "field", "says"), [
+    ("llama", {"hidden_act": "nosuch"}, "model.overrides.hidden_act", "must be one of gelu, "),
+    ("gpt2", {"activation_function": "nosuch"}, "model.overrides.activation_function", "must be one of gelu, "),
+    ("llama", {"rope_scaling": {"rope_type": "bogus", "factor": 2.0}}, "model.overrides.rope_scaling",
+     "rope_type 'bogus' is not one of transformers' RoPE types: default, dynamic, linear, "),
+    ("llama", {"rope_parameters": {"type": "bogus"}}, "model.overrides.rope_parameters", "rope_type 'bogus'"),
+    ("llama", {"rope_scaling": 3}, "model.overrides.rope_scaling", "must be a mapping"),
+], ids=["llama activation", "gpt2 activation", "rope_type", "rope type (old key)", "rope not a mapping"])
+def test_names_transformers_looks_up_are_checked_before_building(arch: str, overrides: dict[str, Any], field: str,
+                                                                 says: str) -> None:
+    """An activation or RoPE type that is none of transformers' own is a ConfigError naming the override when the
+    config is checked (plan, doctor), not a KeyError from inside transformers when the model is built; its
+    tables' names pass."""
+    with pytest.raises(ConfigError) as err:
+        check_model_overrides(ModelConfig(arch=arch, overrides=overrides))
+    assert err.value.field == field
+    assert says in err.value.allowed
+    check_model_overrides(ModelConfig(arch="llama", overrides={"hidden_act": "gelu_new", "rope_scaling": {
+        "rope_type": "linear", "factor": 2.0}}))
+    check_model_overrides(ModelConfig(arch="gpt2", overrides={"activation_function": "relu"}))
+
+
+def test_rope_settings_transformers_refuses_are_one_error_and_stay_as_written() -> None:
+    """A RoPE type without its required factor: transformers' KeyError becomes a ConfigError naming the overrides as
+    the user wrote them (transformers writes into the mapping it gets)."""
+    model = ModelConfig(arch="llama", overrides={"rope_scaling": {"rope_type": "linear"}})
+    with pytest.raises(ConfigError, match="Missing required keys") as err:
+        build_model(model, VOCAB, MAX_SEQ_LEN, EOT_ID)
+    assert err.value.field == "model.overrides"
+    assert model.overrides == {"rope_scaling": {"rope_type": "linear"}}
 
 
 @pytest.mark.parametrize(("arch", "overrides"), [
