@@ -74,8 +74,9 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.commands import load_config_from_args, output_file
 
     if args.from_train is not None:
-        output = output_file("--output", args.output) if args.output else None
-        return from_train(Path(args.from_train), Path(args.against) if args.against else None, output)
+        run_dir = Path(args.from_train)
+        output = output_file("--output", args.output or run_dir / "bench-from-train.json")
+        return from_train(run_dir, Path(args.against) if args.against else None, output)
     if args.config is None:
         raise ConfigError("--config", None, "required (or --from-train RUN_DIR)")
     if args.against is not None:
@@ -325,15 +326,14 @@ def profile_step(step: Callable[[], Any], device: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------- --from-train
 
 
-def from_train(run_dir: Path, against: Optional[Path], output: Optional[Path]) -> int:
+def from_train(run_dir: Path, against: Optional[Path], output: Path) -> int:
     """Per-stage throughput; compile, evaluation and start-up time and the non-training share of a train run's wall
     time."""
     report = train_report(run_dir, against)
     for line in format_train_report(report):
         print(line)
-    out = output or run_dir / "bench-from-train.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {output}")
     return 0
 
 

@@ -389,6 +389,9 @@ def damaged_file(checkpoint: Path) -> Optional[str]:
     end): checking the data too would read the whole checkpoint, gigabytes for the optimizer state."""
     for file in sorted(checkpoint.glob("*.pt")):
         try:
+            with file.open("rb") as head:
+                if head.read(1) == b"\x80":  # a pickle: torch.save's legacy format
+                    continue  # (DeepSpeed's checkpoint.checkpoint_serialization: false), with no directory to read
             with zipfile.ZipFile(file):
                 pass
         except (zipfile.BadZipFile, OSError) as err:

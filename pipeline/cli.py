@@ -15,7 +15,8 @@
 
 Each command module owns its arguments (``add_arguments``) and its ``run``; ``plan``, ``recipes`` and ``ds-config``,
 which need no more than the config, live here. Command modules import torch only inside ``run``, so ``plan`` and
-``recipes`` never import it. ``--version`` prints the version ``setup.py`` gives (``package_version``).
+``recipes`` do not import it (unless ``model.overrides`` names an activation or a RoPE type: transformers' tables of
+them do). ``--version`` prints the version ``setup.py`` gives (``package_version``).
 Bad input of any kind exits with status 2 and one line naming the field, the value and what is allowed
 (``pipeline.commands``).
 """

@@ -99,6 +99,8 @@ def _check_writable(flag: str, path: Path, directory: Path, wanted: str) -> None
     """Raise ``ConfigError`` (``flag`` = ``path``: what is wrong; give ``wanted``) unless ``directory`` can be written
     into once made: its nearest existing ancestor (itself, if it exists) is a directory this process may write into.
     """
+    if path.is_file() and not os.access(path, os.W_OK):
+        raise ConfigError(flag, str(path), f"is a file that cannot be written; give {wanted} you can write to")
     ancestor = next(p for p in (directory, *directory.parents) if p.exists())  # "." or "/" at the latest
     named = "" if ancestor == path else f"{ancestor} "
     if not ancestor.is_dir():

@@ -293,6 +293,11 @@ class _LookUps(dict):  # type: ignore[type-arg]
         return self  # `key in settings.keys()` goes through __contains__
 
 
+READ_ELSEWHERE = {"sequence_parallel_size", "data_parallel_size"}
+"""Top-level keys DeepSpeed reads outside ``DeepSpeedConfig`` or only with a process group (``deepspeed.initialize``,
+``DeepSpeedConfig`` once ``deepspeed.comm`` is set up), so the probe below may not see them."""
+
+
 @functools.cache
 def deepspeed_keys() -> tuple[str, ...]:
     """The top-level keys DeepSpeed reads, sorted. DeepSpeed keeps no list of them and ignores any other key (a
@@ -312,7 +317,7 @@ def deepspeed_keys() -> tuple[str, ...]:
                 removed.add(key)
             except Exception:  # None is no value for most settings; what matters is which are refused as such
                 pass
-    return tuple(sorted(probe.looked_up - removed))
+    return tuple(sorted((probe.looked_up | READ_ELSEWHERE) - removed))
 
 
 def _refusal(settings: dict[str, Any], where: str) -> Optional[Refusal]:
@@ -322,6 +327,8 @@ def _refusal(settings: dict[str, Any], where: str) -> Optional[Refusal]:
 
     checked = {key: value for key, value in settings.items() if key not in DEEPSPEED_BATCH_KEYS}
     with _deepspeed_config() as deepspeed_config:
+        from deepspeed.runtime.config import DeepSpeedConfigError  # after the accelerator is chosen
+
         try:
             # a deep copy: DeepSpeed writes into the sections it reads (data_efficiency)
             deepspeed_config({**copy.deepcopy(checked), **DEEPSPEED_MINIMAL})
@@ -333,8 +340,9 @@ def _refusal(settings: dict[str, Any], where: str) -> Optional[Refusal]:
             allowed = _allowed_keys(err.title, error["loc"][:-1])
             listed = f"; allowed: {', '.join(allowed)}" if allowed else ""
             return Refusal(key, error["input"], "unknown key" + listed)
-        except Exception as err:  # DeepSpeed's parsers raise what they hit: a TypeError for a section that is not a
-            # mapping, an AssertionError (bf16 and fp16 both on), a ValueError (an unknown dtype), DeepSpeedConfigError
+        except (TypeError, AssertionError, ValueError, KeyError, DeepSpeedConfigError) as err:  # what DeepSpeed's
+            # parsers raise on what they are given: a TypeError for a section that is not a mapping, an AssertionError
+            # (bf16 and fp16 both on), a ValueError (an unknown dtype); anything else is DeepSpeed's own failure
             return Refusal(where, checked.get(where), f"DeepSpeed refuses it: {' '.join(str(err).split())}"
                                                       if str(err) else f"DeepSpeed refuses it ({type(err).__name__})")
     return None

@@ -94,17 +94,20 @@ def read_numbered(path: Path, strict: bool = False) -> list[tuple[int, Record]]:
     return records
 
 
-NUMBER_FIELDS: dict[str, dict[str, bool]] = {
-    "train": {"step": False, "stage": False, "seq_len": False, "loss": False, "grad_norm": True, "grad_clip": True,
-              "tok_per_s": False, "tokens": True, "global_batch": True, "mfu": True, "elapsed_s": True,
-              "train_s": True, "world_size": True},
-    "eval": {"step": False, "eval_loss": False, "tokens": True, "eval_s": True, "train_s": True, "elapsed_s": True},
-    "guard": {"step": False},
-    "compile": {"step": False, "warmup_s": True},
+NUMBER_FIELDS: dict[str, dict[str, str]] = {
+    "train": {"step": "required", "stage": "required", "seq_len": "required", "loss": "required",
+              "grad_norm": "nullable", "grad_clip": "nullable", "tok_per_s": "required", "tokens": "optional",
+              "global_batch": "optional", "mfu": "nullable", "elapsed_s": "optional", "train_s": "optional",
+              "world_size": "optional"},
+    "eval": {"step": "required", "eval_loss": "required", "tokens": "optional", "eval_s": "optional",
+             "train_s": "optional", "elapsed_s": "optional"},
+    "guard": {"step": "required"},
+    "compile": {"step": "required", "warmup_s": "optional"},
 }
-"""Per kind of line, the numbers its readers (diagnose, compare, bench --from-train) take from it, and whether the
-field may be null or missing (older runs lack ``world_size``, ``train_s``...; ``mfu`` is null where the device's
-peak FLOPs are unknown)."""
+"""Per kind of line, the numbers its readers (diagnose, compare, bench --from-train) take from it: ``required``;
+``optional``, a number when present (older runs lack ``world_size``, ``train_s``...); ``nullable``, a number or
+null (``grad_norm`` where DeepSpeed computes it after the update, ``mfu`` where the device's peak FLOPs are
+unknown)."""
 
 
 def read_checked(path: Path, strict: bool = False) -> list[Record]:
@@ -114,14 +117,14 @@ def read_checked(path: Path, strict: bool = False) -> list[Record]:
     records = []
     for number, record in read_numbered(path, strict):
         kind = record.get("kind")
-        for field, nullable in (NUMBER_FIELDS.get(kind, {}) if isinstance(kind, str) else {}).items():
+        for field, need in (NUMBER_FIELDS.get(kind, {}) if isinstance(kind, str) else {}).items():
             value = record.get(field)
-            if value is None and nullable:
+            if (need == "optional" and field not in record) or (need == "nullable" and value is None):
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{path}:{number}: {field}", value,
                                   f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} line needs a number"
-                                  + (" or null" if nullable else ""))
+                                  + (" or null" if need == "nullable" else ""))
         records.append(record)
     return records
 

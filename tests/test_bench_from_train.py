@@ -194,6 +194,17 @@ def test_an_output_it_cannot_write_is_refused_before_anything_runs(tmp_path: Pat
     assert a_file.read_text() == "keep me\n"
 
 
+def test_the_default_report_path_is_checked_too(tmp_path: Path) -> None:
+    """Without ``--output`` the report goes to RUN_DIR/bench-from-train.json; where a directory has that name it
+    is the same one line, before the run is read."""
+    run = write_run(tmp_path / "run", 1, ONE_GPU_TOK_PER_S)
+    (run / "bench-from-train.json").mkdir()
+    result = run_cli(["bench", "--from-train", str(run)])
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"error: --output = '{run}/bench-from-train.json': is a directory; give a file path"]
+    assert result.stdout == ""
+
+
 def test_a_rounding_remainder_prints_as_zero_not_minus_zero() -> None:
     """The rest of the wall time is a difference of measured times: -0.001 s (a rounding remainder) prints as 0.0 s;
     a real negative remainder still shows."""

@@ -267,6 +267,16 @@ def test_a_checkpoint_with_a_file_cut_short_is_refused_before_loading(tmp_path: 
     assert resolve_resume(str(older), checkpointer) == older
 
 
+def test_a_checkpoint_in_torch_saves_legacy_format_is_not_taken_for_damaged(tmp_path: Path) -> None:
+    """DeepSpeed writes torch.save's legacy (pickle, not zip) format when ``checkpoint.checkpoint_serialization`` is
+    false: such a checkpoint resumes, where the zip check alone would call every file of it damaged."""
+    directory = tmp_path / "checkpoints"
+    checkpointer = Checkpointer(directory, keep=3, rank=0)
+    (newer,) = save_steps(checkpointer, FakeEngine(), 100)
+    torch.save({"module": {}}, newer / "mp_rank_00_model_states.pt", _use_new_zipfile_serialization=False)
+    assert resolve_resume("auto", checkpointer) == newer
+
+
 # --------------------------------------------------------------------------------------------------- loading
 
 

@@ -151,13 +151,15 @@ def test_what_compare_cannot_compare_is_one_error(tmp_path: Path, make: object, 
 @pytest.mark.parametrize(("line", "field", "value", "allowed"), [
     (5, "loss", None, "a train line needs a number"),
     (10, "eval_loss", "high", "an eval line needs a number"),
-    (10, "elapsed_s", "late", "an eval line needs a number or null"),
-], ids=["train-loss-null", "eval-loss-a-string", "eval-seconds-a-string"])
+    (10, "elapsed_s", "late", "an eval line needs a number"),
+    (10, "tokens", None, "an eval line needs a number"),
+    (5, "mfu", "high", "a train line needs a number or null"),
+], ids=["train-loss-null", "eval-loss-a-string", "eval-seconds-a-string", "eval-tokens-null", "train-mfu-a-string"])
 def test_a_metrics_value_that_is_not_a_number_is_one_error(tmp_path: Path, line: int, field: str,
                                                            value: Optional[str], allowed: str) -> None:
-    """A value a run never writes (line 5: step 4's train line; line 10: the evaluation after step 9) is the one
-    line ``diagnose`` gives for it, naming the file, the line, the field and the value; not a TypeError, and
-    nothing is written."""
+    """A value a run never writes (line 5: step 4's train line; line 10: the evaluation after step 9; null only
+    where a run writes null, as for ``mfu``) is the one line ``diagnose`` gives for it, naming the file, the line,
+    the field and the value; not a TypeError, and nothing is written."""
     base = write_run(tmp_path / "baseline", BASELINE)
     other = write_run(tmp_path / "other", FASTER)
     lines = (other / "metrics.jsonl").read_text().splitlines()

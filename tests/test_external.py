@@ -252,6 +252,7 @@ def ds_config(tmp_path: Path, **fields: Any) -> Path:
 
 def doctor(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[dict[str, Any]]]:
     """``doctor ARGS --json`` in this process: the exit status and the findings."""
+    capsys.readouterr()  # what the test printed before (DeepSpeed's accelerator guess on import) is not doctor's
     status = main(["doctor", *args, "--json"])
     return status, json.loads(capsys.readouterr().out)["findings"]
 
@@ -310,10 +311,10 @@ def test_deepspeed_alone_batch_rule_as_deepspeed_checks_it(tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     """Without TrainingArguments, DeepSpeed's own rule: 16 != 4 x 2 x 1 is an error, and DeepSpeedConfig refuses
     it; 8 = 4 x 2 x 1 passes both."""
-    from deepspeed.runtime.config import DeepSpeedConfig
-
     batch = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0}
     status, findings = doctor(capsys, "--ds-config", str(ds_config(tmp_path, **batch, train_batch_size=16)))
+    from deepspeed.runtime.config import DeepSpeedConfig  # after doctor, which says which accelerator before importing
+
     assert status == 1 and checks(findings) == [("error", "batch-mismatch")]
     assert "= 8" in findings[0]["message"]
     with pytest.raises(AssertionError, match="train_batch_size is not equal"):

@@ -381,14 +381,16 @@ def test_a_checkpoint_resumes_on_another_world_size(saved: int, resumed: int, te
 @pytest.mark.multiprocess
 def test_a_failed_conversion_for_another_world_size_ends_every_rank_with_the_error(config: Path, tmp_path: Path,
                                                                                     stopped_w1_zero2: Run) -> None:
-    """A ZeRO-2 checkpoint of 1 rank whose optimizer file is damaged, resumed on 2: rank 0's conversion fails, the
-    other rank, waiting for it, reads the same error; both exit with it (none waits forever), and nothing half-made
-    is left in the checkpoint."""
+    """A ZeRO-2 checkpoint of 1 rank whose optimizer file holds no optimizer state (a whole archive: one cut short
+    is refused before any conversion), resumed on 2: rank 0's conversion fails, the other rank, waiting for it, reads
+    the same error; both exit with it (none waits forever), and nothing half-made is left in the checkpoint."""
+    import torch
+
     run_dir = copy_run(stopped_w1_zero2, tmp_path / "run").dir
     template_set = ("--set", "deepspeed.template=zero2")
     checkpoint = run_dir / "checkpoints" / f"step{STOP_STEP:08d}"
     (optimizer_file,) = checkpoint.glob("zero_pp_rank_0_*optim_states.pt")
-    optimizer_file.write_bytes(optimizer_file.read_bytes()[:100])
+    torch.save({}, optimizer_file)
     proc = subprocess.run(two_ranks("torchrun", "-m", "pipeline.train", *train_args(config, run_dir, *template_set)),
                           cwd=REPO_ROOT, env=process_env(), capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: --resume = ")]
