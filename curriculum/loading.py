@@ -257,23 +257,31 @@ def _field_loc(loc: tuple[Any, ...]) -> list[str]:
         if model is None:
             continue  # inside a field that is not a section: a union member's tag
         keys.append(str(part))
-        field = model.model_fields.get(str(part))
-        model = model_in(field.annotation) if field is not None else None
+        model = field_section(model, str(part))
     return keys
 
 
 def _allowed_keys(loc: list[str]) -> list[str]:
     """Field names of the config section at ``loc`` (list indices skipped)."""
-    model: type[BaseModel] = Config
-    for key in loc:
-        if key.isdigit():
-            continue
-        annotation = model.model_fields[key].annotation if key in model.model_fields else None
-        nested = model_in(annotation)
-        if nested is None:
-            return []
-        model = nested
-    return list(model.model_fields)
+    section = section_at(Config, loc)
+    return list(section.model_fields) if section is not None else []
+
+
+def field_section(model: Optional[type[BaseModel]], key: Any) -> Optional[type[BaseModel]]:
+    """The section (pydantic model) that the field ``key`` (its name or its alias) of ``model`` holds, or None where
+    ``model`` has no such field or the field is a value."""
+    fields = model.model_fields if model is not None else {}
+    field = next((f for name, f in fields.items() if key in (name, f.alias)), None)
+    return model_in(field.annotation) if field is not None else None
+
+
+def section_at(model: Optional[type[BaseModel]], keys: Iterable[Any]) -> Optional[type[BaseModel]]:
+    """The section that ``keys`` (field names or aliases; list indices, ints or digit strings, skipped) lead to
+    from ``model``, or None where one of them is not a section."""
+    for key in keys:
+        if not (isinstance(key, int) or str(key).isdigit()):
+            model = field_section(model, key)
+    return model
 
 
 def model_in(annotation: Any) -> Optional[type[BaseModel]]:

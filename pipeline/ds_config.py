@@ -240,10 +240,11 @@ def deepspeed_refusal(ds: dict[str, Any]) -> Optional[Refusal]:
         if key not in known:
             return Refusal(key, value, f"unknown key; allowed: {', '.join(known)}")
     sections = [({key: value}, key) for key, value in ds.items() if key not in DEEPSPEED_BATCH_KEYS]
-    for settings, where in [*sections, (ds, "")]:
-        refusal = _refusal(settings, where)
-        if refusal is not None:
-            return refusal
+    with _deepspeed_config() as deepspeed_config:
+        for settings, where in [*sections, (ds, "")]:
+            refusal = _refusal(deepspeed_config, settings, where)
+            if refusal is not None:
+                return refusal
     return None
 
 
@@ -320,31 +321,30 @@ def deepspeed_keys() -> tuple[str, ...]:
     return tuple(sorted((probe.looked_up | READ_ELSEWHERE) - removed))
 
 
-def _refusal(settings: dict[str, Any], where: str) -> Optional[Refusal]:
-    """What ``DeepSpeedConfig`` refuses in ``settings`` (with the batch of ``DEEPSPEED_MINIMAL``), or None; ``where``:
-    the key to blame when the error does not say (``""``: the settings together)."""
+def _refusal(deepspeed_config: Any, settings: dict[str, Any], where: str) -> Optional[Refusal]:
+    """What ``deepspeed_config`` (``DeepSpeedConfig``, from ``_deepspeed_config``) refuses in ``settings`` (with the
+    batch of ``DEEPSPEED_MINIMAL``), or None; ``where``: the key to blame when the error does not say (``""``: the
+    settings together)."""
+    from deepspeed.runtime.config import DeepSpeedConfigError
     from pydantic import ValidationError
 
     checked = {key: value for key, value in settings.items() if key not in DEEPSPEED_BATCH_KEYS}
-    with _deepspeed_config() as deepspeed_config:
-        from deepspeed.runtime.config import DeepSpeedConfigError  # after the accelerator is chosen
-
-        try:
-            # a deep copy: DeepSpeed writes into the sections it reads (data_efficiency)
-            deepspeed_config({**copy.deepcopy(checked), **DEEPSPEED_MINIMAL})
-        except ValidationError as err:
-            error = err.errors()[0]
-            key = _key_at(checked, error["loc"], error["input"]) or where
-            if error["type"] != "extra_forbidden":
-                return Refusal(key, error["input"], error["msg"].removeprefix("Value error, "))
-            allowed = _allowed_keys(err.title, error["loc"][:-1])
-            listed = f"; allowed: {', '.join(allowed)}" if allowed else ""
-            return Refusal(key, error["input"], "unknown key" + listed)
-        except (TypeError, AssertionError, ValueError, KeyError, DeepSpeedConfigError) as err:  # what DeepSpeed's
-            # parsers raise on what they are given: a TypeError for a section that is not a mapping, an AssertionError
-            # (bf16 and fp16 both on), a ValueError (an unknown dtype); anything else is DeepSpeed's own failure
-            return Refusal(where, checked.get(where), f"DeepSpeed refuses it: {' '.join(str(err).split())}"
-                                                      if str(err) else f"DeepSpeed refuses it ({type(err).__name__})")
+    try:
+        # a deep copy: DeepSpeed writes into the sections it reads (data_efficiency)
+        deepspeed_config({**copy.deepcopy(checked), **DEEPSPEED_MINIMAL})
+    except ValidationError as err:
+        error = err.errors()[0]
+        key = _key_at(checked, error["loc"], error["input"]) or where
+        if error["type"] != "extra_forbidden":
+            return Refusal(key, error["input"], error["msg"].removeprefix("Value error, "))
+        allowed = _allowed_keys(err.title, error["loc"][:-1])
+        listed = f"; allowed: {', '.join(allowed)}" if allowed else ""
+        return Refusal(key, error["input"], "unknown key" + listed)
+    except (TypeError, AssertionError, ValueError, KeyError, DeepSpeedConfigError) as err:  # what DeepSpeed's parsers
+        # raise on what they are given: a TypeError for a section that is not a mapping, an AssertionError (bf16 and
+        # fp16 both on), a ValueError (an unknown dtype); anything else is DeepSpeed's own failure
+        return Refusal(where, checked.get(where), f"DeepSpeed refuses it: {' '.join(str(err).split())}"
+                                                  if str(err) else f"DeepSpeed refuses it ({type(err).__name__})")
     return None
 
 
@@ -372,17 +372,14 @@ def _allowed_keys(class_name: str, loc: tuple[Any, ...]) -> list[str]:
     inside it, deprecated ones left out; ``[]`` when that is not a class of DeepSpeed's."""
     from deepspeed.runtime.config_utils import DeepSpeedConfigModel
 
-    from curriculum.loading import model_in
+    from curriculum.loading import section_at
 
     classes, model = [DeepSpeedConfigModel], None
     while classes and model is None:
         cls = classes.pop()
         model = cls if cls.__name__ == class_name else None
         classes += cls.__subclasses__()
-    for part in (part for part in loc if not isinstance(part, int)):  # list indices skipped
-        fields = model.model_fields if model is not None else {}
-        field = next((f for name, f in fields.items() if part in (name, f.alias)), None)
-        model = model_in(field.annotation) if field is not None else None
+    model = section_at(model, loc)
     if model is None:
         return []
     return [field.alias or name for name, field in model.model_fields.items()
