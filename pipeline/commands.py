@@ -7,7 +7,8 @@ others (``config_sets``). Every command that reads a run config loads it through
 status 2 (``run_reporting_errors``), followed by ``(set by CPT_...)`` when an environment variable set that value;
 argparse's own errors (a missing argument, a value of the wrong type, ``nan`` for a number: ``finite_float``) take
 the same one-line form (``OneLineParser``). An output path is checked before any work starts
-(``output_directory``, ``output_file``): a command never runs to its end to fail on where its results go.
+(``output_directory``, ``output_file``): a command never runs to its end to fail on where its results go. A
+required package that is not installed is one line too, exit status 1.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from curriculum.config import Config
 from curriculum.errors import ConfigError
 
 BAD_INPUT = 2
+MISSING_PACKAGE = 1
+OWN_PACKAGES = ("pipeline", "curriculum")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -118,9 +121,16 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def run_reporting_errors(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a command; bad input becomes one line on stderr and exit status 2."""
+    """Run a command; bad input becomes one line on stderr and exit status 2, a package that is not installed (or
+    does not load) one line and exit status 1."""
     try:
         return run(args)
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] in OWN_PACKAGES:
+            raise  # this project's own import: a bug, not an installation to fix
+        print(f"error: {err.name} cannot be imported ({err}); install the project's requirements (README, "
+              f"Quick start)", file=sys.stderr)
+        return MISSING_PACKAGE
     except ConfigError as err:
         from curriculum.loading import env_variables_behind
 

@@ -20,6 +20,7 @@ YAML, unknown key) is bad input, like for every other command: one line and exit
     tokens-per-step-jump  warning   tokens per step changing by more than 4x between consecutive stages
     seq-len-multiple      warning   on GPU: a sequence length that is not a multiple of 64
     token-budget          warning   fewer than 5 or more than 200 training tokens per parameter (Chinchilla: ~20)
+    deepspeed             warning   DeepSpeed cannot be imported here: what its config classes refuse is not checked
     gpu-env               warning   on GPU: ``TORCH_CUDA_ARCH_LIST`` with arch suffixes (``9.0a``); no CUDA toolkit
                                     for DeepSpeed's JIT builds (FusedAdam)
     compile-shapes        warning   a compiled run (``kernels.compile`` on a GPU) with more than 32 graphs to build
@@ -75,7 +76,8 @@ from curriculum.errors import ConfigError
 from curriculum.schedule import LRWindow, Schedule, Stage, build_schedule
 from pipeline.commands import load_config_from_args, world_size_argument
 from pipeline.data import MANIFEST_FILE, read_manifest
-from pipeline.ds_config import cpu_offload, deepspeed_refusal, derive_ds_config, resolve_precision, zero_stage
+from pipeline.ds_config import (cpu_offload, deepspeed_import_error, deepspeed_refusal, derive_ds_config,
+                                resolve_precision, zero_stage)
 from pipeline.environment import sanitize_cuda_arch_list
 from pipeline.external import is_number, read_json_object
 from pipeline.model import model_config_dict
@@ -569,13 +571,19 @@ def _budget_field(config: Config) -> str:
 
 
 def check_ds_config(config: Config, schedule: Schedule, device: Device) -> list[Finding]:
-    """``derive_ds_config`` errors, and optimizer offload that cannot work or will not help."""
+    """``derive_ds_config`` errors (what DeepSpeed's own config classes refuse among them, where it can be imported),
+    and optimizer offload that cannot work or will not help."""
     try:
         ds = derive_ds_config(config, schedule, resolve_precision(config.run.precision, bf16_gpu=device == "gpu"))
     except ConfigError as err:
         return [Finding("error", "ds-config", err.field, str(err),
                         "fix deepspeed.template / deepspeed.overrides as the message says: batch sizes, clipping, "
                         "precision and the optimizer come from the run config, not the DeepSpeed JSON")]
+    return check_deepspeed_importable("deepspeed") + check_offload(config, ds, device)
+
+
+def check_offload(config: Config, ds: dict[str, Any], device: Device) -> list[Finding]:
+    """Optimizer offload in the derived DeepSpeed JSON ``ds`` that cannot work or will not help."""
     if not cpu_offload(ds):
         return []
     stage = zero_stage(ds)
@@ -809,6 +817,9 @@ def check_ds_values(values: Mapping[str, Any], alone: bool, world_size: int, ds_
 def check_deepspeed_accepts(ds: Mapping[str, Any], ds_name: str) -> list[Finding]:
     """What DeepSpeed's own config classes refuse in a DeepSpeed JSON (``deepspeed_refusal``; its batch sizes are
     judged by the batch checks): DeepSpeed stops on it at initialize."""
+    unchecked = check_deepspeed_importable(ds_name)
+    if unchecked:
+        return unchecked
     refusal = deepspeed_refusal(dict(ds))
     if refusal is None:
         return []
@@ -816,6 +827,18 @@ def check_deepspeed_accepts(ds: Mapping[str, Any], ds_name: str) -> list[Finding
     return [Finding("error", "ds-config", f"{ds_name}: {refusal.key}" if refusal.key else ds_name,
                     f"{setting}{refusal.allowed} (DeepSpeed stops at initialize on it)",
                     "fix it as DeepSpeed's config reference says: https://www.deepspeed.ai/docs/config-json/")]
+
+
+def check_deepspeed_importable(field: str) -> list[Finding]:
+    """A warning where DeepSpeed cannot be imported here: its config classes' checks of ``field`` are skipped."""
+    error = deepspeed_import_error()
+    if error is None:
+        return []
+    return [Finding("warning", "deepspeed", field,
+                    f"DeepSpeed cannot be imported here ({error}): what its own config classes refuse was not "
+                    f"checked, and train, bench and lr-find need it",
+                    "install the project's requirements (README, Quick start) and run doctor again; the other "
+                    "checks ran")]
 
 
 def deepspeed_batch_problem(train: Optional[int], micro: Optional[int], accum: Optional[int], world_size: int

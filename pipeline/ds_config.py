@@ -234,7 +234,10 @@ class Refusal:
 def deepspeed_refusal(ds: dict[str, Any]) -> Optional[Refusal]:
     """The first thing DeepSpeed would refuse in ``ds`` when the engine starts, or None: a top-level key it does not
     read (``deepspeed_keys``), then a section its config classes refuse, one section at a time (a pydantic error
-    names the class, not where in the JSON it sits), then the sections together (bf16 and fp16 both enabled)."""
+    names the class, not where in the JSON it sits), then the sections together (bf16 and fp16 both enabled).
+    None too where DeepSpeed cannot be imported (``deepspeed_import_error``)."""
+    if deepspeed_import_error() is not None:
+        return None  # nothing here can judge it: doctor says so, and train, bench and lr-find stop at the import
     known = deepspeed_keys()
     for key, value in ds.items():
         if key not in known:
@@ -266,6 +269,18 @@ def _deepspeed_config() -> Iterator[Any]:
         yield DeepSpeedConfig
     finally:
         logger.setLevel(level)
+
+
+@functools.cache
+def deepspeed_import_error() -> Optional[str]:
+    """Why DeepSpeed's config classes cannot be imported here (torch or DeepSpeed not installed, or their native
+    libraries not loading), or None."""
+    try:
+        with _deepspeed_config():
+            pass
+    except (ImportError, OSError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 class _LookUps(dict):  # type: ignore[type-arg]

@@ -33,12 +33,17 @@ def make_config(curriculum: dict[str, Any], run: Optional[dict[str, Any]] = None
     return validate_config(raw)
 
 
-def run_cli(args: Sequence[str], env: Optional[Mapping[str, str]] = None) -> subprocess.CompletedProcess[str]:
-    """``python -m pipeline.cli ARGS`` with no ``CPT_*`` variables inherited (only those in ``env``)."""
+def run_cli(args: Sequence[str], env: Optional[Mapping[str, str]] = None,
+            not_installed: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+    """``python -m pipeline.cli ARGS`` with no ``CPT_*`` variables inherited (only those in ``env``); each package of
+    ``not_installed`` fails to import as a package that is not installed does (``None`` in ``sys.modules``)."""
     clean = {key: value for key, value in os.environ.items() if not key.startswith("CPT_")}
     clean.update(env or {})
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
-                          cwd=REPO_ROOT, env=clean, timeout=60)
+    command = [sys.executable, "-m", "pipeline.cli", *args]
+    if not_installed:
+        command[1:3] = ["-c", f"import sys; sys.modules.update(dict.fromkeys({list(not_installed)!r})); "
+                              f"from pipeline.cli import main; sys.exit(main(sys.argv[1:]))"]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=clean, timeout=60)
 
 
 # --------------------------------------------------------------------------------------------------- training runs

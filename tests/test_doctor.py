@@ -330,6 +330,32 @@ def test_cli_exit_statuses(data_dir: Path) -> None:
     assert unknown.stderr.startswith("error: curriculum.bogus")
 
 
+def test_without_deepspeed_doctor_warns_and_runs_its_other_checks(data_dir: Path, tmp_path: Path) -> None:
+    """Where DeepSpeed does not import, doctor says so in one warning (its config classes' checks skipped) and runs
+    the rest, for a run config and for a DeepSpeed JSON: no traceback; a planted LR error is still found."""
+    run = run_cli(["doctor", "--config", "tiny-cpu", "--device", "cpu", "--json", "--set", f"data.dir={data_dir}",
+                   "--set", "curriculum.stages.0.lr=5"], not_installed=["deepspeed"])
+    assert run.returncode == 1, run.stderr
+    findings = json.loads(run.stdout)["findings"]
+    assert [f["check"] for f in findings if f["check"] in ("deepspeed", "lr-range")] == ["lr-range", "deepspeed"]
+    assert "DeepSpeed cannot be imported here" in next(f["message"] for f in findings if f["check"] == "deepspeed")
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"train_batch_size": 8, "zero_optimisation": {"stage": 2}}))
+    tool = run_cli(["doctor", "--ds-config", str(ds_json), "--params", "124e6"], not_installed=["deepspeed"])
+    assert tool.returncode == 0 and "Traceback" not in tool.stderr, tool.stderr
+    assert "warning: deepspeed (ds.json)" in tool.stdout
+    assert "unknown key" not in tool.stdout  # the misspelt key is DeepSpeed's classes' to find
+
+
+def test_a_command_without_a_required_package_is_one_line(tmp_path: Path) -> None:
+    """train where DeepSpeed does not import: one line naming it and the README's setup, exit status 1."""
+    result = run_cli(["train", "--config", "tiny-cpu", "--output-dir", str(tmp_path / "run")],
+                     not_installed=["deepspeed"])
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: deepspeed cannot be imported") and "Traceback" not in result.stderr
+    assert "README, Quick start" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_a_compiled_run_with_many_shapes_is_a_warning_on_gpu() -> None:
     """Li et al.'s pacing at step 8 builds 121 + 1 graphs before step 0 on a GPU: a warning that names the bucket
     (and mentions dynamic shapes, which still warm up 121 lengths, so the warning stays with them); with ``bucket:
