@@ -384,18 +384,22 @@ def _resume_path(arg: str, checkpointer: Checkpointer, log: Optional[Callable[[s
 
 def damaged_file(checkpoint: Path) -> Optional[str]:
     """The first file of ``checkpoint`` that ``torch.save`` wrote (``*.pt``: the engine's and ``rank<r>.pt``) and that
-    is not a whole zip archive, said in a few words (a save killed while writing, a copy cut short, a full disk); None
-    when every one is whole. Only each archive's directory is read, which a file cut short has lost (it is at the
-    end): checking the data too would read the whole checkpoint, gigabytes for the optimizer state."""
+    is damaged, said in a few words; None when every one is whole. A file is damaged when it is not a whole zip
+    archive (a save killed while writing, a copy cut short, a full disk: the archive's directory, at its end, is
+    lost) or when a record does not match the checksum the archive keeps for it (bytes changed on the disk or in a
+    copy). ``torch.load`` checks neither: it loads changed bytes as they are, and the run goes on from weights that
+    were never saved. Every record is read: 0.5 s for a 1.2 GB file in the page cache, which the load then reads."""
     for file in sorted(checkpoint.glob("*.pt")):
         try:
             with file.open("rb") as head:
                 if head.read(1) == b"\x80":  # a pickle: torch.save's legacy format
-                    continue  # (DeepSpeed's checkpoint.checkpoint_serialization: false), with no directory to read
-            with zipfile.ZipFile(file):
-                pass
+                    continue  # (DeepSpeed's checkpoint.checkpoint_serialization: false), with no checksums to read
+            with zipfile.ZipFile(file) as archive:
+                changed = archive.testzip()
         except (zipfile.BadZipFile, OSError) as err:
             return f"{file.name} is damaged (not a whole torch.save archive: {err})"
+        if changed is not None:
+            return f"{file.name} is damaged (its record {changed} does not match its checksum)"
     return None
 
 

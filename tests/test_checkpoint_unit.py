@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -264,6 +265,28 @@ def test_a_checkpoint_with_a_file_cut_short_is_refused_before_loading(tmp_path: 
         assert (err.value.field, err.value.value) == ("--resume", str(newer))
         assert err.value.allowed.startswith(f"{damaged} is damaged (not a whole torch.save archive: ")
         assert err.value.allowed.endswith("; resume from another checkpoint")
+    assert resolve_resume(str(older), checkpointer) == older
+
+
+def test_a_checkpoint_with_bytes_changed_inside_is_refused_before_loading(tmp_path: Path) -> None:
+    """Bytes changed in the middle of a tensor's record (a bad disk, a faulty copy) leave the archive whole, and
+    torch.load would load them as weights: the record's checksum does not match, so ``--resume`` is one ConfigError
+    naming the file and the record; the older checkpoint still resumes."""
+    directory = tmp_path / "checkpoints"
+    checkpointer = Checkpointer(directory, keep=3, rank=0)
+    older, newer = save_steps(checkpointer, FakeEngine(), 100, 200)
+    file = newer / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"weight": torch.zeros(64, 1024)}}, file)
+    data = bytearray(file.read_bytes())
+    middle = data.index(bytes(4096)) + 2048  # inside the zeros of the weight's record
+    data[middle:middle + 8] = b"\xff" * 8
+    file.write_bytes(bytes(data))
+    assert torch.load(file)["module"]["weight"].isnan().any()  # what a load without the check gives
+    with pytest.raises(ConfigError) as err:
+        resolve_resume("auto", checkpointer)
+    assert (err.value.field, err.value.value) == ("--resume", str(newer))
+    assert re.fullmatch(r"mp_rank_00_model_states\.pt is damaged \(its record mp_rank_00_model_states/data/0 does not "
+                        r"match its checksum\); resume from another checkpoint", err.value.allowed), err.value.allowed
     assert resolve_resume(str(older), checkpointer) == older
 
 
