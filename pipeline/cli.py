@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from curriculum.errors import ConfigError
 from pipeline.commands import (OneLineParser, add_config_arguments, add_world_size_argument, load_config_from_args,
-                               run_reporting_errors, world_size_argument)
+                               report_not_installed, run_reporting_errors, world_size_argument)
 
 DISTRIBUTION = "curriculum-pretrain"
 MAX_PER_STEP = 1_000_000
@@ -133,13 +133,16 @@ def _add_ds_config(parser: argparse.ArgumentParser) -> None:
 
 def _run_ds_config(args: argparse.Namespace) -> int:
     from curriculum.schedule import build_schedule
-    from pipeline.ds_config import derive_ds_config, resolve_precision
+    from pipeline.ds_config import deepspeed_import_error, derive_ds_config, resolve_precision
 
     config = load_config_from_args(args)
     schedule = build_schedule(config, world_size_argument(args.world_size))
     # run.precision owns precision; --bf16 only says what "auto" finds (as on a bf16-capable GPU, or on a CPU)
     precision = resolve_precision(config.run.precision, bf16_gpu=args.bf16)
     print(json.dumps(derive_ds_config(config, schedule, precision), indent=2))
+    if deepspeed_import_error() is not None:
+        print(f"warning: DeepSpeed cannot be imported here ({deepspeed_import_error()}): what its own config "
+              f"classes refuse in this JSON was not checked", file=sys.stderr)
     return 0
 
 
@@ -183,7 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `plan | head` ends quietly
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()  # imports every command module
+    except ModuleNotFoundError as err:
+        return report_not_installed(err)
+    args = parser.parse_args(argv)
     return run_reporting_errors(args.run, args)
 
 

@@ -8,7 +8,7 @@ status 2 (``run_reporting_errors``), followed by ``(set by CPT_...)`` when an en
 argparse's own errors (a missing argument, a value of the wrong type, ``nan`` for a number: ``finite_float``) take
 the same one-line form (``OneLineParser``). An output path is checked before any work starts
 (``output_directory``, ``output_file``): a command never runs to its end to fail on where its results go. A
-required package that is not installed is one line too, exit status 1.
+package that is not installed is one line too, exit status 4 (``report_not_installed``).
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ from curriculum.config import Config
 from curriculum.errors import ConfigError
 
 BAD_INPUT = 2
-MISSING_PACKAGE = 1
-OWN_PACKAGES = ("pipeline", "curriculum")
+NOT_INSTALLED = 4  # (3 is a lost peer's: pipeline.peers)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -121,19 +120,38 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def run_reporting_errors(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a command; bad input becomes one line on stderr and exit status 2, a package that is not installed (or
-    does not load) one line and exit status 1."""
+    """Run a command; bad input becomes one line on stderr and exit status 2, a package that is not installed one
+    line and exit status 4 (``report_not_installed``)."""
     try:
         return run(args)
     except ModuleNotFoundError as err:
-        if (err.name or "").split(".")[0] in OWN_PACKAGES:
-            raise  # this project's own import: a bug, not an installation to fix
-        print(f"error: {err.name} cannot be imported ({err}); install the project's requirements (README, "
-              f"Quick start)", file=sys.stderr)
-        return MISSING_PACKAGE
+        return report_not_installed(err)
     except ConfigError as err:
         from curriculum.loading import env_variables_behind
 
         variables = env_variables_behind(err, os.environ, config_sets(args) if hasattr(args, "sets") else ())
         print(f"error: {err}" + (f" (set by {', '.join(variables)})" if variables else ""), file=sys.stderr)
         return BAD_INPUT
+
+
+def not_installed(err: ImportError) -> bool:
+    """Whether ``err`` says a package is not installed: a ``ModuleNotFoundError`` whose top-level package Python
+    cannot find. A module missing inside an installed package (``torch.distributed.foo``, or one of this project's)
+    is a bug in the import, not an installation to fix."""
+    if not isinstance(err, ModuleNotFoundError) or not err.name:
+        return False
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(err.name.split(".")[0]) is None
+    except (ImportError, ValueError):  # a parent that does not import, a module without a spec
+        return True
+
+
+def report_not_installed(err: ModuleNotFoundError) -> int:
+    """A package that is not installed as one line on stderr and exit status 4; any other import error raises."""
+    if not not_installed(err):
+        raise err
+    print(f"error: {err.name.split('.')[0] if err.name else 'a package'} is not installed ({err}): install the "
+          f"project's requirements (README, Quick start), and an optional feature's extra (setup.py)", file=sys.stderr)
+    return NOT_INSTALLED

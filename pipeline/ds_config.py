@@ -274,11 +274,17 @@ def _deepspeed_config() -> Iterator[Any]:
 @functools.cache
 def deepspeed_import_error() -> Optional[str]:
     """Why DeepSpeed's config classes cannot be imported here (torch or DeepSpeed not installed, or their native
-    libraries not loading), or None."""
+    libraries not loading), or None. Any other import error (one inside an installed package) raises."""
+    from pipeline.commands import not_installed
+
     try:
         with _deepspeed_config():
             pass
-    except (ImportError, OSError) as err:
+    except ImportError as err:
+        if not not_installed(err):
+            raise
+        return f"{type(err).__name__}: {err}"
+    except OSError as err:  # a native library that does not load
         return f"{type(err).__name__}: {err}"
     return None
 

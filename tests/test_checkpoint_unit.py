@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -20,7 +19,8 @@ import pytest
 import torch
 
 from curriculum.errors import ConfigError
-from pipeline.checkpoint import Checkpointer, RunState, resolve_resume, rng_state, set_rng_state, tag_for
+from pipeline.checkpoint import (Checkpointer, RunState, damaged_file, resolve_resume, rng_state, set_rng_state,
+                                 tag_for)
 
 ENGINE_FILE = "engine_state.json"
 
@@ -285,9 +285,38 @@ def test_a_checkpoint_with_bytes_changed_inside_is_refused_before_loading(tmp_pa
     with pytest.raises(ConfigError) as err:
         resolve_resume("auto", checkpointer)
     assert (err.value.field, err.value.value) == ("--resume", str(newer))
-    assert re.fullmatch(r"mp_rank_00_model_states\.pt is damaged \(its record mp_rank_00_model_states/data/0 does not "
-                        r"match its checksum\); resume from another checkpoint", err.value.allowed), err.value.allowed
+    assert err.value.allowed == ("mp_rank_00_model_states.pt is damaged (its record mp_rank_00_model_states/data/0 "
+                                 "does not read back: Bad CRC-32 for file 'mp_rank_00_model_states/data/0'); resume "
+                                 "from another checkpoint"), err.value.allowed
     assert resolve_resume(str(older), checkpointer) == older
+
+
+def test_a_checkpoint_saved_without_checksums_is_not_taken_for_damaged(tmp_path: Path) -> None:
+    """torch.save can write archives without checksums (``torch.serialization.set_crc32_options(False)``: every
+    record's CRC 0), which torch.load reads: such a checkpoint resumes, where a checksum check would refuse every
+    record of it."""
+    directory = tmp_path / "checkpoints"
+    checkpointer = Checkpointer(directory, keep=3, rank=0)
+    (newer,) = save_steps(checkpointer, FakeEngine(), 100)
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({"module": {"weight": torch.ones(8)}}, newer / "mp_rank_00_model_states.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert resolve_resume("auto", checkpointer) == newer
+
+
+def test_each_rank_checks_its_share_of_the_files(tmp_path: Path) -> None:
+    """With several ranks each reads every world-size-th file (sorted by name), so a damaged file is found by one
+    rank only; ``resolve_resume`` shares that rank's verdict (a collective, run by the multi-rank resume tests)."""
+    checkpoint = tmp_path / "step00000100"
+    checkpoint.mkdir()
+    for name in ("a.pt", "b.pt", "c.pt"):
+        torch.save({"x": torch.ones(4)}, checkpoint / name)
+    (checkpoint / "b.pt").write_bytes((checkpoint / "b.pt").read_bytes()[:40])
+    assert damaged_file(checkpoint, rank=0, world_size=2) is None  # a.pt, c.pt
+    assert damaged_file(checkpoint, rank=1, world_size=2).startswith("b.pt is damaged")  # type: ignore[union-attr]
+    assert damaged_file(checkpoint).startswith("b.pt is damaged")  # type: ignore[union-attr]
 
 
 def test_a_checkpoint_in_torch_saves_legacy_format_is_not_taken_for_damaged(tmp_path: Path) -> None:

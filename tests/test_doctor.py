@@ -348,12 +348,33 @@ def test_without_deepspeed_doctor_warns_and_runs_its_other_checks(data_dir: Path
 
 
 def test_a_command_without_a_required_package_is_one_line(tmp_path: Path) -> None:
-    """train where DeepSpeed does not import: one line naming it and the README's setup, exit status 1."""
-    result = run_cli(["train", "--config", "tiny-cpu", "--output-dir", str(tmp_path / "run")],
-                     not_installed=["deepspeed"])
+    """train where DeepSpeed is not installed, and plan where numpy is not (imported while the commands are
+    gathered): one line naming the package and the README's setup, exit status 4."""
+    for args, package in ((["train", "--config", "tiny-cpu", "--output-dir", str(tmp_path / "run")], "deepspeed"),
+                          (["plan", "--config", "tiny-cpu"], "numpy")):
+        result = run_cli(args, not_installed=[package])
+        assert result.returncode == 4, result.stderr
+        assert result.stderr.startswith(f"error: {package} is not installed (") and "Traceback" not in result.stderr
+        assert "README, Quick start" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_module_missing_inside_an_installed_package_stays_a_traceback() -> None:
+    """A module that does not import inside this project (or inside any installed package) is a bug in the import,
+    not an installation to fix: the traceback stays."""
+    result = run_cli(["train", "--config", "tiny-cpu"], not_installed=["pipeline.engine"])
     assert result.returncode == 1
-    assert result.stderr.startswith("error: deepspeed cannot be imported") and "Traceback" not in result.stderr
-    assert "README, Quick start" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" in result.stderr and "is not installed" not in result.stderr
+
+
+def test_ds_config_without_deepspeed_prints_the_json_and_says_it_is_unchecked() -> None:
+    """ds-config where DeepSpeed is not installed: the derived JSON (a misspelt key in it unjudged) and a warning
+    on stderr that DeepSpeed's own checks did not run."""
+    result = run_cli(["ds-config", "--config", "tiny-cpu", "--set", "deepspeed.overrides.zero_optimization.stagee=1"],
+                     not_installed=["deepspeed"])
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["zero_optimization"]["stagee"] == 1
+    assert result.stderr.startswith("warning: DeepSpeed cannot be imported here (")
+    assert result.stderr.rstrip().endswith("was not checked")
 
 
 def test_a_compiled_run_with_many_shapes_is_a_warning_on_gpu() -> None:
