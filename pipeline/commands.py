@@ -25,6 +25,7 @@ from curriculum.errors import ConfigError
 
 BAD_INPUT = 2
 NOT_INSTALLED = 4  # (3 is a lost peer's: pipeline.peers)
+OWN_PACKAGES = ("pipeline", "curriculum", "ds_configs")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -144,14 +145,14 @@ def not_installed(err: ImportError) -> bool:
 
     try:
         return importlib.util.find_spec(err.name.split(".")[0]) is None
-    except (ImportError, ValueError):  # a parent that does not import, a module without a spec
-        return True
+    except ValueError:  # in sys.modules without a spec: present
+        return False
 
 
 def report_not_installed(err: ModuleNotFoundError) -> int:
     """A package that is not installed as one line on stderr and exit status 4; any other import error raises."""
     if not not_installed(err):
         raise err
-    print(f"error: {err.name.split('.')[0] if err.name else 'a package'} is not installed ({err}): install the "
-          f"project's requirements (README, Quick start), and an optional feature's extra (setup.py)", file=sys.stderr)
+    print(f"error: {str(err.name).split('.')[0]} is not installed ({err}): install the project's requirements "
+          f"(README, Quick start), and an optional feature's extra (setup.py)", file=sys.stderr)
     return NOT_INSTALLED

@@ -273,18 +273,17 @@ def _deepspeed_config() -> Iterator[Any]:
 
 @functools.cache
 def deepspeed_import_error() -> Optional[str]:
-    """Why DeepSpeed's config classes cannot be imported here (torch or DeepSpeed not installed, or their native
-    libraries not loading), or None. Any other import error (one inside an installed package) raises."""
-    from pipeline.commands import not_installed
+    """Why DeepSpeed's config classes cannot be imported here, or None: torch or DeepSpeed not installed, their
+    native libraries not loading, versions that do not fit together. An import of this project's own that fails is
+    a bug and raises."""
+    from pipeline.commands import OWN_PACKAGES
 
     try:
         with _deepspeed_config():
             pass
-    except ImportError as err:
-        if not not_installed(err):
+    except (ImportError, OSError) as err:
+        if isinstance(err, ImportError) and str(err.name).split(".")[0] in OWN_PACKAGES:
             raise
-        return f"{type(err).__name__}: {err}"
-    except OSError as err:  # a native library that does not load
         return f"{type(err).__name__}: {err}"
     return None
 

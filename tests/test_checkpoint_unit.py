@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from curriculum.errors import ConfigError
+from pipeline import checkpoint as checkpoint_module
 from pipeline.checkpoint import (Checkpointer, RunState, damaged_file, resolve_resume, rng_state, set_rng_state,
                                  tag_for)
 
@@ -317,6 +318,59 @@ def test_each_rank_checks_its_share_of_the_files(tmp_path: Path) -> None:
     assert damaged_file(checkpoint, rank=0, world_size=2) is None  # a.pt, c.pt
     assert damaged_file(checkpoint, rank=1, world_size=2).startswith("b.pt is damaged")  # type: ignore[union-attr]
     assert damaged_file(checkpoint).startswith("b.pt is damaged")  # type: ignore[union-attr]
+
+
+def _central_entry(data: bytes, name: bytes) -> int:
+    """Where the zip central directory's entry for the record ``name`` starts in ``data``."""
+    start = data.index(b"PK\x01\x02")
+    while data[start + 46:start + 46 + len(name)] != name:
+        start = data.index(b"PK\x01\x02", start + 4)
+    return start
+
+
+@pytest.mark.parametrize("change", ["local header name", "central directory name", "directory flag"])
+def test_a_checkpoint_with_a_header_byte_changed_is_damaged_not_a_traceback(tmp_path: Path, change: str) -> None:
+    """A byte changed in an archive's headers instead of its data: a record name that no longer decodes (zipfile
+    raises UnicodeDecodeError) is a damaged file, not a traceback; a data record flagged as a directory (zipfile
+    would skip it, the loader would read it) is one too."""
+    file = tmp_path / "m.pt"
+    torch.save({"w": torch.ones(16)}, file)
+    data = bytearray(file.read_bytes())
+    entry = _central_entry(data, b"m/data/0")
+    offset = {"local header name": 31, "central directory name": entry + 47, "directory flag": entry + 38}[change]
+    data[offset] = data[offset] | 0x10 if change == "directory flag" else 0xFF
+    file.write_bytes(bytes(data))
+    found = damaged_file(tmp_path)
+    assert found is not None and found.startswith("m.pt is damaged ("), found
+    if change == "directory flag":
+        assert found == "m.pt is damaged (its record m/data/0 is marked a directory)"
+    else:
+        assert "its zip headers do not read: UnicodeDecodeError" in found
+
+
+def test_resolve_resume_refuses_on_every_rank_what_one_rank_found(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each rank checks its share of the files, so the verdicts are gathered: rank 0, whose share is whole, refuses
+    the checkpoint that rank 1 found damaged (a two-rank process group stood in for: its gather returns rank 1's
+    verdict)."""
+    directory = tmp_path / "checkpoints"
+    checkpointer = Checkpointer(directory, keep=3, rank=0)
+    (newer,) = save_steps(checkpointer, FakeEngine(), 100)
+    said_by_rank_1 = "zero_pp_rank_1_mp_rank_00_optim_states.pt is damaged (...)"
+    checked: list[tuple[int, int]] = []
+
+    def gather(every: list[Any], found: Any) -> None:
+        every[:] = [found, said_by_rank_1]
+
+    monkeypatch.setattr("pipeline.checkpoint.damaged_file", lambda path, rank, world: checked.append((rank, world)))
+    monkeypatch.setattr(checkpoint_module.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(checkpoint_module.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(checkpoint_module.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(checkpoint_module.dist, "all_gather_object", gather)
+    with pytest.raises(ConfigError) as err:
+        resolve_resume(str(newer), checkpointer)
+    assert checked == [(0, 2)]
+    assert err.value.allowed == f"{said_by_rank_1}; resume from another checkpoint"
 
 
 def test_a_checkpoint_in_torch_saves_legacy_format_is_not_taken_for_damaged(tmp_path: Path) -> None:

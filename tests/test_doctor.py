@@ -358,12 +358,14 @@ def test_a_command_without_a_required_package_is_one_line(tmp_path: Path) -> Non
         assert "README, Quick start" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_a_module_missing_inside_an_installed_package_stays_a_traceback() -> None:
+def test_a_module_missing_inside_an_installed_package_stays_a_traceback(tmp_path: Path) -> None:
     """A module that does not import inside this project (or inside any installed package) is a bug in the import,
-    not an installation to fix: the traceback stays."""
-    result = run_cli(["train", "--config", "tiny-cpu"], not_installed=["pipeline.engine"])
+    not an installation to fix: the traceback stays, ending in that module's error."""
+    result = run_cli(["train", "--config", "tiny-cpu", "--output-dir", str(tmp_path / "run")],
+                     not_installed=["pipeline.engine"])
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "is not installed" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("ModuleNotFoundError: import of pipeline.engine halted")
 
 
 def test_ds_config_without_deepspeed_prints_the_json_and_says_it_is_unchecked() -> None:

@@ -46,7 +46,7 @@ from pipeline.sweep.analysis import (RunAnalysis, SweepAnalysis, analyze_run, an
                                      format_analysis, guard_stop, spike_steps, suggestions)
 from pipeline.sweep.grid import (check_run_names, default_lrs, lr_overrides, parse_gpus, parse_lrs, run_name,
                                  wandb_overrides)
-from pipeline.sweep.jobs import (BAD_INPUT_EXIT, Job, SweepAborted, child_environment, cuda_device_count, run_jobs,
+from pipeline.sweep.jobs import (Job, SweepAborted, child_environment, cuda_device_count, run_jobs,
                                  trainer_command)
 from pipeline.sweep.manifest import MANIFEST, Manifest
 from pipeline.sweep.plots import plot_run_curves, plot_sweep
@@ -140,12 +140,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         run_jobs(jobs, gpus, os.environ, on_start, on_finish)
     except SweepAborted as err:
-        manifest.run(err.job.name).update({"status": "failed", "exit_status": BAD_INPUT_EXIT})
+        manifest.run(err.job.name).update({"status": "failed", "exit_status": err.status})
         manifest.save()
         # the trainer's own one-line error, so it reads as if the config had been trained directly
         print(f"error: {err} (first run of the sweep, {err.job.name}; sweep aborted; log: "
               f"{RunDir(err.job.run_dir).train_log})", file=sys.stderr)
-        return BAD_INPUT_EXIT
+        return err.status
 
     # ------------------------------------------------------------------------------------ comparison
     analyses, records = [], {}

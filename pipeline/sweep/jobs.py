@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from pipeline.commands import BAD_INPUT, NOT_INSTALLED
 from pipeline.environment import LAUNCHER_VARIABLES, free_port
 from pipeline.rundir import RunDir
 
-BAD_INPUT_EXIT = 2  # the trainer's (and every subcommand's) exit status for bad input
+ABORTING_EXITS = (BAD_INPUT, NOT_INSTALLED)
+"""The trainer's exit statuses that every run of the sweep would end with too: bad input, a package not installed."""
 
 
 @dataclass
@@ -36,10 +38,11 @@ class _Running:
 
 
 class SweepAborted(Exception):
-    """The first run exited with the trainer's bad-input status: the other runs would fail the same way."""
+    """The first run exited with one of ``ABORTING_EXITS`` (``status``): the other runs would fail the same way."""
 
-    def __init__(self, job: Job, message: str) -> None:
+    def __init__(self, job: Job, status: int, message: str) -> None:
         self.job = job
+        self.status = status
         super().__init__(message)
 
 
@@ -101,8 +104,8 @@ def run_jobs(jobs: Sequence[Job], gpus: Optional[Sequence[int]], environ: Mappin
                 running.remove(entry)
                 entry.log.close()
                 status = entry.process.returncode
-                if entry.job is first and status == BAD_INPUT_EXIT:
-                    raise SweepAborted(entry.job, _error_line(RunDir(entry.job.run_dir).train_log))
+                if entry.job is first and status in ABORTING_EXITS:
+                    raise SweepAborted(entry.job, status, _error_line(RunDir(entry.job.run_dir).train_log))
                 on_finish(entry.job, status, time.monotonic() - entry.started)
     finally:
         for entry in running:  # an abort or an interrupt: let the others checkpoint and exit
