@@ -272,9 +272,10 @@ class GuardConfig(Section):
     ``robust`` (the default): a loss more than ``loss_spread`` robust spreads (1.4826 x the median absolute
     deviation, at least 1 % of the level) above the median of the stage's last ``window`` accepted losses, judged
     from 10 of them on (or the whole window when it is shorter); a gradient norm above ``grad_norm_factor`` x the
-    median of the last ``window`` accepted norms, across stages. ``ratio``: a loss above ``loss_factor`` x the mean of the stage's last ``window`` accepted losses (judged
-    once the stage has ``window``), a norm above ``grad_norm_factor`` x their mean. A non-finite loss or norm is
-    always a spike. A stage switch changes the loss level, so the loss history restarts there.
+    median of the last ``window`` accepted norms, across stages. ``ratio``: a loss above ``loss_factor`` x the mean
+    of the stage's last ``window`` accepted losses (judged once the stage has ``window``), a norm above
+    ``grad_norm_factor`` x their mean. A non-finite loss or norm is always a spike. A stage switch changes the loss
+    level, so the loss history restarts there.
     """
 
     enabled: bool = True

@@ -248,7 +248,8 @@ def _baseline(engine: Any, stage: Stage, prefetcher: Any, warmup: int, steps: in
 
 
 def _format_row(row: dict[str, Any]) -> str:
-    text = (f"seq_len {row['seq_len']:>5} ({row['micro_batch']} x {row['grad_accum']}): {row['tok_per_s']:>10,.0f} tok/s"
+    text = (f"seq_len {row['seq_len']:>5} ({row['micro_batch']} x {row['grad_accum']}): "
+            f"{row['tok_per_s']:>10,.0f} tok/s"
             f"  step {row['step_time_s'] * 1000:8.1f} ms"
             + (f"  MFU {100 * row['mfu']:5.1f}%" if row["mfu"] is not None else "")
             + (f"  peak {row['peak_memory_gib']:.1f} GiB ({row['peak_reserved_gib']:.1f} reserved)"

@@ -3,8 +3,9 @@
 ``--config`` names a recipe or a YAML file; ``--overlay`` files, ``CPT_*`` environment variables and ``--set``
 overrides apply in that order (``curriculum.loading``); ``--max-steps N`` is ``--set run.max_steps=N`` after the
 others (``config_sets``). Every command that reads a run config loads it through ``load_config_from_args``, so
-``plan``, ``doctor``, ``train`` and the rest read the same config from the same command line. A ``ConfigError`` anywhere becomes ``error: <field> = <value>: <what is allowed>`` on stderr and exit
-status 2 (``run_reporting_errors``), followed by ``(set by CPT_...)`` when an environment variable set that value;
+``plan``, ``doctor``, ``train`` and the rest read the same config from the same command line. A ``ConfigError``
+anywhere becomes ``error: <field> = <value>: <what is allowed>`` on stderr and exit status 2
+(``run_reporting_errors``), followed by ``(set by CPT_...)`` when an environment variable set that value;
 argparse's own errors (a missing argument, a value of the wrong type, ``nan`` for a number: ``finite_float``) take
 the same one-line form (``OneLineParser``). An output path is checked before any work starts
 (``output_directory``, ``output_file``): a command never runs to its end to fail on where its results go. A

@@ -236,7 +236,8 @@ class CompileMonitor:
         if self.frozen_at is None:
             return []
         found = [f"graph built after the warm-up: {graph}" for graph in self.graphs[self._reported:]]
-        found += [f"dynamo gave up and runs eager: {fallback}" for fallback in self.fallbacks[self._reported_fallbacks:]]
+        found += [f"dynamo gave up and runs eager: {fallback}"
+                  for fallback in self.fallbacks[self._reported_fallbacks:]]
         breaks = _graph_breaks()
         if breaks > self._breaks_at_freeze:
             found.append(f"{breaks - self._breaks_at_freeze} new graph break(s) after the warm-up")
@@ -308,7 +309,8 @@ class Engine:
         kernels = self.kernels
         from pipeline.model import param_numel
 
-        return (f"model: {self.lm.config.model_type}, {sum(param_numel(p) for p in self.lm.parameters()):,} parameters; "
+        return (f"model: {self.lm.config.model_type}, "
+                f"{sum(param_numel(p) for p in self.lm.parameters()):,} parameters; "
                 f"optimizer {self.optimizer_name}; {self.precision} on {self.device.type} x "
                 f"{self.processes.world_size}; ZeRO stage {self.zero_stage}; kernels: fused cross-entropy "
                 f"{kernels.fused_cross_entropy}, liger {kernels.liger}, apex {kernels.apex}, compile {kernels.compile}"

@@ -282,8 +282,9 @@ def _restore(checkpointer: Any, engine: Any, path: Path, config: Config, model_f
     state = checkpointer.load_state(engine.ds, path)
     log(f"resumed from {path} at step {state.step} ({state.tokens:,} tokens, data cursor {state.cursor})")
     if (saved := saved_world_size(path)) != checkpointer.world_size:
-        log(f"the checkpoint was saved by {saved} rank{'s' if saved > 1 else ''}, resumed on {checkpointer.world_size}: same data order and "
-            "schedule, the optimizer state carried over, every rank on rank 0's RNG state")
+        log(f"the checkpoint was saved by {saved} rank{'s' if saved > 1 else ''}, resumed on "
+            f"{checkpointer.world_size}: same data order and schedule, the optimizer state carried over, every rank "
+            "on rank 0's RNG state")
     now = config.curriculum.model_dump(mode="json")
     for change in _changed_fields(state.curriculum, now, "curriculum"):
         log(f"resuming with a changed hyperparameter: {change}")
@@ -339,7 +340,8 @@ def _handle_spike(verdict: Any, step: int, stage: Any, values: Any, guard: Any, 
     log(_event_message(event, guard.config.max_events))
     latest = checkpointer.latest() if verdict.action == "rollback" and not verdict.stop else None
     if verdict.action == "rollback" and latest is None:
-        event["action"] = "stop (guard.max_events reached)" if verdict.stop else "skip (no checkpoint to roll back to yet)"
+        event["action"] = ("stop (guard.max_events reached)" if verdict.stop
+                           else "skip (no checkpoint to roll back to yet)")
     if latest is not None:
         _roll_back(checkpointer, engine, latest, state, state.cursor + stage.samples_per_step, event)
         if logger is not None:

@@ -111,7 +111,8 @@ CASES = [
          "error: curriculum = {'stages': []}:", "stages must list at least one stage"),
     # ---- unknown keys
     Case("unknown top-level key", TWO_STAGES + "trainer: 1\n",
-         "error: trainer = 1:", "unknown key; allowed here: name, model, data, curriculum, optimizer, guard, kernels, deepspeed, run"),
+         "error: trainer = 1:",
+         "unknown key; allowed here: name, model, data, curriculum, optimizer, guard, kernels, deepspeed, run"),
     Case("unknown nested key", TWO_STAGES + "run: {seeed: 7}\n",
          "error: run.seeed = 7:", "unknown key; allowed here: total_steps, total_tokens, seed,"),
     Case("unknown key in a stage",

@@ -146,7 +146,8 @@ def test_spike_factor_is_the_threshold() -> None:
     records = synthetic_run()
     at_step(records, 100)["loss"] *= 1.5
     assert find_spikes(train_lines(records), RATIO_50) == []
-    assert [f.first_step for f in find_spikes(train_lines(records), SpikeRule("ratio", window=50, loss_factor=1.4))] == [100]
+    rule = SpikeRule("ratio", window=50, loss_factor=1.4)
+    assert [f.first_step for f in find_spikes(train_lines(records), rule)] == [100]
 
 
 # ------------------------------------------------------------------------------------------------ plateaus

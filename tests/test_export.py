@@ -13,10 +13,10 @@ pointer. The run leaves exactly ``step00000003`` (best) and ``step00000008`` (la
 Exported models are checked against the run itself: their loss on the run's evaluation batch is the eval loss the
 run logged at that step, and their weights are the module's weights in the checkpoint file. A second run trains
 under ZeRO-2 on the CPU (gloo, torch AdamW); a ZeRO-3 checkpoint is made by a DeepSpeed engine directly (the
-trainer's own ZeRO-3 runs export at their end: tests/test_train.py). ``TRANSFORMERS4_PATH`` names a directory holding transformers 4.x
-(``pip install --target DIR transformers==4.46.3``, as the README test command does) that a second interpreter
-puts ahead of this environment's transformers 5 to load an export with (not a ``CPT_*`` variable: those override
-the run config).
+trainer's own ZeRO-3 runs export at their end: tests/test_train.py). ``TRANSFORMERS4_PATH`` names a directory
+holding transformers 4.x (``pip install --target DIR transformers==4.46.3``, as the README test command does) that a
+second interpreter puts ahead of this environment's transformers 5 to load an export with (not a ``CPT_*``
+variable: those override the run config).
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ steps count from 0:
     1      7-13    64       4             2 x 2          11-13
     2      14-20   128      2             1 x 2          18-20
 
-A non-finite loss is flagged at any step. 8 x 32 = 4 x 64 = 2 x 128 = 256 tokens per step. Checkpoints every 4 steps (4, 8, 12, 16, 20 and the end, 21).
+A non-finite loss is flagged at any step. 8 x 32 = 4 x 64 = 2 x 128 = 256 tokens per step. Checkpoints every 4
+steps (4, 8, 12, 16, 20 and the end, 21).
 
 Faults are injected by a wrapper script around ``pipeline.train.main()``: it multiplies the training loss of chosen
 steps by a factor (NaN for a non-finite loss, 10 for a finite spike), on the first pass over those steps only (a

@@ -456,7 +456,8 @@ curriculum:
 """)
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "--config", str(config), "--steps", "2",
-                           "--warmup", "1", "--no-baseline", "--profile", "--output", str(out)], cwd=REPO_ROOT, env=process_env(),
+                           "--warmup", "1", "--no-baseline", "--profile", "--output", str(out)],
+                          cwd=REPO_ROOT, env=process_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())
