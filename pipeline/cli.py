@@ -140,9 +140,10 @@ def _run_ds_config(args: argparse.Namespace) -> int:
     # run.precision owns precision; --bf16 only says what "auto" finds (as on a bf16-capable GPU, or on a CPU)
     precision = resolve_precision(config.run.precision, bf16_gpu=args.bf16)
     print(json.dumps(derive_ds_config(config, schedule, precision), indent=2))
-    if deepspeed_import_error() is not None:
-        print(f"warning: DeepSpeed cannot be imported here ({deepspeed_import_error()}): what its own config "
-              f"classes refuse in this JSON was not checked", file=sys.stderr)
+    unchecked = deepspeed_import_error()
+    if unchecked is not None:
+        print(f"warning: DeepSpeed cannot be imported here ({unchecked}): what its own config classes refuse in this "
+              f"JSON was not checked", file=sys.stderr)
     return 0
 
 

@@ -54,8 +54,9 @@ gpt2 or llama):
 
 The parameter count is computed from the transformers config fields (``pipeline.model.model_config_dict``) without
 building the model. The DeepSpeed JSON is checked with DeepSpeed's own config classes, which import torch (about 3 s
-on a CPU); nothing is built or allocated. ``lr_events`` (multiplicative LR changes) are not part of the LR
-checks: they usually anneal on purpose.
+on a CPU); nothing is built or allocated. Where torch or DeepSpeed does not import, that check is skipped with a
+warning (``deepspeed``) and the others run (``--device auto`` counts as CPU without torch). ``lr_events``
+(multiplicative LR changes) are not part of the LR checks: they usually anneal on purpose.
 """
 
 from __future__ import annotations
