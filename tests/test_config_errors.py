@@ -177,6 +177,7 @@ CASES = [
     Case("empty YAML file", "", "error: {path} = 'NoneType':", "a recipe must be a YAML mapping of sections"),
     Case("unknown recipe name", None, "error: --config = 'no-such-recipe':", "no such file, and no recipe of that name "
          "(recipes: gpt2-124m-baseline, gpt2-124m-curriculum, gpt2-124m-seq-warmup, gpt2-124m-seq-warmup-baseline, "
+         "gpt2-124m-seq-warmup-stable, "
          "llama-350m-rtx3090, seed003, tiny-cpu)", args=("--config", "no-such-recipe")),
     # ---- --set and environment
     Case("--set without =", None, "error: --set = 'curriculum.base_lr':", "expected KEY.PATH=VALUE",

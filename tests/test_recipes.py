@@ -34,7 +34,7 @@ STEP_KEYS = {"step", "seq_len", "global_batch", "lr", "grad_clip"}
 def test_the_shipped_recipes_are_listed() -> None:
     """recipe_names() finds the YAML files that ship in curriculum/recipes."""
     assert {"seed003", "tiny-cpu", "gpt2-124m-curriculum", "gpt2-124m-baseline", "gpt2-124m-seq-warmup",
-            "gpt2-124m-seq-warmup-baseline"} <= set(RECIPES)
+            "gpt2-124m-seq-warmup-baseline", "gpt2-124m-seq-warmup-stable"} <= set(RECIPES)
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
@@ -341,11 +341,37 @@ def test_a_token_interval_replaces_a_recipes_step_interval(source: str) -> None:
         load_config("tiny-cpu", ["run.eval_every_tokens=true"], environ={})
 
 
+def test_the_stable_recipe_has_its_baselines_lr_at_every_token() -> None:
+    """gpt2-124m-seq-warmup-stable is the curriculum whose LR is the baseline's token for token (scaled to its own
+    peak): at the first token of each of its steps the LR is, within 0.1 % of the peak, what the baseline's schedule
+    gives there (linear between the baseline's steps), through the short stages, the warmup to the peak at 26.2 M
+    tokens and the cosine after it; and both runs train the same tokens."""
+    stable = build_schedule(load_config("gpt2-124m-seq-warmup-stable", environ={}))
+    baseline = build_schedule(load_config("gpt2-124m-seq-warmup-baseline", environ={}))
+    assert stable.total_tokens == baseline.total_tokens
+    scale = stable.stages[-1].peak_lr / baseline.stages[-1].peak_lr  # 4.8e-3 / 2.4e-3
+    per_step = baseline.tokens_before(1)
+    worst = 0.0
+    for step in range(stable.total_steps):
+        at = stable.tokens_before(step) / per_step  # where this step starts, in the baseline's steps
+        low = min(int(at), baseline.total_steps - 1)
+        high = min(low + 1, baseline.total_steps - 1)
+        expected = scale * (baseline.lr_at(low) + (at - low) * (baseline.lr_at(high) - baseline.lr_at(low)))
+        worst = max(worst, abs(stable.lr_at(step) - expected) / stable.stages[-1].peak_lr)
+    assert worst < 1e-3, worst
+    assert [stage.seq_len for stage in stable.stages] == [256, 512, 768, 1024]
+
+
 @pytest.mark.parametrize(("recipe", "study", "tuned"), [
     ("gpt2-124m-seq-warmup", "length-warmup",
      ["curriculum.base_lr=1.7e-3", *(f"curriculum.stages.{i}.lr_mult={m}" for i, m in enumerate((0.25, 0.5, 0.75))),
       *(f"curriculum.stages.{i}.warmup_steps={w}" for i, w in enumerate((152, 152, 152, 172))),
       "kernels.dynamic_shapes=auto"]),  # measured with and without; the recipe compiles one graph
+    ("gpt2-124m-seq-warmup-stable", "length-warmup",  # the baseline's LR per token, at the LR it diverges at
+     ["curriculum.base_lr=4.8e-3",
+      *(f"curriculum.stages.{i}.lr_mult={m}" for i, m in enumerate((0.0475, 0.1425, 0.285))),
+      *(f"curriculum.stages.{i}.warmup_steps={w}" for i, w in enumerate((152, 152, 152, 572))),
+      "kernels.dynamic_shapes=auto"]),
     ("gpt2-124m-seq-warmup-baseline", "baseline",
      ["curriculum.base_lr=2.4e-3", "curriculum.stages.0.warmup_steps=800"]),
 ])
