@@ -204,6 +204,10 @@ class CompileMonitor:
         self._reported = 0
         self._reported_fallbacks = 0
         self._breaks_at_freeze = 0
+        self._cache_at_start = _inductor_cache_counts() if backend == "inductor" else None
+        self.inductor_cache: Optional[dict[str, int]] = None
+        """Inductor's graph cache over the warm-up (set by ``freeze``; None with another backend): graphs it found
+        (``hit``), compiled and stored (``miss``) and could not store (``bypass``)."""
         if backend == "inductor":
             from functools import partial
 
@@ -226,6 +230,9 @@ class CompileMonitor:
         return self._inner(graph, example_inputs)
 
     def freeze(self) -> None:
+        if self._cache_at_start is not None:
+            now = _inductor_cache_counts()
+            self.inductor_cache = {kind: now[kind] - self._cache_at_start[kind] for kind in now}
         self.frozen_at = len(self.graphs)
         self._reported = len(self.graphs)
         self._reported_fallbacks = len(self.fallbacks)
@@ -247,6 +254,14 @@ class CompileMonitor:
     def graph_breaks(self) -> int:
         return _graph_breaks()
 
+    def describe_cache(self) -> str:
+        """How much of the warm-up's compiling Inductor's on-disk cache saved, for the warm-up's log line."""
+        if self.inductor_cache is None:
+            return ""
+        hit, miss, bypass = (self.inductor_cache[kind] for kind in ("hit", "miss", "bypass"))
+        not_stored = f", {bypass} it could not store (TORCH_LOGS=+inductor says why)" if bypass else ""
+        return f"; Inductor's cache held {hit} of its {hit + miss + bypass} graphs{not_stored}"
+
 
 class _FallbackHandler(logging.Handler):
     """Catches dynamo's one warning when it stops compiling a function: ``torch._dynamo hit config.<limit>``."""
@@ -265,6 +280,13 @@ def _graph_breaks() -> int:
     from torch._dynamo.utils import counters
 
     return sum(counters["graph_break"].values())
+
+
+def _inductor_cache_counts() -> dict[str, int]:
+    """Inductor's FX graph cache so far in this process: graphs found, compiled and stored, not storable."""
+    from torch._dynamo.utils import counters
+
+    return {kind: counters["inductor"][f"fxgraph_cache_{kind}"] for kind in ("hit", "miss", "bypass")}
 
 
 # --------------------------------------------------------------------------------------------------- the engine

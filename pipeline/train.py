@@ -112,7 +112,8 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
     if engine.monitor is not None and config.kernels.compile_warmup:
         shapes = engine.warm_up(schedule, lambda stage, cursor: prefetcher.load(stage, -1, cursor), data.eval_batches)
         log(f"compiled and warmed up {len(engine.monitor.graphs)} graphs before step 0 in {engine.warmup_s:.1f} s: "
-            + ", ".join(f"{shape} {seconds:.1f} s" for shape, seconds in shapes.items()))
+            + ", ".join(f"{shape} {seconds:.1f} s" for shape, seconds in shapes.items())
+            + engine.monitor.describe_cache())
         startup.done("compile warm-up")
     state = RunState(curriculum=config.curriculum.model_dump(mode="json"), model=model_fields, world_size=world_size,
                      zero_stage=zero)
@@ -329,7 +330,8 @@ def _open_outputs(run_dir: Any, config: Config, schedule: Schedule, ds_config: d
                        description=describe_run(config, schedule))
     if engine.monitor is not None:
         logger.log({"kind": "compile", "step": state.step, "graphs": engine.monitor.graphs,
-                    "warmup_s": engine.warmup_s, "graph_breaks": engine.monitor.graph_breaks()})
+                    "warmup_s": engine.warmup_s, "graph_breaks": engine.monitor.graph_breaks(),
+                    **({"inductor_cache": engine.monitor.inductor_cache} if engine.monitor.inductor_cache else {})})
     return logger
 
 

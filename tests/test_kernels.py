@@ -3,10 +3,16 @@ gradients (the FP8 output layer through ``torch._scaled_mm``'s CPU implementatio
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from conftest import make_config
+from conftest import REPO_ROOT, make_config
 from curriculum.config import KernelsConfig
 from curriculum.errors import ConfigError
 from curriculum.schedule import build_schedule
@@ -92,6 +98,36 @@ def test_coordinate_descent_tuning_reaches_inductor_only_when_asked() -> None:
     patches = CompileMonitor("inductor", False, coordinate_descent_tuning=True)._inner.keywords["config_patches"]
     assert patches == {"triton.cudagraphs": False, "coordinate_descent_tuning": True}
     assert CompileMonitor("inductor", True)._inner.keywords["config_patches"] == {"triton.cudagraphs": True}
+
+
+CACHE_PROBE = """
+import json, torch
+from pipeline.engine import CompileMonitor
+monitor = CompileMonitor("inductor", False)
+torch.compile(torch.nn.Linear(8, 8), backend=monitor.backend)(torch.randn(4, 8)).sum().backward()
+monitor.freeze()
+print(json.dumps({"cache": monitor.inductor_cache, "line": monitor.describe_cache()}))
+"""
+
+
+def test_the_warm_up_says_how_many_graphs_inductors_cache_held(tmp_path: Path) -> None:
+    """A real Inductor compile on the CPU (a linear layer's forward and backward) in two fresh processes that share one
+    cache directory: the first finds none of its graphs and compiles them, the second finds every one and compiles
+    none; the warm-up line's text says so. Another backend has no Inductor cache to report."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    first, second = (json.loads(subprocess.run([sys.executable, "-c", CACHE_PROBE], env=env, cwd=REPO_ROOT, check=True,
+                                               capture_output=True, text=True).stdout.splitlines()[-1])
+                     for _ in range(2))
+    graphs = first["cache"]["miss"]
+    assert graphs >= 2 and first["cache"] == {"hit": 0, "miss": graphs, "bypass": 0}  # forward and backward
+    assert first["line"] == f"; Inductor's cache held 0 of its {graphs} graphs"
+    assert second["cache"] == {"hit": graphs, "miss": 0, "bypass": 0}
+    assert second["line"] == f"; Inductor's cache held {graphs} of its {graphs} graphs"
+    from pipeline.engine import CompileMonitor
+
+    eager = CompileMonitor("eager", False)
+    eager.freeze()
+    assert (eager.inductor_cache, eager.describe_cache()) == (None, "")
 
 
 def test_zero3_turns_compile_off_and_so_refuses_coordinate_descent_tuning() -> None:
