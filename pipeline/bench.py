@@ -114,7 +114,7 @@ def bench(config: Any, args: argparse.Namespace, out: Path) -> int:
         if engine.monitor is not None else {}
     if warmup:
         log(f"warm-up: {len(engine.monitor.graphs)} graphs in {engine.warmup_s:.1f} s"  # type: ignore[union-attr]
-            + engine.monitor.describe_cache())  # type: ignore[union-attr]
+            + engine.monitor.describe_caches())  # type: ignore[union-attr]
     engine.ds.train()
     rows: list[dict[str, Any]] = []
     first_step_at = None
@@ -168,7 +168,7 @@ def bench(config: Any, args: argparse.Namespace, out: Path) -> int:
         "warmup_s": engine.warmup_s, "warmup_by_shape_s": warmup, "time_to_first_step_s": first_step_at,
         "stage_switch_cost_s": sum(row["switch_cost_s"] for row in rows[1:]),
         "graphs": engine.monitor.graphs if engine.monitor is not None else [],
-        "inductor_cache": engine.monitor.inductor_cache if engine.monitor is not None else None,
+        "compile_caches": engine.monitor.compile_caches if engine.monitor is not None else None,
         "shapes": rows, "profile": profile, "torch": torch.__version__,
     }
     if processes.rank == 0:

@@ -204,14 +204,20 @@ class CompileMonitor:
         self._reported = 0
         self._reported_fallbacks = 0
         self._breaks_at_freeze = 0
-        self._cache_at_start = _inductor_cache_counts() if backend == "inductor" else None
-        self.inductor_cache: Optional[dict[str, int]] = None
-        """Inductor's graph cache over the warm-up (set by ``freeze``; None with another backend): graphs it found
-        (``hit``), compiled and stored (``miss``) and could not store (``bypass``)."""
+        self._caches_at_start = _compile_cache_counts() if backend == "inductor" else None
+        self.compile_caches: Optional[dict[str, dict[str, int]]] = None
+        """The on-disk caches over the warm-up (set by ``freeze``; None with another backend), AOTAutograd's (one
+        graph per dynamo graph) and Inductor's (forward and backward apart): graphs found (``hit``), compiled and
+        stored (``miss``), not cacheable (``bypass``)."""
         if backend == "inductor":
             from functools import partial
 
+            from torch._functorch import config as functorch_config
             from torch._inductor.compile_fx import compile_fx
+
+            # AOTAutograd's cache skips a graph holding an autograd.Function (the output layer's loss, the fused
+            # MLP) unless this is on, and every process then traces the whole model again before Inductor's cache
+            functorch_config.autograd_cache_allow_custom_autograd_functions = True
 
             patches = {"triton.cudagraphs": cuda_graphs}
             if coordinate_descent_tuning:  # only when asked: TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 still works
@@ -230,9 +236,10 @@ class CompileMonitor:
         return self._inner(graph, example_inputs)
 
     def freeze(self) -> None:
-        if self._cache_at_start is not None:
-            now = _inductor_cache_counts()
-            self.inductor_cache = {kind: now[kind] - self._cache_at_start[kind] for kind in now}
+        if self._caches_at_start is not None:
+            now = _compile_cache_counts()
+            self.compile_caches = {cache: {kind: now[cache][kind] - self._caches_at_start[cache][kind]
+                                           for kind in CACHE_COUNTS} for cache in now}
         self.frozen_at = len(self.graphs)
         self._reported = len(self.graphs)
         self._reported_fallbacks = len(self.fallbacks)
@@ -254,13 +261,17 @@ class CompileMonitor:
     def graph_breaks(self) -> int:
         return _graph_breaks()
 
-    def describe_cache(self) -> str:
-        """How much of the warm-up's compiling Inductor's on-disk cache saved, for the warm-up's log line."""
-        if self.inductor_cache is None:
+    def describe_caches(self) -> str:
+        """What the on-disk caches held of the warm-up's graphs, for its log line: a warm cache holds them all."""
+        if self.compile_caches is None:
             return ""
-        hit, miss, bypass = (self.inductor_cache[kind] for kind in ("hit", "miss", "bypass"))
-        not_stored = f", {bypass} it could not store (TORCH_LOGS=+inductor says why)" if bypass else ""
-        return f"; Inductor's cache held {hit} of its {hit + miss + bypass} graphs{not_stored}"
+        caches = [(CACHE_NAMES[cache], counts) for cache, counts in self.compile_caches.items()
+                  if sum(counts.values())]  # a cache that is off counts nothing
+        if not caches:
+            return ""
+        held = " and ".join(f"{counts['hit']} of {sum(counts.values())} {name}" for name, counts in caches)
+        bypassed = ", ".join(f"{counts['bypass']} {name}" for name, counts in caches if counts["bypass"])
+        return f"; the on-disk caches held {held} graphs" + (f" ({bypassed} not cacheable)" if bypassed else "")
 
 
 class _FallbackHandler(logging.Handler):
@@ -282,11 +293,17 @@ def _graph_breaks() -> int:
     return sum(counters["graph_break"].values())
 
 
-def _inductor_cache_counts() -> dict[str, int]:
-    """Inductor's FX graph cache so far in this process: graphs found, compiled and stored, not storable."""
+CACHE_COUNTS = ("hit", "miss", "bypass")
+CACHE_NAMES = {"aot_autograd": "AOTAutograd", "inductor": "Inductor"}
+
+
+def _compile_cache_counts() -> dict[str, dict[str, int]]:
+    """AOTAutograd's and Inductor's on-disk caches so far in this process: graphs found, compiled and stored, not
+    cacheable."""
     from torch._dynamo.utils import counters
 
-    return {kind: counters["inductor"][f"fxgraph_cache_{kind}"] for kind in ("hit", "miss", "bypass")}
+    return {"aot_autograd": {kind: counters["aot_autograd"][f"autograd_cache_{kind}"] for kind in CACHE_COUNTS},
+            "inductor": {kind: counters["inductor"][f"fxgraph_cache_{kind}"] for kind in CACHE_COUNTS}}
 
 
 # --------------------------------------------------------------------------------------------------- the engine

@@ -113,7 +113,7 @@ def train(config: Config, output_dir: Optional[str] = None, resume: str = "auto"
         shapes = engine.warm_up(schedule, lambda stage, cursor: prefetcher.load(stage, -1, cursor), data.eval_batches)
         log(f"compiled and warmed up {len(engine.monitor.graphs)} graphs before step 0 in {engine.warmup_s:.1f} s: "
             + ", ".join(f"{shape} {seconds:.1f} s" for shape, seconds in shapes.items())
-            + engine.monitor.describe_cache())
+            + engine.monitor.describe_caches())
         startup.done("compile warm-up")
     state = RunState(curriculum=config.curriculum.model_dump(mode="json"), model=model_fields, world_size=world_size,
                      zero_stage=zero)
@@ -331,7 +331,7 @@ def _open_outputs(run_dir: Any, config: Config, schedule: Schedule, ds_config: d
     if engine.monitor is not None:
         logger.log({"kind": "compile", "step": state.step, "graphs": engine.monitor.graphs,
                     "warmup_s": engine.warmup_s, "graph_breaks": engine.monitor.graph_breaks(),
-                    **({"inductor_cache": engine.monitor.inductor_cache} if engine.monitor.inductor_cache else {})})
+                    **({"caches": engine.monitor.compile_caches} if engine.monitor.compile_caches is not None else {})})
     return logger
 
 

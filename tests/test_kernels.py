@@ -103,31 +103,46 @@ def test_coordinate_descent_tuning_reaches_inductor_only_when_asked() -> None:
 CACHE_PROBE = """
 import json, torch
 from pipeline.engine import CompileMonitor
+from pipeline.kernels import HeadCrossEntropy
+torch.manual_seed(0)
 monitor = CompileMonitor("inductor", False)
-torch.compile(torch.nn.Linear(8, 8), backend=monitor.backend)(torch.randn(4, 8)).sum().backward()
+layer, head = torch.nn.Linear(8, 8), torch.nn.Parameter(torch.randn(16, 8))
+loss = torch.compile(lambda x, labels: HeadCrossEntropy.apply(layer(x), head, labels), backend=monitor.backend)(
+    torch.randn(4, 8), torch.tensor([1, 2, 3, 4]))
+loss.backward()
 monitor.freeze()
-print(json.dumps({"cache": monitor.inductor_cache, "line": monitor.describe_cache()}))
+print(json.dumps({"caches": monitor.compile_caches, "line": monitor.describe_caches(), "loss": loss.item(),
+                  "grad": head.grad.tolist()}))
 """
 
 
-def test_the_warm_up_says_how_many_graphs_inductors_cache_held(tmp_path: Path) -> None:
-    """A real Inductor compile on the CPU (a linear layer's forward and backward) in two fresh processes that share one
-    cache directory: the first finds none of its graphs and compiles them, the second finds every one and compiles
-    none; the warm-up line's text says so. Another backend has no Inductor cache to report."""
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    first, second = (json.loads(subprocess.run([sys.executable, "-c", CACHE_PROBE], env=env, cwd=REPO_ROOT, check=True,
-                                               capture_output=True, text=True).stdout.splitlines()[-1])
-                     for _ in range(2))
-    graphs = first["cache"]["miss"]
-    assert graphs >= 2 and first["cache"] == {"hit": 0, "miss": graphs, "bypass": 0}  # forward and backward
-    assert first["line"] == f"; Inductor's cache held 0 of its {graphs} graphs"
-    assert second["cache"] == {"hit": graphs, "miss": 0, "bypass": 0}
-    assert second["line"] == f"; Inductor's cache held {graphs} of its {graphs} graphs"
+def test_a_warm_cache_holds_every_graph_with_an_autograd_function_in_it(tmp_path: Path) -> None:
+    """A real Inductor compile on the CPU of a layer and the output layer's loss (``HeadCrossEntropy``, an
+    autograd.Function, which AOTAutograd's cache skips unless told otherwise), forward and backward, in two fresh
+    processes sharing one cache directory: the first compiles its one AOTAutograd graph and its two Inductor graphs
+    and stores them, the second finds them all, compiles none and computes the same loss and gradient; the warm-up
+    line's text says so. Another backend has no cache to report."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+           "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
+    runs = []
+    for _ in range(2):
+        probe = subprocess.run([sys.executable, "-c", CACHE_PROBE], env=env, cwd=REPO_ROOT, capture_output=True,
+                               text=True)
+        assert probe.returncode == 0, probe.stderr
+        runs.append(json.loads(probe.stdout.splitlines()[-1]))
+    first, second = runs
+    assert first["caches"] == {"aot_autograd": {"hit": 0, "miss": 1, "bypass": 0},
+                               "inductor": {"hit": 0, "miss": 2, "bypass": 0}}
+    assert first["line"] == "; the on-disk caches held 0 of 1 AOTAutograd and 0 of 2 Inductor graphs"
+    assert second["caches"] == {"aot_autograd": {"hit": 1, "miss": 0, "bypass": 0},
+                                "inductor": {"hit": 2, "miss": 0, "bypass": 0}}
+    assert second["line"] == "; the on-disk caches held 1 of 1 AOTAutograd and 2 of 2 Inductor graphs"
+    assert (second["loss"], second["grad"]) == (first["loss"], first["grad"])
     from pipeline.engine import CompileMonitor
 
     eager = CompileMonitor("eager", False)
     eager.freeze()
-    assert (eager.inductor_cache, eager.describe_cache()) == (None, "")
+    assert (eager.compile_caches, eager.describe_caches()) == (None, "")
 
 
 def test_zero3_turns_compile_off_and_so_refuses_coordinate_descent_tuning() -> None:
