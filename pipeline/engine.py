@@ -188,6 +188,9 @@ def device_name(device: torch.device) -> str:
 # --------------------------------------------------------------------------------------------------- compilation
 
 
+_CACHE_NAMES = {"aot_autograd": "AOTAutograd", "inductor": "Inductor"}
+
+
 class CompileMonitor:
     """The ``torch.compile`` backend of a run, wrapped to count the graphs dynamo hands it.
 
@@ -206,18 +209,20 @@ class CompileMonitor:
         self._breaks_at_freeze = 0
         self._caches_at_start = _compile_cache_counts() if backend == "inductor" else None
         self.compile_caches: Optional[dict[str, dict[str, int]]] = None
-        """The on-disk caches over the warm-up (set by ``freeze``; None with another backend), AOTAutograd's (one
-        graph per dynamo graph) and Inductor's (forward and backward apart): graphs found (``hit``), compiled and
-        stored (``miss``), not cacheable (``bypass``)."""
+        """The on-disk caches that are on, over the warm-up (set by ``freeze``; None with another backend):
+        AOTAutograd's (one graph per dynamo graph) and Inductor's (forward and backward apart), each with the graphs
+        it found (``hit``), compiled (``miss``) and could not take (``bypass``)."""
         if backend == "inductor":
             from functools import partial
 
             from torch._functorch import config as functorch_config
             from torch._inductor.compile_fx import compile_fx
 
-            # AOTAutograd's cache skips a graph holding an autograd.Function (the output layer's loss, the fused
-            # MLP) unless this is on, and every process then traces the whole model again before Inductor's cache
-            functorch_config.autograd_cache_allow_custom_autograd_functions = True
+            # Without this AOTAutograd's cache refuses any graph holding an autograd.Function (the output layer's
+            # loss, the fused MLP), and a process with a warm cache traces the whole model again. The key holds the
+            # Function's traced forward and backward; TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD=0 opts out.
+            if hasattr(functorch_config, "autograd_cache_allow_custom_autograd_functions"):  # torch >= 2.7
+                functorch_config.autograd_cache_allow_custom_autograd_functions = True
 
             patches = {"triton.cudagraphs": cuda_graphs}
             if coordinate_descent_tuning:  # only when asked: TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 still works
@@ -237,9 +242,9 @@ class CompileMonitor:
 
     def freeze(self) -> None:
         if self._caches_at_start is not None:
-            now = _compile_cache_counts()
-            self.compile_caches = {cache: {kind: now[cache][kind] - self._caches_at_start[cache][kind]
-                                           for kind in CACHE_COUNTS} for cache in now}
+            now, start = _compile_cache_counts(), self._caches_at_start
+            self.compile_caches = {cache: {kind: count - start[cache][kind] for kind, count in now[cache].items()}
+                                   for cache in _caches_on()}
         self.frozen_at = len(self.graphs)
         self._reported = len(self.graphs)
         self._reported_fallbacks = len(self.fallbacks)
@@ -262,16 +267,15 @@ class CompileMonitor:
         return _graph_breaks()
 
     def describe_caches(self) -> str:
-        """What the on-disk caches held of the warm-up's graphs, for its log line: a warm cache holds them all."""
+        """What the on-disk caches did for the warm-up, for its log line: from a warm cache, every graph found."""
         if self.compile_caches is None:
             return ""
-        caches = [(CACHE_NAMES[cache], counts) for cache, counts in self.compile_caches.items()
-                  if sum(counts.values())]  # a cache that is off counts nothing
-        if not caches:
-            return ""
-        held = " and ".join(f"{counts['hit']} of {sum(counts.values())} {name}" for name, counts in caches)
-        bypassed = ", ".join(f"{counts['bypass']} {name}" for name, counts in caches if counts["bypass"])
-        return f"; the on-disk caches held {held} graphs" + (f" ({bypassed} not cacheable)" if bypassed else "")
+        if not self.compile_caches:
+            return "; the on-disk compile caches are off"
+        counts = [(_CACHE_NAMES[cache], kinds) for cache, kinds in self.compile_caches.items()]
+        used = "; ".join(f"{name} {kinds['hit']} found, {kinds['miss']} compiled" for name, kinds in counts)
+        refused = ", ".join(f"{kinds['bypass']} {name}" for name, kinds in counts if kinds["bypass"])
+        return f"; the on-disk caches: {used}" + (f"; not cacheable: {refused}" if refused else "")
 
 
 class _FallbackHandler(logging.Handler):
@@ -293,17 +297,23 @@ def _graph_breaks() -> int:
     return sum(counters["graph_break"].values())
 
 
-CACHE_COUNTS = ("hit", "miss", "bypass")
-CACHE_NAMES = {"aot_autograd": "AOTAutograd", "inductor": "Inductor"}
-
-
 def _compile_cache_counts() -> dict[str, dict[str, int]]:
-    """AOTAutograd's and Inductor's on-disk caches so far in this process: graphs found, compiled and stored, not
-    cacheable."""
+    """AOTAutograd's and Inductor's on-disk caches so far in this process: graphs found, compiled, not cacheable."""
     from torch._dynamo.utils import counters
 
-    return {"aot_autograd": {kind: counters["aot_autograd"][f"autograd_cache_{kind}"] for kind in CACHE_COUNTS},
-            "inductor": {kind: counters["inductor"][f"fxgraph_cache_{kind}"] for kind in CACHE_COUNTS}}
+    kinds = ("hit", "miss", "bypass")
+    return {"aot_autograd": {kind: counters["aot_autograd"][f"autograd_cache_{kind}"] for kind in kinds},
+            "inductor": {kind: counters["inductor"][f"fxgraph_cache_{kind}"] for kind in kinds}}
+
+
+def _caches_on() -> list[str]:
+    """The on-disk compile caches this process uses: Inductor's, and AOTAutograd's, which needs Inductor's."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    if getattr(inductor_config, "force_disable_caches", False) or not inductor_config.fx_graph_cache:
+        return []
+    return ["aot_autograd", "inductor"] if getattr(functorch_config, "enable_autograd_cache", False) else ["inductor"]
 
 
 # --------------------------------------------------------------------------------------------------- the engine

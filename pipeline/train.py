@@ -328,10 +328,10 @@ def _open_outputs(run_dir: Any, config: Config, schedule: Schedule, ds_config: d
     logger = RunLogger(run_dir.path, state.step, config.run.tensorboard, wandb_settings(config, run_dir.path),
                        keep_guard_events=guard.events if resume_path is not None else 0,
                        description=describe_run(config, schedule))
-    if engine.monitor is not None:
-        logger.log({"kind": "compile", "step": state.step, "graphs": engine.monitor.graphs,
-                    "warmup_s": engine.warmup_s, "graph_breaks": engine.monitor.graph_breaks(),
-                    **({"caches": engine.monitor.compile_caches} if engine.monitor.compile_caches is not None else {})})
+    if (monitor := engine.monitor) is not None:
+        caches = {} if monitor.compile_caches is None else {"compile_caches": monitor.compile_caches}
+        logger.log({"kind": "compile", "step": state.step, "graphs": monitor.graphs, "warmup_s": engine.warmup_s,
+                    "graph_breaks": monitor.graph_breaks(), **caches})
     return logger
 
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -121,23 +122,27 @@ def test_a_warm_cache_holds_every_graph_with_an_autograd_function_in_it(tmp_path
     autograd.Function, which AOTAutograd's cache skips unless told otherwise), forward and backward, in two fresh
     processes sharing one cache directory: the first compiles its one AOTAutograd graph and its two Inductor graphs
     and stores them, the second finds them all, compiles none and computes the same loss and gradient; the warm-up
-    line's text says so. Another backend has no cache to report."""
+    line's text says so, and says the caches are off in a third process with Inductor's cache off. Another backend
+    has no cache to report."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
            "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
-    runs = []
-    for _ in range(2):
-        probe = subprocess.run([sys.executable, "-c", CACHE_PROBE], env=env, cwd=REPO_ROOT, capture_output=True,
-                               text=True)
-        assert probe.returncode == 0, probe.stderr
-        runs.append(json.loads(probe.stdout.splitlines()[-1]))
-    first, second = runs
+
+    def probe(**settings: str) -> dict[str, Any]:
+        run = subprocess.run([sys.executable, "-c", CACHE_PROBE], env={**env, **settings}, cwd=REPO_ROOT,
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        return json.loads(run.stdout.splitlines()[-1])
+
+    first, second = probe(), probe()
     assert first["caches"] == {"aot_autograd": {"hit": 0, "miss": 1, "bypass": 0},
                                "inductor": {"hit": 0, "miss": 2, "bypass": 0}}
-    assert first["line"] == "; the on-disk caches held 0 of 1 AOTAutograd and 0 of 2 Inductor graphs"
+    assert first["line"] == "; the on-disk caches: AOTAutograd 0 found, 1 compiled; Inductor 0 found, 2 compiled"
     assert second["caches"] == {"aot_autograd": {"hit": 1, "miss": 0, "bypass": 0},
                                 "inductor": {"hit": 2, "miss": 0, "bypass": 0}}
-    assert second["line"] == "; the on-disk caches held 1 of 1 AOTAutograd and 2 of 2 Inductor graphs"
+    assert second["line"] == "; the on-disk caches: AOTAutograd 1 found, 0 compiled; Inductor 2 found, 0 compiled"
     assert (second["loss"], second["grad"]) == (first["loss"], first["grad"])
+    off = probe(TORCHINDUCTOR_FX_GRAPH_CACHE="0")  # AOTAutograd's cache needs Inductor's: both off
+    assert (off["caches"], off["line"]) == ({}, "; the on-disk compile caches are off")
     from pipeline.engine import CompileMonitor
 
     eager = CompileMonitor("eager", False)

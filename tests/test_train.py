@@ -275,7 +275,7 @@ def test_a_compiled_run_builds_each_graph_once_before_step_0(straight_w1: Run, c
     assert len(compiles) == 1, compiles  # the warm-up's line, and no report of a later graph or fallback
     assert compiles[0]["graphs"] == graphs
     assert compiles[0]["warmup_s"] > 0 and compiles[0]["graph_breaks"] == 0
-    assert "caches" not in compiles[0]  # no Inductor behind the eager backend, so no cache to report
+    assert "compile_caches" not in compiles[0]  # no Inductor behind the eager backend, so no cache to report
     assert f"compiled and warmed up {len(graphs)} graphs before step 0" in run.output
     assert "torch.compile:" not in run.output
     assert_each_step_once(run)
