@@ -351,7 +351,8 @@ def resolve_resume(arg: str, checkpointer: Checkpointer, log: Optional[Callable[
     a silent fresh start: ``auto`` resumes from the newest complete ``step<N>`` checkpoint and says so (``log``),
     and is an error when there is none."""
     path = _resume_path(arg, checkpointer, log)
-    damage = _first_of_ranks(damaged_file(path, *_rank_and_world()) if path is not None else None)
+    rank, world_size = _rank_and_world()
+    damage = _first_of_ranks(damaged_file(path, rank, world_size) if path is not None else None, world_size)
     if damage is not None:
         raise ConfigError("--resume", str(path), f"{damage}; resume from another checkpoint")
     return path
@@ -434,9 +435,8 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _first_of_ranks(found: Optional[str]) -> Optional[str]:
+def _first_of_ranks(found: Optional[str], world_size: int) -> Optional[str]:
     """The first rank's ``found`` that is not None, on every rank (each rank looked at its share), or None."""
-    world_size = _rank_and_world()[1]
     if world_size == 1:
         return found
     every: list[Optional[str]] = [None] * world_size
