@@ -110,11 +110,11 @@ def bench(config: Any, args: argparse.Namespace, out: Path) -> int:
     engine = build_engine(config, schedule, derive_ds_config(config, schedule, precision), data.manifest, processes)
     loader = Prefetcher(data.sampler, schedule, processes.rank, device)
     peak = config.run.peak_flops or peak_flops(device)
+    monitor = engine.monitor
     warmup = engine.warm_up(schedule, lambda stage, cursor: loader.load(stage, -1, cursor), data.eval_batches) \
-        if engine.monitor is not None else {}
-    if warmup:
-        log(f"warm-up: {len(engine.monitor.graphs)} graphs in {engine.warmup_s:.1f} s"  # type: ignore[union-attr]
-            + engine.monitor.describe_caches())  # type: ignore[union-attr]
+        if monitor is not None else {}
+    if warmup and monitor is not None:
+        log(f"warm-up: {len(monitor.graphs)} graphs in {engine.warmup_s:.1f} s" + monitor.describe_caches())
     engine.ds.train()
     rows: list[dict[str, Any]] = []
     first_step_at = None
@@ -167,8 +167,8 @@ def bench(config: Any, args: argparse.Namespace, out: Path) -> int:
         "memory_fraction": args.memory_fraction, "steps": args.steps, "warmup": args.warmup,
         "warmup_s": engine.warmup_s, "warmup_by_shape_s": warmup, "time_to_first_step_s": first_step_at,
         "stage_switch_cost_s": sum(row["switch_cost_s"] for row in rows[1:]),
-        "graphs": engine.monitor.graphs if engine.monitor is not None else [],
-        "compile_caches": engine.monitor.compile_caches if engine.monitor is not None else None,
+        "graphs": monitor.graphs if monitor is not None else [],
+        "compile_caches": monitor.compile_caches if monitor is not None else None,
         "shapes": rows, "profile": profile, "torch": torch.__version__,
     }
     if processes.rank == 0:

@@ -469,5 +469,5 @@ def pointed(directory: Path, pointer: str) -> Optional[Path]:
 
 
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _rank_and_world()[1] > 1:
         dist.barrier()
