@@ -350,7 +350,8 @@ time.sleep(seconds)
 seen = {key: os.environ.get(key) for key in ("CUDA_VISIBLE_DEVICES", "MASTER_PORT", "RANK")}
 with open(os.path.join(run_dir, "started.json"), "w") as f:
     json.dump({**seen, "start": start, "end": time.monotonic()}, f)
-print("error: curriculum.base_lr = 0: must be positive" if status == 2 else "stand-in trained")
+errors = {2: "curriculum.base_lr = 0: must be positive", 4: "liger_kernel is not installed (No module named ...)"}
+print(f"error: {errors[status]}" if status in errors else "stand-in trained")
 sys.exit(status)
 """
 
@@ -393,22 +394,25 @@ def test_with_gpus_each_gpu_runs_one_job_at_a_time_with_its_own_device_and_port(
 
 
 def test_a_failed_run_does_not_stop_the_others(tmp_path: Path) -> None:
-    """One after another: a run exiting 1, and one exiting 2 after the first run, are reported as they are and the
-    runs after them still train."""
-    jobs = stand_in_jobs(tmp_path, [0, 1, 2, 0])
+    """One after another: runs exiting 1, 2 and 4 after the first run are reported as they are and the runs after
+    them still train."""
+    jobs = stand_in_jobs(tmp_path, [0, 1, 2, 4, 0])
     finishes: list[tuple[str, int]] = []
     run_jobs(jobs, None, os.environ, lambda job, gpu: None,
              lambda job, status, seconds: finishes.append((job.name, status)), poll_s=0.02)
-    assert finishes == [("run0", 0), ("run1", 1), ("run2", 2), ("run3", 0)]
+    assert finishes == [("run0", 0), ("run1", 1), ("run2", 2), ("run3", 4), ("run4", 0)]
 
 
-def test_bad_input_on_the_first_run_aborts_with_the_trainers_error(tmp_path: Path) -> None:
-    """The first run exits 2 (bad input, which every other run would hit too): ``SweepAborted`` with the trainer's
-    error line, and no other run starts."""
-    jobs = stand_in_jobs(tmp_path, [2, 0])
-    with pytest.raises(SweepAborted, match=r"^curriculum.base_lr = 0: must be positive$") as error:
+@pytest.mark.parametrize("status, error", [(2, r"curriculum\.base_lr = 0: must be positive"),
+                                           (4, r"liger_kernel is not installed \(No module named \.\.\.\)")])
+def test_bad_input_or_a_missing_package_on_the_first_run_aborts_with_the_trainers_error(
+        tmp_path: Path, status: int, error: str) -> None:
+    """The first run exits 2 (bad input) or 4 (a package not installed), which every other run would hit too:
+    ``SweepAborted`` with that status and the trainer's error line, and no other run starts."""
+    jobs = stand_in_jobs(tmp_path, [status, 0])
+    with pytest.raises(SweepAborted, match=f"^{error}$") as aborted:
         run_jobs(jobs, None, os.environ, lambda job, gpu: None, lambda job, status, seconds: None, poll_s=0.02)
-    assert error.value.job is jobs[0]
+    assert (aborted.value.job, aborted.value.status) == (jobs[0], status)
     assert started(jobs[1]) is None
 
 

@@ -72,8 +72,9 @@ def run_jobs(jobs: Sequence[Job], gpus: Optional[Sequence[int]], environ: Mappin
              poll_s: float = 0.2) -> None:
     """Run the jobs, one at a time (``gpus`` None) or at most one per GPU at a time, each with its output appended
     to ``<run dir>/train.log``. ``on_start(job, gpu)`` and ``on_finish(job, exit_status, seconds)`` are called as
-    they go. If the first job exits with the bad-input status, the others are stopped (SIGTERM: the trainer
-    checkpoints and exits) and ``SweepAborted`` is raised; any other failure is left to ``on_finish``."""
+    they go. If the first job exits with one of ``ABORTING_EXITS`` (bad input, a package not installed), the others
+    are stopped (SIGTERM: the trainer checkpoints and exits) and ``SweepAborted`` is raised; any other failure is left
+    to ``on_finish``."""
     slots: list[Optional[int]] = list(gpus) if gpus else [None]
     pending = list(jobs)
     running: list[_Running] = []
