@@ -189,6 +189,25 @@ def device_name(device: torch.device) -> str:
 
 
 _CACHE_NAMES = {"aot_autograd": "AOTAutograd", "inductor": "Inductor"}
+CUSTOM_OP_MODULES = ("pipeline.gelu_mlp", "pipeline.triton_kernels")
+"""The modules that define this project's custom operators (``torch.library.custom_op``)."""
+
+
+def custom_op_cache_keys(modules: Sequence[str] = CUSTOM_OP_MODULES) -> dict[str, str]:
+    """A cache key per module that defines custom operators: a hash of its source. Inductor's and AOTAutograd's
+    on-disk caches key a graph by the names of the custom operators in it, not by their schema or fake
+    implementation; with these keys in Inductor's ``unsafe_marked_cacheable_functions``, whose values are part of
+    both caches' keys, an edit to such a module compiles again instead of loading a graph built for the old
+    operator. (The names, ``<module> source``, are no function's, so they mark nothing cacheable.)"""
+    import importlib.util
+
+    keys = {}
+    for module in modules:
+        spec = importlib.util.find_spec(module)
+        assert spec is not None and spec.origin is not None, module
+        with open(spec.origin, "rb") as source:
+            keys[f"{module} source"] = hashlib.sha256(source.read()).hexdigest()[:16]
+    return keys
 
 
 class CompileMonitor:
@@ -224,7 +243,12 @@ class CompileMonitor:
             if hasattr(functorch_config, "autograd_cache_allow_custom_autograd_functions"):  # torch >= 2.7
                 functorch_config.autograd_cache_allow_custom_autograd_functions = True
 
-            patches = {"triton.cudagraphs": cuda_graphs}
+            from torch._inductor import config as inductor_config
+
+            patches: dict[str, Any] = {"triton.cudagraphs": cuda_graphs}
+            if hasattr(inductor_config, "unsafe_marked_cacheable_functions"):  # else clear the cache after an edit
+                patches["unsafe_marked_cacheable_functions"] = {**inductor_config.unsafe_marked_cacheable_functions,
+                                                                **custom_op_cache_keys()}
             if coordinate_descent_tuning:  # only when asked: TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 still works
                 patches["coordinate_descent_tuning"] = True
             self._inner = partial(compile_fx, config_patches=patches)

@@ -96,9 +96,13 @@ def test_coordinate_descent_tuning_reaches_inductor_only_when_asked() -> None:
     leaves Inductor's own setting (``TORCHINDUCTOR_COORDINATE_DESCENT_TUNING``) alone."""
     from pipeline.engine import CompileMonitor
 
-    patches = CompileMonitor("inductor", False, coordinate_descent_tuning=True)._inner.keywords["config_patches"]
-    assert patches == {"triton.cudagraphs": False, "coordinate_descent_tuning": True}
-    assert CompileMonitor("inductor", True)._inner.keywords["config_patches"] == {"triton.cudagraphs": True}
+    def patches(monitor: CompileMonitor) -> dict[str, Any]:
+        return {key: value for key, value in monitor._inner.keywords["config_patches"].items()
+                if key != "unsafe_marked_cacheable_functions"}  # the custom operators' keys: the tests below
+
+    assert patches(CompileMonitor("inductor", False, coordinate_descent_tuning=True)) == {
+        "triton.cudagraphs": False, "coordinate_descent_tuning": True}
+    assert patches(CompileMonitor("inductor", True)) == {"triton.cudagraphs": True}
 
 
 CACHE_PROBE = """
@@ -148,6 +152,57 @@ def test_a_warm_cache_holds_every_graph_with_an_autograd_function_in_it(tmp_path
     eager = CompileMonitor("eager", False)
     eager.freeze()
     assert (eager.compile_caches, eager.describe_caches()) == (None, "")
+
+
+OP_CACHE_PROBE = """
+import json, sys, torch
+from pipeline import engine
+from pipeline.gelu_mlp import _GeluMLP
+if sys.argv[1:] == ["edited"]:  # what an edit to pipeline/gelu_mlp.py changes
+    engine.custom_op_cache_keys = lambda: {"pipeline.gelu_mlp source": "edited"}
+monitor = engine.CompileMonitor("inductor", False)
+x, w_fc, b_fc, w_proj, b_proj = (torch.randn(*shape, dtype=torch.bfloat16, requires_grad=True)
+                                 for shape in [(4, 8), (8, 16), (16,), (16, 8), (8,)])
+torch.compile(lambda *tensors: _GeluMLP.apply(*tensors).float().sum(), backend=monitor.backend)(
+    x, w_fc, b_fc, w_proj, b_proj).backward()
+monitor.freeze()
+print(json.dumps(monitor.compile_caches))
+"""
+
+
+def test_an_edited_custom_operator_module_compiles_again_from_a_warm_cache(tmp_path: Path) -> None:
+    """The fused MLP's graph (its two custom operators inside an autograd.Function), compiled by Inductor on the
+    CPU in fresh processes sharing one cache directory: the second process finds every graph the first stored; a
+    third whose custom-operator module key differs, as after an edit to ``pipeline/gelu_mlp.py``, finds none and
+    compiles them again, in both caches (without the keys it would load the first process's graphs)."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+           "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
+
+    def probe(*args: str) -> dict[str, dict[str, int]]:
+        run = subprocess.run([sys.executable, "-c", OP_CACHE_PROBE, *args], env=env, cwd=REPO_ROOT,
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        return json.loads(run.stdout.splitlines()[-1])
+
+    compiled = {"aot_autograd": {"hit": 0, "miss": 1, "bypass": 0}, "inductor": {"hit": 0, "miss": 2, "bypass": 0}}
+    found = {"aot_autograd": {"hit": 1, "miss": 0, "bypass": 0}, "inductor": {"hit": 2, "miss": 0, "bypass": 0}}
+    assert (probe(), probe(), probe("edited"), probe("edited")) == (compiled, found, compiled, found)
+
+
+def test_custom_operator_keys_hash_each_defining_module(tmp_path: Path, monkeypatch) -> None:
+    """Every module of the project that defines a custom operator is keyed, and a key follows its source."""
+    from pipeline.engine import CUSTOM_OP_MODULES, custom_op_cache_keys
+
+    defining = sorted(f"pipeline.{path.stem}" for path in (REPO_ROOT / "pipeline").glob("*.py")
+                      if "library.custom_op(" in path.read_text())
+    assert sorted(CUSTOM_OP_MODULES) == defining
+    assert sorted(custom_op_cache_keys()) == [f"{module} source" for module in defining]
+    module = tmp_path / "ops_probe.py"
+    module.write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = custom_op_cache_keys(["ops_probe"])
+    module.write_text("X = 2\n")
+    assert before != custom_op_cache_keys(["ops_probe"]) and len(before["ops_probe source"]) == 16
 
 
 def test_zero3_turns_compile_off_and_so_refuses_coordinate_descent_tuning() -> None:
