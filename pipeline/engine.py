@@ -204,7 +204,8 @@ def custom_op_cache_keys(modules: Sequence[str] = CUSTOM_OP_MODULES) -> dict[str
     keys = {}
     for module in modules:
         spec = importlib.util.find_spec(module)
-        assert spec is not None and spec.origin is not None, module
+        if spec is None or spec.origin is None:
+            raise ModuleNotFoundError(f"{module}: no source to key its custom operators by", name=module)
         with open(spec.origin, "rb") as source:
             keys[f"{module} source"] = hashlib.sha256(source.read()).hexdigest()[:16]
     return keys

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,15 +95,17 @@ def test_coordinate_descent_tuning_needs_inductor_compile() -> None:
 def test_coordinate_descent_tuning_reaches_inductor_only_when_asked() -> None:
     """The compile backend patches Inductor's ``coordinate_descent_tuning`` in only when the switch is on; off, it
     leaves Inductor's own setting (``TORCHINDUCTOR_COORDINATE_DESCENT_TUNING``) alone."""
-    from pipeline.engine import CompileMonitor
+    from torch._inductor import config as inductor_config
 
-    def patches(monitor: CompileMonitor) -> dict[str, Any]:
-        return {key: value for key, value in monitor._inner.keywords["config_patches"].items()
-                if key != "unsafe_marked_cacheable_functions"}  # the custom operators' keys: the tests below
+    from pipeline.engine import CompileMonitor, custom_op_cache_keys
 
-    assert patches(CompileMonitor("inductor", False, coordinate_descent_tuning=True)) == {
-        "triton.cudagraphs": False, "coordinate_descent_tuning": True}
-    assert patches(CompileMonitor("inductor", True)) == {"triton.cudagraphs": True}
+    keys = {"unsafe_marked_cacheable_functions": custom_op_cache_keys()}  # the custom operators' keys (below)
+    patches = CompileMonitor("inductor", False, coordinate_descent_tuning=True)._inner.keywords["config_patches"]
+    assert patches == {"triton.cudagraphs": False, **keys, "coordinate_descent_tuning": True}
+    assert CompileMonitor("inductor", True)._inner.keywords["config_patches"] == {"triton.cudagraphs": True, **keys}
+    with inductor_config.patch(unsafe_marked_cacheable_functions={"a.function": "its key"}):  # a user's, kept
+        marked = CompileMonitor("inductor", True)._inner.keywords["config_patches"]["unsafe_marked_cacheable_functions"]
+    assert marked == {"a.function": "its key", **custom_op_cache_keys()}
 
 
 CACHE_PROBE = """
@@ -189,12 +192,13 @@ def test_an_edited_custom_operator_module_compiles_again_from_a_warm_cache(tmp_p
     assert (probe(), probe(), probe("edited"), probe("edited")) == (compiled, found, compiled, found)
 
 
-def test_custom_operator_keys_hash_each_defining_module(tmp_path: Path, monkeypatch) -> None:
-    """Every module of the project that defines a custom operator is keyed, and a key follows its source."""
+def test_custom_operator_keys_hash_each_defining_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every module of the project that defines or registers an operator is keyed, and a key follows its source."""
     from pipeline.engine import CUSTOM_OP_MODULES, custom_op_cache_keys
 
-    defining = sorted(f"pipeline.{path.stem}" for path in (REPO_ROOT / "pipeline").glob("*.py")
-                      if "library.custom_op(" in path.read_text())
+    registers = re.compile(r"custom_op\(|triton_op\(|Library\(|\.define\(|register_fake")
+    defining = sorted(".".join(path.relative_to(REPO_ROOT).with_suffix("").parts)
+                      for path in (REPO_ROOT / "pipeline").rglob("*.py") if registers.search(path.read_text()))
     assert sorted(CUSTOM_OP_MODULES) == defining
     assert sorted(custom_op_cache_keys()) == [f"{module} source" for module in defining]
     module = tmp_path / "ops_probe.py"
