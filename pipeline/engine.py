@@ -190,7 +190,7 @@ def device_name(device: torch.device) -> str:
 
 _CACHE_NAMES = {"aot_autograd": "AOTAutograd", "inductor": "Inductor"}
 CUSTOM_OP_MODULES = ("pipeline.gelu_mlp", "pipeline.triton_kernels")
-"""The modules that define this project's custom operators (``torch.library.custom_op``)."""
+"""The modules that define this project's custom operators (``custom_op`` registrations)."""
 
 
 def custom_op_cache_keys(modules: Sequence[str] = CUSTOM_OP_MODULES) -> dict[str, str]:
